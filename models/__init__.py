@@ -1,0 +1,1 @@
+"""Tensor- and expert-parallel layers and small decoders built on ``spmd``."""

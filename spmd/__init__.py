@@ -1,0 +1,100 @@
+"""spmd: vLLM's distributed layer (``vllm/distributed``) as functional SPMD on JAX.
+
+Groups are mesh axes, ranks are ``lax.axis_index``, collectives are pure functions traced inside
+``jax.shard_map``. Start with :func:`initialize_model_parallel`, then run per-device code with
+:func:`shard_map` and call the collectives inside it.
+"""
+
+from spmd.axes import DP, EP, MESH_AXES, PP, TP
+from spmd.collectives import (
+    UnboundAxisError,
+    all_gather,
+    all_reduce,
+    all_to_all,
+    axis_index,
+    axis_size,
+    broadcast,
+    gather,
+    reduce_scatter,
+    shift,
+)
+from spmd.communication_op import (
+    broadcast_tensor_dict,
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+    tensor_model_parallel_reduce_scatter,
+)
+from spmd.communicators import (
+    CpuCommunicator,
+    DeviceCommunicatorBase,
+    GpuCommunicator,
+    TpuCommunicator,
+    make_device_communicator,
+)
+from spmd.parallel_state import (
+    GroupCoordinator,
+    ParallelConfig,
+    destroy_model_parallel,
+    ensure_model_parallel_initialized,
+    get_dp_group,
+    get_ep_group,
+    get_mesh,
+    get_parallel_config,
+    get_pp_group,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    get_tp_group,
+    get_world_group,
+    init_distributed_environment,
+    initialize_model_parallel,
+    make_mesh,
+    model_parallel_is_initialized,
+    shard_map,
+)
+
+__all__ = [
+    "DP",
+    "EP",
+    "MESH_AXES",
+    "PP",
+    "TP",
+    "CpuCommunicator",
+    "DeviceCommunicatorBase",
+    "GpuCommunicator",
+    "GroupCoordinator",
+    "ParallelConfig",
+    "TpuCommunicator",
+    "UnboundAxisError",
+    "all_gather",
+    "all_reduce",
+    "all_to_all",
+    "axis_index",
+    "axis_size",
+    "broadcast",
+    "broadcast_tensor_dict",
+    "destroy_model_parallel",
+    "ensure_model_parallel_initialized",
+    "gather",
+    "get_dp_group",
+    "get_ep_group",
+    "get_mesh",
+    "get_parallel_config",
+    "get_pp_group",
+    "get_tensor_model_parallel_rank",
+    "get_tensor_model_parallel_world_size",
+    "get_tp_group",
+    "get_world_group",
+    "init_distributed_environment",
+    "initialize_model_parallel",
+    "make_device_communicator",
+    "make_mesh",
+    "model_parallel_is_initialized",
+    "reduce_scatter",
+    "shard_map",
+    "shift",
+    "tensor_model_parallel_all_gather",
+    "tensor_model_parallel_all_reduce",
+    "tensor_model_parallel_reduce_scatter",
+]
+
+__version__ = "0.1.0"

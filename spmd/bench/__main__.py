@@ -1,0 +1,5 @@
+import sys
+
+from spmd.bench.collectives import main
+
+sys.exit(main())

@@ -1,0 +1,59 @@
+"""The device communicator interface and its XLA implementation.
+
+A communicator is how one group's collectives are lowered on one platform. vLLM's
+``DeviceCommunicatorBase`` wraps ``torch.distributed`` calls on a process group; here it wraps
+the XLA collectives (``psum``, ``all_gather``, ``psum_scatter``, ``all_to_all``) on a mesh axis,
+and platform subclasses override what they do faster (see ``gpu.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spmd import collectives
+from spmd.axes import AxisName
+
+
+class DeviceCommunicatorBase:
+    """Collectives of one group (a mesh axis), lowered through XLA.
+
+    Args:
+      axis_name: the mesh axis (or tuple of axes) this communicator reduces over.
+      world_size: the number of devices along ``axis_name``.
+      platform: the platform of the mesh's devices (``"cpu"``, ``"gpu"``, ``"tpu"``, ...).
+      unique_name: a label for logs and errors, e.g. ``"tp"``.
+
+    Every method is traced inside ``shard_map`` over a mesh that binds ``axis_name``.
+    """
+
+    def __init__(self, axis_name: AxisName, world_size: int, *, platform: str, unique_name: str = ""):
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(
+                f"{type(self).__name__}: expected a positive int world_size, got {world_size!r}."
+            )
+        self.axis_name = axis_name
+        self.world_size = world_size
+        self.platform = platform
+        self.unique_name = unique_name or (axis_name if isinstance(axis_name, str) else "_".join(axis_name))
+
+    def all_reduce(self, input_: Any) -> Any:
+        """Sum over the group; the same result on every rank."""
+        return collectives.all_reduce(input_, self.axis_name)
+
+    def all_gather(self, input_: Any, dim: int = -1) -> Any:
+        """Concatenate every rank's shard along ``dim`` in rank order."""
+        return collectives.all_gather(input_, self.axis_name, axis=dim)
+
+    def reduce_scatter(self, input_: Any, dim: int = -1) -> Any:
+        """Sum over the group and keep this rank's slice of ``dim``."""
+        return collectives.reduce_scatter(input_, self.axis_name, axis=dim)
+
+    def all_to_all(self, input_: Any, scatter_dim: int = 0, gather_dim: int = -1) -> Any:
+        """Send block ``j`` of ``scatter_dim`` to rank ``j``; concatenate arrivals along ``gather_dim``."""
+        return collectives.all_to_all(input_, self.axis_name, split_axis=scatter_dim, concat_axis=gather_dim)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(axis_name={self.axis_name!r}, world_size={self.world_size}, "
+            f"platform={self.platform!r})"
+        )

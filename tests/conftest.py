@@ -1,0 +1,53 @@
+"""Test setup: 8 simulated CPU devices, configured before JAX starts its backend."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_flag = "--xla_force_host_platform_device_count=8"
+if _flag not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import spmd  # noqa: E402
+
+NUM_DEVICES = 8
+
+
+def pytest_configure(config):
+    jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
+
+
+@pytest.fixture(autouse=True)
+def _clean_parallel_state():
+    spmd.destroy_model_parallel()
+    yield
+    spmd.destroy_model_parallel()
+
+
+# Fresh random data every run; SPMD_TEST_SEED=<n> replays a run (the seed is in the header).
+SESSION_SEED = int(os.environ.get("SPMD_TEST_SEED", np.random.SeedSequence().entropy % (2**31)))
+
+
+def pytest_report_header(config):
+    return f"spmd: {NUM_DEVICES} simulated CPU devices, SPMD_TEST_SEED={SESSION_SEED}"
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh generator per test: the session seed mixed with the test's id."""
+    return np.random.default_rng([SESSION_SEED, zlib.crc32(request.node.nodeid.encode())])
+
+
+def pytest_collection_modifyitems(config, items):
+    if any(d.platform == "gpu" for d in jax.devices()):
+        return
+    skip = pytest.mark.skip(reason="needs NVIDIA GPUs")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
