@@ -39,6 +39,7 @@ __all__ = [
     "all_reduce",
     "all_to_all",
     "axis_index",
+    "axis_is_bound",
     "axis_size",
     "broadcast",
     "gather",
@@ -71,6 +72,15 @@ def axis_size(axis_name: AxisName, *, op: str = "axis_size") -> int:
             f"spmd.shard_map(fn, in_specs=..., out_specs=...) after spmd.initialize_model_parallel(...), "
             f"or jax.shard_map(fn, mesh=mesh, ...) with axis {_axis_label(axis_name)} in mesh.axis_names."
         ) from e
+
+
+def axis_is_bound(axis_name: AxisName) -> bool:
+    """Whether ``axis_name`` is bound here (the caller runs under ``shard_map`` over it)."""
+    try:
+        lax.axis_size(axis_name)
+    except NameError:
+        return False
+    return True
 
 
 def axis_index(axis_name: AxisName, *, op: str = "axis_index") -> jax.Array:

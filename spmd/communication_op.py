@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from jax import lax
 
+from spmd import host
 from spmd import parallel_state as ps
 from spmd.axes import TP
+from spmd.collectives import axis_is_bound
 
 __all__ = [
     "broadcast_tensor_dict",
@@ -43,42 +44,36 @@ def tensor_model_parallel_reduce_scatter(input_: Any, dim: int = -1) -> Any:
     return ps.get_tp_group().reduce_scatter(input_, dim)
 
 
-def _tp_axis_is_bound() -> bool:
-    try:
-        lax.axis_size(TP)
-    except NameError:
-        return False
-    return True
-
-
 def broadcast_tensor_dict(tensor_dict: dict[Any, Any] | None = None, src: int = 0) -> dict[Any, Any] | None:
-    """Every TP rank gets rank ``src``'s dict.
+    """Every rank gets rank ``src``'s dict (vLLM's ``broadcast_tensor_dict`` over the TP group).
 
     Three settings:
 
-    * model parallel not initialized: returns ``tensor_dict`` unchanged (vLLM's behaviour without
-      ``torch.distributed``);
     * inside ``shard_map`` (the "tp" axis bound): the array values of TP rank ``src`` reach every
-      TP rank (one fused broadcast); other values pass through, since every rank traced them;
-    * on the host of a single-process job: every device is driven by this one process, which
-      already holds the dict, so it is returned unchanged.
+      TP rank, bit for bit, in one fused broadcast; other values pass through, since every rank
+      traced them;
+    * on the host of a multi-process job: process ``src`` passes the dict and the others pass
+      ``None``; metadata goes first as JSON, then every array in one packed collective, and every
+      process returns an equal dict (see :mod:`spmd.host`);
+    * a single process, outside ``shard_map``: that process already holds the dict, which is
+      returned unchanged (vLLM's behaviour without ``torch.distributed``).
 
     Raises:
-      ValueError: ``src`` is out of range for the TP group, or ``tensor_dict`` is ``None`` inside
-        ``shard_map``.
+      ValueError: ``src`` is out of range, or ``tensor_dict`` is ``None`` inside ``shard_map``.
+      TypeError: host level, on ``src``: a value that cannot cross processes (named by its key).
+      RuntimeError: host level, on the others: ``src`` could not send.
     """
-    if not ps.model_parallel_is_initialized():
-        return tensor_dict
-    group = ps.get_tp_group()
-    if _tp_axis_is_bound():
-        return group.broadcast_tensor_dict(tensor_dict, src=src)
-    if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < group.world_size:
-        raise ValueError(
-            f"broadcast_tensor_dict: src={src!r} is out of range for the TP group of size "
-            f"{group.world_size}; expected 0 <= src < {group.world_size}."
-        )
-    if jax.process_count() == 1:
-        return tensor_dict
-    raise NotImplementedError(
-        "broadcast_tensor_dict across processes is not implemented yet; call it inside shard_map."
-    )
+    if axis_is_bound(TP):
+        if ps.model_parallel_is_initialized():
+            return ps.get_tp_group().broadcast_tensor_dict(tensor_dict, src=src)
+        return ps.broadcast_pytree_arrays(tensor_dict, TP, src=src)
+    if jax.process_count() > 1:
+        return host.broadcast_tensor_dict_across_processes(tensor_dict, src)
+    if ps.model_parallel_is_initialized():
+        n = ps.get_tp_group().world_size
+        if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < n:
+            raise ValueError(
+                f"broadcast_tensor_dict: src={src!r} is out of range for the TP group of size {n}; "
+                f"expected 0 <= src < {n}."
+            )
+    return tensor_dict

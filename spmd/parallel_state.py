@@ -20,7 +20,10 @@ stands for all groups of one axis at once: inside ``shard_map`` each device sees
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +35,7 @@ from jax.sharding import Mesh, PartitionSpec
 from spmd import collectives
 from spmd.axes import DP, EP, MESH_AXES, PP, TP, AxisName
 from spmd.communicators import DeviceCommunicatorBase, make_device_communicator
+from spmd.envs import SpmdEnv
 
 __all__ = [
     "GroupCoordinator",
@@ -257,33 +261,70 @@ class GroupCoordinator:
         """Receive ``prev_rank``'s (``rank - offset``'s) ``input_``; the same exchange as :meth:`send`."""
         return collectives.shift(input_, self.axis_name, offset=offset, wrap=wrap)
 
-    def broadcast_tensor_dict(self, tensor_dict: dict[Any, Any] | None, src: int = 0) -> dict[Any, Any]:
-        """Broadcast the array leaves of a dict (any pytree) from rank ``src`` along the group.
+    def broadcast_tensor_dict(self, tensor_dict: dict[Any, Any] | None = None, src: int = 0) -> dict[Any, Any] | None:
+        """Broadcast a dict from ``src``: in-graph along this group, or across processes on the host.
 
-        In SPMD every rank traces the same program, so every rank passes a dict of the same
-        structure; the array leaves of rank ``src`` are what every rank gets back. Non-array
-        leaves (ints, strings, None, ...) are the same on every rank already and pass through.
+        Inside ``shard_map`` (this group's axis bound): every rank traces the same program, so
+        every rank passes a dict of the same structure; the array leaves of rank ``src`` are
+        what every rank gets back, bit for bit, and non-array leaves (ints, strings, None, ...)
+        pass through. ``src`` is a rank in this group.
+
+        On the host of a multi-process job: process ``src`` passes the dict, the others ``None``,
+        and every process returns equal dicts (:func:`spmd.host.broadcast_tensor_dict_across_processes`).
+        In a single-process job the one process already holds the dict and gets it back.
 
         Raises:
-          ValueError: ``tensor_dict`` is ``None`` or ``src`` is out of range.
+          ValueError: ``tensor_dict`` is ``None`` inside ``shard_map``, or ``src`` out of range.
+          TypeError: a value that cannot cross processes (host level).
         """
-        if tensor_dict is None:
-            raise ValueError(
-                f"{self.unique_name}.broadcast_tensor_dict: got tensor_dict=None inside shard_map. Every "
-                f"rank of an SPMD program runs the same code, so pass the same-structured dict on every "
-                f"rank; rank src={src}'s array values are the ones every rank gets back."
-            )
-        return broadcast_pytree_arrays(tensor_dict, self.axis_name, src=src)
+        if collectives.axis_is_bound(self.axis_name):
+            if tensor_dict is None:
+                raise ValueError(
+                    f"{self.unique_name}.broadcast_tensor_dict: got tensor_dict=None inside shard_map. Every "
+                    f"rank of an SPMD program runs the same code, so pass the same-structured dict on every "
+                    f"rank; rank src={src}'s array values are the ones every rank gets back."
+                )
+            return broadcast_pytree_arrays(tensor_dict, self.axis_name, src=src)
+        from spmd import host
+
+        return host.broadcast_tensor_dict_across_processes(tensor_dict, src)
+
+    def send_tensor_dict(self, tensor_dict: dict[Any, Any], *, offset: int = 1) -> dict[Any, Any]:
+        """Pipeline hand-off: rank ``r``'s arrays go to rank ``r + offset``, in-graph.
+
+        Returns what this rank received from rank ``r - offset``: arrays of the same structure,
+        zeros on the first ``offset`` ranks (no sender); non-array leaves pass through. The
+        sending and the receiving stage run the same exchange, so :meth:`recv_tensor_dict` is
+        the same call under vLLM's other name.
+        """
+        leaves, treedef = jax.tree.flatten(tensor_dict, is_leaf=lambda v: v is None)
+        pos = [i for i, v in enumerate(leaves) if _is_array(v)]
+        moved = collectives.shift([leaves[i] for i in pos], self.axis_name, offset=offset, wrap=False)
+        for i, v in zip(pos, moved, strict=True):
+            leaves[i] = v
+        return jax.tree.unflatten(treedef, leaves)
+
+    def recv_tensor_dict(self, tensor_dict: dict[Any, Any], *, offset: int = 1) -> dict[Any, Any]:
+        """What rank ``r - offset`` sent with :meth:`send_tensor_dict` (the same exchange)."""
+        return self.send_tensor_dict(tensor_dict, offset=offset)
+
+    def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
+        """Host level: every process gets process ``src``'s ``obj`` (JSON-safe values and arrays)."""
+        from spmd import host
+
+        return host.broadcast_object(obj, src)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Host level: the list of every process's ``obj``, in process order."""
+        from spmd import host
+
+        return host.all_gather_object(obj)
 
     def barrier(self) -> None:
-        """Host-level barrier: wait until this process's queued device work is done, then, in a
-        multi-process job, until every process reaches the barrier."""
-        jax.effects_barrier()
-        jax.block_until_ready(jax.live_arrays())
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+        """Host level: wait for this process's queued device work, then for every process."""
+        from spmd import host
 
-            multihost_utils.sync_global_devices(f"spmd.barrier.{self.unique_name}")
+        host.barrier()
 
     def __repr__(self) -> str:
         return (
@@ -319,6 +360,8 @@ class _ParallelState:
     config: ParallelConfig | None = None
     mesh: Mesh | None = None
     groups: dict[str, GroupCoordinator] = dataclasses.field(default_factory=dict)
+    # Host-level calls made so far; matches calls across processes (each makes the same sequence).
+    host_ops: int = 0
 
     def require(self, getter: str) -> None:
         if self.mesh is None:
@@ -331,28 +374,116 @@ class _ParallelState:
 _STATE = _ParallelState()
 
 
+def next_host_op_id() -> int:
+    """A number for the next host-level call; every process counts its calls the same way."""
+    _STATE.host_ops += 1
+    return _STATE.host_ops
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _backend_started() -> bool:
+    from jax._src import xla_bridge
+
+    return bool(xla_bridge.backends_are_initialized())
+
+
+def _exit_fast_on_uncaught_errors() -> None:
+    """Make an uncaught exception end this process at once, with exit code 1.
+
+    Otherwise JAX's exit handler waits at the job's shutdown barrier for processes that may be
+    blocked waiting for this one, and the failure only surfaces after minutes of timeouts. A
+    launcher (``spmd-launch``, SLURM) sees the exit code and stops the rest of the job.
+    """
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        previous(exc_type, exc, tb)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    sys.excepthook = hook
+
+
 def init_distributed_environment(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
     local_device_ids: Sequence[int] | None = None,
+    *,
+    cpu_devices_per_process: int | None = None,
+    timeout_s: int | None = None,
 ) -> None:
-    """Start JAX's multi-process runtime when the job has several processes; harmless when repeated.
+    """Join JAX's multi-process runtime (``jax.distributed``); harmless when repeated.
 
-    With one process (the default) there is nothing to start: every local device is already
-    visible. With ``num_processes > 1`` or a ``coordinator_address`` this calls
-    ``jax.distributed.initialize`` with the arguments given.
+    Arguments left ``None`` are read from the ``SPMD_*`` variables ``spmd-launch`` sets (see
+    :mod:`spmd.envs`); with none of those either, ``jax.distributed.initialize`` detects SLURM or
+    Open MPI when one of them started several processes, and otherwise the job is a single
+    process and there is nothing to start.
+
+    The coordination service binds to the coordinator's own address when that is a loopback
+    address (one host), and to every interface only when a non-loopback address was given.
+
+    Args:
+      coordinator_address: ``host:port`` of process 0's coordination service.
+      num_processes: processes in the job.
+      process_id: this process's index.
+      local_device_ids: the local accelerators this process drives (e.g. ``[0]``).
+      cpu_devices_per_process: run on CPU with this many devices per process, gloo between processes.
+      timeout_s: seconds to wait for every process to join.
+
+    Raises:
+      RuntimeError: JAX already started its backend in this process (an array was made or a
+        computation ran), so devices can no longer be configured or a job joined; or joining failed.
     """
     if _STATE.distributed_initialized:
         return
-    multi = coordinator_address is not None or (num_processes is not None and num_processes > 1)
-    if multi:
-        jax.distributed.initialize(
-            coordinator_address=coordinator_address,
-            num_processes=num_processes,
-            process_id=process_id,
-            local_device_ids=local_device_ids,
+    env = SpmdEnv.from_environ()
+    coordinator_address = coordinator_address or env.coordinator_address
+    num_processes = env.num_processes if num_processes is None else num_processes
+    process_id = env.process_id if process_id is None else process_id
+    if local_device_ids is None:
+        local_device_ids = env.local_device_ids
+    cpu = env.cpu_devices_per_process if cpu_devices_per_process is None else cpu_devices_per_process
+    timeout = env.init_timeout_s if timeout_s is None else timeout_s
+    explicit = coordinator_address is not None or (num_processes or 1) > 1
+    multi = explicit or env.cluster_launched
+    if (multi or cpu) and _backend_started():
+        raise RuntimeError(
+            "init_distributed_environment: JAX has already started its backend in this process (an array "
+            "was created or a computation ran), so it can no longer "
+            + ("join a multi-process job" if multi else f"set {cpu} CPU devices")
+            + ". Call spmd.init_distributed_environment() first, before any JAX computation."
         )
+    if cpu:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", int(cpu))
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if multi:
+        kwargs: dict[str, Any] = {"initialization_timeout": int(timeout)}
+        if explicit:
+            kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+            if coordinator_address is not None and _is_loopback(coordinator_address):
+                kwargs["coordinator_bind_address"] = coordinator_address
+        if local_device_ids is not None and not cpu:
+            kwargs["local_device_ids"] = list(local_device_ids)
+        try:
+            jax.distributed.initialize(**kwargs)
+        except Exception as e:
+            raise RuntimeError(
+                f"init_distributed_environment: could not join the job (coordinator {coordinator_address}, "
+                f"process {process_id} of {num_processes}, timeout {timeout} s): {type(e).__name__}: {e}"
+            ) from e
+        _exit_fast_on_uncaught_errors()
     _STATE.distributed_initialized = True
 
 

@@ -50,11 +50,7 @@ def test_seed_column_parallel_linear_all_gather(tp, dtype, rng):
         out = jnp.dot(x, w_shard, preferred_element_type=jnp.float32) + b_shard
         return spmd.tensor_model_parallel_all_gather(out.astype(x.dtype), dim=-1)
 
-    f = jax.jit(
-        spmd.shard_map(
-            column_parallel, in_specs=(P(), P(None, "tp"), P("tp")), out_specs=P(), check_vma=False
-        )
-    )
+    f = jax.jit(spmd.shard_map(column_parallel, in_specs=(P(), P(None, "tp"), P("tp")), out_specs=P(), check_vma=False))
     out = np.asarray(f(x, w, b)).astype(np.float64)
     ref = x.astype(np.float64) @ w.astype(np.float64) + b.astype(np.float64)
     np.testing.assert_allclose(out, ref, **tolerance(dtype, 32))
@@ -97,9 +93,7 @@ def test_grad_through_tp_mlp(tp, rng):
             y = spmd.tensor_model_parallel_all_reduce(h_mine @ w2_shard)  # row parallel
             return jnp.sum(y * c)
 
-        f = spmd.shard_map(
-            body, in_specs=(P(), P(None, "tp"), P("tp", None), P()), out_specs=P(), check_vma=False
-        )
+        f = spmd.shard_map(body, in_specs=(P(), P(None, "tp"), P("tp", None), P()), out_specs=P(), check_vma=False)
         return f(x, w1, w2, c)
 
     def dense_loss(w1, w2):

@@ -41,9 +41,7 @@ def test_unbound_axis_from_vllm_wrappers_and_groups():
 
 def test_unbound_axis_in_a_mesh_without_it():
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
-    f = jax.shard_map(
-        lambda v: spmd.all_reduce(v, "tp"), mesh=mesh, in_specs=jax.P("x"), out_specs=jax.P("x")
-    )
+    f = jax.shard_map(lambda v: spmd.all_reduce(v, "tp"), mesh=mesh, in_specs=jax.P("x"), out_specs=jax.P("x"))
     with pytest.raises(spmd.UnboundAxisError, match="'tp'"):
         f(np.ones((8, 2), np.float32))
 
@@ -104,9 +102,7 @@ def test_size_not_divisible_by_group(op, dim):
     ],
 )
 def test_getter_before_initialize(getter):
-    with pytest.raises(
-        RuntimeError, match=r"model parallel is not initialized\. Call spmd.initialize_model_parallel"
-    ):
+    with pytest.raises(RuntimeError, match=r"model parallel is not initialized\. Call spmd.initialize_model_parallel"):
         getter()
 
 
@@ -166,9 +162,7 @@ def test_src_dst_out_of_range(src):
         per_device(lambda v: spmd.get_tp_group().gather(v, dst=src), x)
     with pytest.raises(ValueError, match=rf"src={src} is out of range"):
         per_device(lambda v: spmd.broadcast_tensor_dict({"a": v}, src=src), x)
-    with pytest.raises(
-        ValueError, match=rf"broadcast_tensor_dict: src={src} is out of range for the TP group"
-    ):
+    with pytest.raises(ValueError, match=rf"broadcast_tensor_dict: src={src} is out of range for the TP group"):
         spmd.broadcast_tensor_dict({"a": 1}, src=src)
 
 

@@ -57,9 +57,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--platform", default="cpu", help="cpu (simulated devices, default) or gpu / tpu")
     p.add_argument("--cpu-devices", type=int, default=8, help="simulated CPU devices (default 8)")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
-    p.add_argument(
-        "--tp", default="", help="TP group sizes, e.g. 2,4,8 (default: every power of two that fits)"
-    )
+    p.add_argument("--tp", default="", help="TP group sizes, e.g. 2,4,8 (default: every power of two that fits)")
     p.add_argument("--sizes", default="2KiB,32KiB,512KiB,2MiB", help="bytes per device, e.g. 2KiB,1MiB")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--iters", type=int, default=20, help="chained calls per timed loop")

@@ -28,9 +28,7 @@ class DeviceCommunicatorBase:
 
     def __init__(self, axis_name: AxisName, world_size: int, *, platform: str, unique_name: str = ""):
         if not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(
-                f"{type(self).__name__}: expected a positive int world_size, got {world_size!r}."
-            )
+            raise ValueError(f"{type(self).__name__}: expected a positive int world_size, got {world_size!r}.")
         self.axis_name = axis_name
         self.world_size = world_size
         self.platform = platform

@@ -1,0 +1,86 @@
+"""Environment variables, read in one place.
+
+``spmd-launch`` sets these for each process it starts; a job started some other way (by hand,
+by SLURM, by Open MPI) may set them itself or leave them unset and let
+``jax.distributed.initialize`` detect the cluster.
+
+| variable | meaning |
+|---|---|
+| ``SPMD_COORDINATOR_ADDRESS`` | ``host:port`` of the coordination service (process 0 serves it) |
+| ``SPMD_NUM_PROCESSES`` | processes in the whole job, all hosts together |
+| ``SPMD_PROCESS_ID`` | this process's index, ``0 <= id < SPMD_NUM_PROCESSES`` |
+| ``SPMD_LOCAL_RANK`` | this process's index on its host |
+| ``SPMD_LOCAL_WORLD_SIZE`` | processes on this host |
+| ``SPMD_LOCAL_DEVICE_IDS`` | comma-separated local accelerator ids this process drives (e.g. ``0``) |
+| ``SPMD_CPU_DEVICES_PER_PROCESS`` | run on CPU with this many simulated devices per process (gloo across processes) |
+| ``SPMD_INIT_TIMEOUT_S`` | seconds to wait for every process to join (default 300) |
+| ``SPMD_COLLECTIVE_TIMEOUT_S`` | seconds a host-level wait (metadata, barrier) may block (default 300) |
+
+Also read: ``SLURM_NTASKS``, ``OMPI_COMM_WORLD_SIZE``, ``PMI_SIZE`` (a cluster manager started
+several processes: ``jax.distributed.initialize`` then finds the coordinator itself).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+__all__ = ["SpmdEnv"]
+
+
+def _int(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r}: expected an integer.") from None
+
+
+def _ids(env: Mapping[str, str], name: str) -> tuple[int, ...] | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return tuple(int(p) for p in raw.split(","))
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r}: expected comma-separated integers.") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class SpmdEnv:
+    """The ``SPMD_*`` variables of one process, parsed."""
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_rank: int | None = None
+    local_world_size: int | None = None
+    local_device_ids: tuple[int, ...] | None = None
+    cpu_devices_per_process: int | None = None
+    init_timeout_s: int = 300
+    collective_timeout_s: float = 300.0
+    cluster_launched: bool = False
+    """SLURM, Open MPI or another PMI launcher started several processes (jax.distributed detects them)."""
+
+    @classmethod
+    def from_environ(cls, env: Mapping[str, str] | None = None) -> SpmdEnv:
+        env = os.environ if env is None else env
+        init_timeout = _int(env, "SPMD_INIT_TIMEOUT_S")
+        coll_timeout = _int(env, "SPMD_COLLECTIVE_TIMEOUT_S")
+        return cls(
+            coordinator_address=env.get("SPMD_COORDINATOR_ADDRESS") or None,
+            num_processes=_int(env, "SPMD_NUM_PROCESSES"),
+            process_id=_int(env, "SPMD_PROCESS_ID"),
+            local_rank=_int(env, "SPMD_LOCAL_RANK"),
+            local_world_size=_int(env, "SPMD_LOCAL_WORLD_SIZE"),
+            local_device_ids=_ids(env, "SPMD_LOCAL_DEVICE_IDS"),
+            cpu_devices_per_process=_int(env, "SPMD_CPU_DEVICES_PER_PROCESS"),
+            init_timeout_s=300 if init_timeout is None else init_timeout,
+            collective_timeout_s=300.0 if coll_timeout is None else float(coll_timeout),
+            cluster_launched=any(
+                (_int(env, name) or 1) > 1 for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+            ),
+        )
