@@ -39,7 +39,7 @@ w = rng.standard_normal((8 * ndev, 16)).astype(np.float32)
 put = lambda a, spec: jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec), lambda i: a[i])
 f = jax.jit(
     spmd.shard_map(
-        lambda xs, ws: spmd.tensor_model_parallel_all_reduce(xs @ ws),
+        lambda xs, ws: spmd.tensor_model_parallel_all_reduce(jnp.dot(xs, ws, precision="highest")),
         in_specs=(P(None, "tp"), P("tp", None)),
         out_specs=P(),
     )

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from spmd.axes import AxisName
 from spmd.communicators.base import DeviceCommunicatorBase
 
@@ -34,11 +37,25 @@ class GpuCommunicator(DeviceCommunicatorBase):
         self.disable_custom_all_reduce = bool(disable_custom_all_reduce)
 
     def custom_all_reduce(self, input_: Any) -> Any | None:
-        """The small-tensor all-reduce, or ``None`` when it does not apply.
+        """The Pallas one-shot / two-shot all-reduce, or ``None`` when no leaf is eligible.
 
-        No kernel is registered yet, so this always declines and ``all_reduce`` uses XLA.
+        Eligibility and the algorithm come from :mod:`kernels.custom_all_reduce` (dtype, size,
+        alignment, world size, the measured tuning table, and ``check_vma=False``); leaves it
+        declines inside a pytree it takes go to psum there.
         """
-        return None
+        from kernels.custom_all_reduce import custom_all_reduce, select_algorithm
+        from spmd.collectives import _varying_axes
+
+        leaves = [jnp.asarray(v) for v in jax.tree.leaves(input_)]
+        eligible = [
+            v
+            for v in leaves
+            if not _varying_axes(v)
+            and select_algorithm(tuple(v.shape), v.dtype, self.world_size, self.platform) != "xla"
+        ]
+        if not eligible:
+            return None
+        return custom_all_reduce(input_, self.axis_name, algorithm="auto", platform=self.platform)
 
     def all_reduce(self, input_: Any) -> Any:
         """Sum over the group: the custom kernel when eligible, else XLA/NCCL."""

@@ -1,0 +1,204 @@
+"""Custom all-reduce: the kernels' algorithm in Pallas TPU interpret mode (races detected), dispatch, errors.
+
+Interpret mode simulates every device's memory, remote DMAs and semaphores. It runs on 2 and 4
+simulated devices here; with 8 its global thread barrier needs 8 device threads at once, which
+XLA:CPU does not give on a 2-core machine (the run deadlocks), so world size 8 is checked on
+the planning side only.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
+
+import spmd
+from kernels.custom_all_reduce import (
+    custom_all_reduce,
+    ineligibility,
+    planning,
+    reference_all_reduce,
+    select_algorithm,
+    should_use_custom_all_reduce,
+)
+
+RACES = pltpu.InterpretParams(detect_races=True)
+SPEC = P(spmd.MESH_AXES)
+
+
+def _run(fn, x):
+    body = lambda t: jax.tree.map(lambda v: v[None], fn(jax.tree.map(lambda v: v[0], t)))
+    f = jax.jit(spmd.shard_map(body, in_specs=SPEC, out_specs=SPEC, check_vma=False))
+    return jax.tree.map(np.asarray, f(x))
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("algorithm", ["one_shot", "two_shot"])
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((3, 104), ml_dtypes.bfloat16), ((1000,), np.float32), ((2, 8, 64), np.float16)],
+    ids=["bf16-3x104", "f32-1000", "f16-2x8x64"],
+)
+def test_kernel_matches_reference_bitwise(tp, algorithm, shape, dtype, rng):
+    spmd.initialize_model_parallel(tp)
+    x = rng.standard_normal((8, *shape)).astype(np.float32).astype(dtype)
+    out, ref = _run(
+        lambda v: (custom_all_reduce(v, "tp", algorithm=algorithm, interpret=RACES), reference_all_reduce(v, "tp")), x
+    )
+    assert out.dtype == np.dtype(dtype) and out.shape == x.shape
+    for g in range(8 // tp):
+        ranks = range(g * tp, (g + 1) * tp)
+        dense = x[list(ranks)].astype(np.float64).sum(0)
+        for r in ranks:
+            np.testing.assert_array_equal(out[r].view(np.uint8), ref[r].view(np.uint8))  # rank-ordered f32 sum
+            np.testing.assert_array_equal(out[r].view(np.uint8), out[g * tp].view(np.uint8))  # same bits everywhere
+            np.testing.assert_allclose(out[r].astype(np.float64), dense, rtol=1e-2, atol=1e-2)
+
+
+def test_pytree_is_packed_per_dtype_and_correct(rng):
+    spmd.initialize_model_parallel(4)
+    tree = {
+        "a": rng.standard_normal((8, 40)).astype(np.float32),
+        "b": rng.standard_normal((8, 3, 8)).astype(ml_dtypes.bfloat16),
+        "c": rng.standard_normal((8, 24)).astype(np.float32),
+    }
+    jaxpr = str(
+        jax.make_jaxpr(
+            spmd.shard_map(
+                lambda t: custom_all_reduce(t, "tp", algorithm="one_shot"), in_specs=P(), out_specs=P(), check_vma=False
+            )
+        )(jax.tree.map(lambda v: v[0], tree))
+    )
+    assert jaxpr.count("pallas_call") == 2  # one launch for the two f32 leaves, one for bf16
+    out = _run(lambda t: custom_all_reduce(t, "tp", algorithm="one_shot", interpret=RACES), tree)
+    for k, v in tree.items():
+        for g in (0, 4):
+            np.testing.assert_allclose(
+                out[k][g].astype(np.float64), v[g : g + 4].astype(np.float64).sum(0), rtol=1e-2, atol=1e-2
+            )
+
+
+def test_many_calls_in_a_loop(rng):
+    spmd.initialize_model_parallel(2)
+    x = rng.standard_normal((8, 256)).astype(np.float32)
+
+    def body(v):
+        step = lambda i, a: custom_all_reduce(a, "tp", algorithm="two_shot") * 0.5
+        return jax.lax.fori_loop(0, 3, step, v)
+
+    out = _run(body, x)
+    for g in range(4):
+        np.testing.assert_allclose(out[2 * g], x[2 * g : 2 * g + 2].mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_and_xla_use_psum_on_cpu(rng):
+    spmd.initialize_model_parallel(4)
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    for algorithm in ("auto", "xla"):
+        f = spmd.shard_map(
+            lambda v, algorithm=algorithm: custom_all_reduce(v, "tp", algorithm=algorithm), in_specs=P(), out_specs=P()
+        )
+        text = str(jax.make_jaxpr(f)(x[0]))
+        assert "psum" in text and "pallas_call" not in text
+    out = _run(lambda v: custom_all_reduce(v, "tp"), x)
+    np.testing.assert_allclose(out[0], x[:4].sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_size_one_axis():
+    spmd.initialize_model_parallel(1)
+    x = np.arange(16.0, dtype=np.float32).reshape(8, 2)
+    np.testing.assert_array_equal(_run(lambda v: custom_all_reduce(v, "tp", algorithm="one_shot"), x), x)
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,world,platform,why",
+    [
+        ((64,), np.int32, 4, "gpu", "dtype int32 is not one of"),
+        ((64,), np.float32, 3, "gpu", "world size 3 is not one of"),
+        ((0,), np.float32, 4, "gpu", "the input is empty"),
+        ((3,), np.float32, 4, "gpu", "12 bytes is not a multiple of 16"),
+        ((64,), np.float32, 4, "metal", "platform 'metal' has no custom all-reduce kernel"),
+    ],
+)
+def test_ineligibility_reasons(shape, dtype, world, platform, why):
+    assert why in ineligibility(shape, dtype, world, platform)
+    assert select_algorithm(shape, dtype, world, platform) == "xla"
+
+
+def test_tuning_table_drives_auto(tmp_path, monkeypatch):
+    table = {
+        "platforms": {
+            "gpu": {
+                "4": {"max_bytes": 1 << 20, "one_shot_max_bytes": 1 << 16, "source": "test"},
+                "8": {"max_bytes": 0, "one_shot_max_bytes": 0, "source": "test"},
+            }
+        }
+    }
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(planning, "_TUNING_PATH", path)
+    planning.tuning_table.cache_clear()
+    try:
+        assert select_algorithm((1024,), jnp.bfloat16, 4, "gpu") == "one_shot"  # 2 KiB
+        assert select_algorithm((1 << 16,), jnp.bfloat16, 4, "cuda") == "two_shot"  # 128 KiB
+        assert select_algorithm((1 << 20,), jnp.bfloat16, 4, "gpu") == "xla"  # 2 MiB > max
+        assert select_algorithm((1024,), jnp.bfloat16, 8, "gpu") == "xla"  # measured slower: never
+        assert select_algorithm((1024,), jnp.bfloat16, 2, "gpu") == "xla"  # not measured: never
+        assert should_use_custom_all_reduce(jax.ShapeDtypeStruct((1024,), jnp.bfloat16), 4, "gpu")
+        assert not should_use_custom_all_reduce(jax.ShapeDtypeStruct((1024,), jnp.int32), 4, "gpu")
+    finally:
+        planning.tuning_table.cache_clear()
+
+
+def test_shipped_tuning_table_is_well_formed():
+    for (platform, world), entry in planning.tuning_table().items():
+        assert platform in ("gpu", "tpu") and world in (2, 4, 8)
+        assert 0 <= entry.one_shot_max_bytes <= entry.max_bytes and entry.source
+
+
+@pytest.mark.parametrize(
+    "kwargs,x,match",
+    [
+        ({"algorithm": "fast"}, np.ones((8, 64), np.float32), "unknown algorithm 'fast'"),
+        ({"algorithm": "one_shot"}, np.ones((8, 64), np.int32), "cannot take 64 elements of int32 .* dtype int32"),
+        ({"algorithm": "two_shot"}, np.ones((8, 3), np.float32), "12 bytes is not a multiple of 16"),
+        ({"algorithm": "one_shot", "platform": "metal"}, np.ones((8, 64), np.float32), "no custom all-reduce kernel"),
+    ],
+)
+def test_forced_kernel_on_bad_input_raises(kwargs, x, match):
+    spmd.initialize_model_parallel(4)
+    with pytest.raises(ValueError, match=match):
+        _run(lambda v: custom_all_reduce(v, "tp", **kwargs), x)
+
+
+def test_forced_kernel_under_check_vma_raises_and_auto_falls_back(rng):
+    spmd.initialize_model_parallel(2)
+    x = rng.standard_normal((4, 256)).astype(np.float32)
+    forced = spmd.shard_map(
+        lambda v: custom_all_reduce(v, "tp", algorithm="one_shot"), in_specs=P(None, "tp"), out_specs=P()
+    )
+    with pytest.raises(ValueError, match=r"check_vma=True.*pass check_vma=False"):
+        forced(x)
+    auto = jax.jit(spmd.shard_map(lambda v: custom_all_reduce(v, "tp"), in_specs=P(None, "tp"), out_specs=P()))
+    np.testing.assert_allclose(auto(x), x[:, :128] + x[:, 128:], rtol=1e-6)
+
+
+def test_unbound_axis():
+    with pytest.raises(spmd.UnboundAxisError, match="custom_all_reduce: found an unbound axis name"):
+        custom_all_reduce(jnp.ones(64), "tp")
+
+
+def test_gpu_communicator_declines_without_a_measured_entry(rng):
+    spmd.initialize_model_parallel(4)
+    comm = spmd.GpuCommunicator("tp", 4, platform="gpu")
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    seen = []
+    spmd.shard_map(lambda v: seen.append(comm.custom_all_reduce(v)) or v, in_specs=P(), out_specs=P())(x[0])
+    expected_none = select_algorithm((64,), np.float32, 4, "gpu") == "xla"
+    assert (seen[0] is None) == expected_none
