@@ -1,11 +1,17 @@
 """Benchmark: Pallas one-shot / two-shot / auto against XLA's psum, on all local GPUs.
 
+Two floors are timed beside them: ``handshake`` (one signal round trip through a peer kernel)
+and ``local_copy`` (a Mosaic GPU kernel that touches no peer), which separate the cost of the
+collective from the cost of launching any Mosaic GPU kernel from XLA.
+
     python -m kernels.custom_all_reduce.bench --world-sizes 2,4 --json $OUT/car.json
 
 For each world size (the first N local devices) and each size (bytes per device, bf16), every
 variant is checked once (kernels bitwise against the rank-ordered float32 reference and
 identical on every rank; psum within bf16 tolerance), then timed as ``--iters`` chained calls
-inside one jitted ``lax.fori_loop`` (no host dispatch between calls), best of ``--repeats``.
+inside one jitted ``lax.fori_loop`` whose body holds ``--unroll`` calls written out (no host
+dispatch between calls, and the loop's own per-iteration cost spread over them), best of
+``--repeats``.
 The table gives microseconds per call and the ratio to psum measured in the same run.
 
 With ``--write-tuning`` the measured crossovers become the GPU rows of ``tuning.json`` (the
@@ -33,6 +39,12 @@ def _args(argv):
     p.add_argument("--sizes", default=SIZES)
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--unroll",
+        type=int,
+        default=20,
+        help="calls per loop iteration, written out straight (an XLA:GPU while-loop iteration costs ~15-20 us)",
+    )
     p.add_argument("--variants", default="xla,one_shot,two_shot,auto,handshake,local_copy")
     p.add_argument("--json", default="bench_custom_all_reduce.json")
     p.add_argument("--write-tuning", action="store_true", help="write the measured crossovers to tuning.json")
@@ -103,8 +115,12 @@ def main(argv=None) -> int:
         scale = 1.0 / n
 
         def loop(v):
-            step = lambda i, c: (op(c) * scale).astype(c.dtype)
-            return jax.lax.fori_loop(0, a.iters, step, v[0])[None]
+            def step(i, c):
+                for _ in range(a.unroll):
+                    c = (op(c) * scale).astype(c.dtype)
+                return c
+
+            return jax.lax.fori_loop(0, max(1, a.iters // a.unroll), step, v[0])[None]
 
         looped = jax.jit(spmd.shard_map(loop, in_specs=spec, out_specs=spec, check_vma=False))
         looped(x).block_until_ready()
@@ -113,7 +129,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             looped(x).block_until_ready()
             best = min(best, time.perf_counter() - t0)
-        return best / a.iters * 1e6, ok, same_on_ranks
+        return best / (max(1, a.iters // a.unroll) * a.unroll) * 1e6, ok, same_on_ranks
 
     for n in worlds:
         spmd.destroy_model_parallel()

@@ -44,13 +44,13 @@ def _peer(axis_name, rank) -> dict:
     ``rank`` is linear over a tuple of axes, row-major, as ``lax.axis_index`` counts it.
     """
     if isinstance(axis_name, str):
-        return {"device_id": {axis_name: rank}, "device_id_type": pl.DeviceIdType.MESH}
+        return {"device_id": {axis_name: rank}}  # a dict of mesh axes: mesh coordinates
     coords = {}
     for a in reversed(axis_name):
         size = lax.axis_size(a)
         coords[a] = lax.rem(rank, size)
         rank = rank // size
-    return {"device_id": coords, "device_id_type": pl.DeviceIdType.MESH}
+    return {"device_id": coords}
 
 
 def _barrier(axis_name, me, n: int) -> None:
