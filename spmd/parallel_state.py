@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
@@ -341,9 +340,9 @@ def broadcast_pytree_arrays(tree: Any, axis_name: AxisName, *, src: int = 0) -> 
     """Broadcast the array leaves of ``tree`` from rank ``src``; other leaves pass through."""
     leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda v: v is None)
     array_positions = [i for i, v in enumerate(leaves) if _is_array(v)]
-    if not array_positions:
-        collectives.axis_size(axis_name, op="broadcast_tensor_dict")
-        collectives.broadcast(jnp.zeros(()), axis_name, src=src)  # still validate src
+    if not array_positions:  # nothing to send; still check src, as a dict with arrays would be
+        n = collectives.axis_size(axis_name, op="broadcast_tensor_dict")
+        collectives._check_rank("broadcast_tensor_dict", "src", src, n, axis_name)
         return tree
     sent = collectives.broadcast([leaves[i] for i in array_positions], axis_name, src=src)
     for i, v in zip(array_positions, sent, strict=True):

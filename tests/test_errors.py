@@ -162,6 +162,8 @@ def test_src_dst_out_of_range(src):
         per_device(lambda v: spmd.get_tp_group().gather(v, dst=src), x)
     with pytest.raises(ValueError, match=rf"src={src} is out of range"):
         per_device(lambda v: spmd.broadcast_tensor_dict({"a": v}, src=src), x)
+    with pytest.raises(ValueError, match=rf"broadcast_tensor_dict: src={src} is out of range for axis 'tp'"):
+        per_device(lambda v: spmd.broadcast_tensor_dict({"only": "plain values"}, src=src) and v, x)
     with pytest.raises(ValueError, match=rf"broadcast_tensor_dict: src={src} is out of range for the TP group"):
         spmd.broadcast_tensor_dict({"a": 1}, src=src)
 
