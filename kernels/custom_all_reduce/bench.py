@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import sys
-import time
 import traceback
 
 SIZES = "2KiB,8KiB,32KiB,128KiB,512KiB,2MiB,8MiB,32MiB"
@@ -65,6 +64,7 @@ def main(argv=None) -> int:
     import spmd
     from kernels.custom_all_reduce import custom_all_reduce, planning, reference_all_reduce
     from kernels.custom_all_reduce import gpu as gpu_kernels
+    from spmd.bench.timing import best_seconds
 
     devices = jax.devices()
     worlds = [int(w) for w in a.world_sizes.split(",") if w] or [w for w in (2, 4, 8) if w <= len(devices)]
@@ -123,12 +123,7 @@ def main(argv=None) -> int:
             return jax.lax.fori_loop(0, max(1, a.iters // a.unroll), step, v[0])[None]
 
         looped = jax.jit(spmd.shard_map(loop, in_specs=spec, out_specs=spec, check_vma=False))
-        looped(x).block_until_ready()
-        best = float("inf")
-        for _ in range(a.repeats):
-            t0 = time.perf_counter()
-            looped(x).block_until_ready()
-            best = min(best, time.perf_counter() - t0)
+        best = best_seconds(looped, x, repeats=a.repeats)
         return best / (max(1, a.iters // a.unroll) * a.unroll) * 1e6, ok, same_on_ranks
 
     for n in worlds:

@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.custom_all_reduce.planning import LANES, Plan, out_struct
+from kernels.custom_all_reduce.planning import LANES, Plan, out_struct, peer_coords
 
 __all__ = ["ROWS_PER_BLOCK", "handshake_gpu", "local_copy_gpu", "one_shot_gpu", "two_shot_gpu"]
 
@@ -53,18 +53,6 @@ def _kernel_call(body, out_types, scratch, grid: int):
         "grid_names": (_BLOCKS,),
     }
     return plgpu.kernel(body, **kwargs)
-
-
-def _peer(axis_name, rank) -> dict:
-    """Device id of ``rank`` along ``axis_name`` in mesh coordinates (other axes: our own)."""
-    if isinstance(axis_name, str):
-        return {axis_name: rank}
-    coords = {}
-    for a in reversed(axis_name):
-        size = lax.axis_size(a)
-        coords[a] = lax.rem(rank, size)
-        rank = rank // size
-    return coords
 
 
 def _rows_per_block(rows: int) -> int:
@@ -94,14 +82,14 @@ def one_shot_gpu(x2d: jax.Array, axis_name, plan: Plan) -> jax.Array:
         rows = pl.ds(b * rpb, rpb)
         vals = x_ref[rows, :]
         for k in range(1, n):
-            peer = _peer(axis_name, lax.rem(me + k, n))
+            peer = peer_coords(axis_name, lax.rem(me + k, n))
             plgpu.remote_ref(stage_ref, peer).at[me, rows, :][...] = vals
             pl.semaphore_signal(sem_in.at[b], device_id=peer)
         stage_ref.at[me, rows, :][...] = vals  # own slot, locally: the sum reads slots 0..n-1 in order
         pl.semaphore_wait(sem_in.at[b], n - 1)
         o_ref[rows, :] = _ordered_sum(stage_ref.at[:, rows, :], n, o_ref.dtype)
         for k in range(1, n):
-            pl.semaphore_signal(sem_done.at[b], device_id=_peer(axis_name, lax.rem(me + k, n)))
+            pl.semaphore_signal(sem_done.at[b], device_id=peer_coords(axis_name, lax.rem(me + k, n)))
         pl.semaphore_wait(sem_done.at[b], n - 1)
 
     call = _kernel_call(
@@ -129,7 +117,7 @@ def two_shot_gpu(x2d: jax.Array, axis_name, plan: Plan) -> jax.Array:
         me = lax.axis_index(axis_name)
         for k in range(1, n):
             p = lax.rem(me + k, n)
-            peer = _peer(axis_name, p)
+            peer = peer_coords(axis_name, p)
             plgpu.remote_ref(stage_ref, peer).at[me, pl.ds(b * rpb, rpb), :][...] = x_ref[
                 pl.ds(p * piece + b * rpb, rpb), :
             ]
@@ -140,7 +128,7 @@ def two_shot_gpu(x2d: jax.Array, axis_name, plan: Plan) -> jax.Array:
         mine = _ordered_sum(stage_ref.at[:, pl.ds(b * rpb, rpb), :], n, o_ref.dtype)
         o_ref[own, :] = mine
         for k in range(1, n):
-            peer = _peer(axis_name, lax.rem(me + k, n))
+            peer = peer_coords(axis_name, lax.rem(me + k, n))
             plgpu.remote_ref(o_ref, peer).at[own, :][...] = mine
             pl.semaphore_signal(sem_out.at[b], device_id=peer)
         pl.semaphore_wait(sem_out.at[b], n - 1)
@@ -170,7 +158,7 @@ def handshake_gpu(x2d: jax.Array, axis_name, plan: Plan) -> jax.Array:
     def body(x_ref, o_ref, sem):
         me = lax.axis_index(axis_name)
         for k in range(1, n):
-            pl.semaphore_signal(sem, device_id=_peer(axis_name, lax.rem(me + k, n)))
+            pl.semaphore_signal(sem, device_id=peer_coords(axis_name, lax.rem(me + k, n)))
         pl.semaphore_wait(sem, n - 1)
         o_ref[...] = x_ref[...]
 

@@ -25,6 +25,7 @@ __all__ = [
     "ineligibility",
     "make_plan",
     "out_struct",
+    "peer_coords",
     "select_algorithm",
     "should_use_custom_all_reduce",
     "tuning_table",
@@ -161,6 +162,24 @@ def out_struct(shape, dtype, like: Any, *, invariant_over: Any = (), varying_ove
         varying = frozenset()
     fields = {k: getattr(manual, k) for k in ("unreduced", "reduced", "unreduced_kind") if hasattr(manual, k)}
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=type(manual)(varying=frozenset(varying), **fields))
+
+
+def peer_coords(axis_name: Any, rank: Any) -> dict:
+    """Mesh coordinates of ``rank`` along ``axis_name`` for a kernel's ``device_id``.
+
+    Other mesh axes keep this device's own coordinates. ``rank`` is linear over a tuple of axes,
+    row-major, as ``lax.axis_index`` counts it. Traced inside a kernel; shared by both lowerings.
+    """
+    from jax import lax
+
+    if isinstance(axis_name, str):
+        return {axis_name: rank}
+    coords = {}
+    for a in reversed(axis_name):
+        size = lax.axis_size(a)
+        coords[a] = lax.rem(rank, size)
+        rank = rank // size
+    return coords
 
 
 def make_plan(numel: int, dtype: Any, world_size: int) -> Plan:

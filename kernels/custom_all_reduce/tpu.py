@@ -33,98 +33,70 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.custom_all_reduce.planning import LANES, Plan, out_struct
+from kernels.custom_all_reduce.planning import LANES, Plan, out_struct, peer_coords
 
 __all__ = ["one_shot_tpu", "two_shot_tpu"]
-
-
-def _peer(axis_name, rank) -> dict:
-    """Mesh coordinates of ``rank`` along ``axis_name`` (other mesh axes: this device's own).
-
-    ``rank`` is linear over a tuple of axes, row-major, as ``lax.axis_index`` counts it.
-    """
-    if isinstance(axis_name, str):
-        return {"device_id": {axis_name: rank}}  # a dict of mesh axes: mesh coordinates
-    coords = {}
-    for a in reversed(axis_name):
-        size = lax.axis_size(a)
-        coords[a] = lax.rem(rank, size)
-        rank = rank // size
-    return {"device_id": coords}
 
 
 def _barrier(axis_name, me, n: int) -> None:
     """Every rank has entered the kernel (its VMEM scratch exists) before anyone writes to it."""
     sem = pltpu.get_barrier_semaphore()
     for k in range(1, n):
-        pl.semaphore_signal(sem, 1, **_peer(axis_name, lax.rem(me + k, n)))
+        pl.semaphore_signal(sem, 1, device_id=peer_coords(axis_name, lax.rem(me + k, n)))
     pl.semaphore_wait(sem, n - 1)
+
+
+def _push_to_peers(src_for, dst_ref, send_sems, recv_sems, *, axis_name, me, n) -> None:
+    """DMA ``src_for(peer)`` into ``dst_ref`` on every peer, then wait for all sends and receives."""
+    copies = []
+    for k in range(1, n):
+        peer = lax.rem(me + k, n)
+        c = pltpu.make_async_remote_copy(
+            src_ref=src_for(peer),
+            dst_ref=dst_ref,
+            send_sem=send_sems.at[k - 1],
+            recv_sem=recv_sems.at[k - 1],
+            device_id=peer_coords(axis_name, peer),
+        )
+        c.start()
+        copies.append(c)
+    for c in copies:
+        c.wait_send()
+        c.wait_recv()
+
+
+def _ordered_sum(stage_ref, n: int, dtype):
+    """sum_j stage[j] in float32, rank order: every rank adds the same terms in the same order."""
+    acc = stage_ref[0].astype(jnp.float32)
+    for j in range(1, n):
+        acc = acc + stage_ref[j].astype(jnp.float32)
+    return acc.astype(dtype)
 
 
 def _one_shot_kernel(x_ref, o_ref, stage_ref, send_sems, recv_sems, *, axis_name, n):
     me = lax.axis_index(axis_name)
     _barrier(axis_name, me, n)
-    copies = []
-    for k in range(1, n):
-        peer = lax.rem(me + k, n)
-        c = pltpu.make_async_remote_copy(
-            src_ref=x_ref,
-            dst_ref=stage_ref.at[me],
-            send_sem=send_sems.at[k - 1],
-            recv_sem=recv_sems.at[k - 1],
-            **_peer(axis_name, peer),
-        )
-        c.start()
-        copies.append(c)
-    stage_ref[me] = x_ref[...]
-    for c in copies:
-        c.wait_send()
-        c.wait_recv()
-    acc = stage_ref[0].astype(jnp.float32)
-    for j in range(1, n):
-        acc = acc + stage_ref[j].astype(jnp.float32)
-    o_ref[...] = acc.astype(o_ref.dtype)
+    stage_ref[me] = x_ref[...]  # own slot, locally (peers write the other slots)
+    _push_to_peers(lambda peer: x_ref, stage_ref.at[me], send_sems, recv_sems, axis_name=axis_name, me=me, n=n)
+    o_ref[...] = _ordered_sum(stage_ref, n, o_ref.dtype)
 
 
 def _two_shot_kernel(x_ref, o_ref, stage_ref, send_sems, recv_sems, gsend_sems, grecv_sems, *, axis_name, n, piece):
     me = lax.axis_index(axis_name)
     _barrier(axis_name, me, n)
-    scatter = []
-    for k in range(1, n):
-        peer = lax.rem(me + k, n)
-        c = pltpu.make_async_remote_copy(
-            src_ref=x_ref.at[pl.ds(peer * piece, piece)],
-            dst_ref=stage_ref.at[me],
-            send_sem=send_sems.at[k - 1],
-            recv_sem=recv_sems.at[k - 1],
-            **_peer(axis_name, peer),
-        )
-        c.start()
-        scatter.append(c)
     stage_ref[me] = x_ref[pl.ds(me * piece, piece)]
-    for c in scatter:
-        c.wait_send()
-        c.wait_recv()
-    acc = stage_ref[0].astype(jnp.float32)
-    for j in range(1, n):
-        acc = acc + stage_ref[j].astype(jnp.float32)
+    _push_to_peers(
+        lambda peer: x_ref.at[pl.ds(peer * piece, piece)],  # piece p goes to rank p
+        stage_ref.at[me],
+        send_sems,
+        recv_sems,
+        axis_name=axis_name,
+        me=me,
+        n=n,
+    )
     mine = pl.ds(me * piece, piece)
-    o_ref[mine] = acc.astype(o_ref.dtype)
-    gather = []
-    for k in range(1, n):
-        peer = lax.rem(me + k, n)
-        c = pltpu.make_async_remote_copy(
-            src_ref=o_ref.at[mine],
-            dst_ref=o_ref.at[mine],
-            send_sem=gsend_sems.at[k - 1],
-            recv_sem=grecv_sems.at[k - 1],
-            **_peer(axis_name, peer),
-        )
-        c.start()
-        gather.append(c)
-    for c in gather:
-        c.wait_send()
-        c.wait_recv()
+    o_ref[mine] = _ordered_sum(stage_ref, n, o_ref.dtype)
+    _push_to_peers(lambda peer: o_ref.at[mine], o_ref.at[mine], gsend_sems, grecv_sems, axis_name=axis_name, me=me, n=n)
 
 
 def _vmem_spec():

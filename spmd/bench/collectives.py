@@ -19,7 +19,6 @@ import datetime
 import json
 import platform as _platform
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -120,6 +119,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from jax.sharding import PartitionSpec as P
 
     import spmd
+    from spmd.bench.timing import best_seconds
 
     if args.platform == "cpu":
         jax.config.update("jax_platforms", "cpu")
@@ -169,12 +169,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
                 looped = jax.jit(spmd.shard_map(loop, in_specs=spec, out_specs=spec, check_vma=False))
                 xd = jax.device_put(x, jax.sharding.NamedSharding(spmd.get_mesh(), spec))
-                looped(xd).block_until_ready()
-                best = float("inf")
-                for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    looped(xd).block_until_ready()
-                    best = min(best, time.perf_counter() - t0)
+                best = best_seconds(looped, xd, repeats=args.repeats)
                 us = best / args.iters * 1e6
                 nbytes = elems * dtype.itemsize
                 row = {

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import sys
-import time
 
 CONFIGS = "2x8,8x64"  # top-k x experts
 
@@ -65,6 +64,7 @@ def main(argv=None) -> int:
     from jax.sharding import PartitionSpec as P
 
     import spmd
+    from spmd.bench.timing import best_seconds
     from spmd.expert_parallel import get_all2all_manager
 
     devices = jax.devices()
@@ -121,12 +121,7 @@ def main(argv=None) -> int:
                             return jax.lax.fori_loop(0, a.iters, lambda i, c: rt(c, w, ids)[0], x)
 
                         looped = jax.jit(spmd.shard_map(loop, in_specs=(spec,) * 3, out_specs=spec, check_vma=False))
-                        looped(xs, ws, idss).block_until_ready()
-                        best = float("inf")
-                        for _ in range(a.repeats):
-                            t0 = time.perf_counter()
-                            looped(xs, ws, idss).block_until_ready()
-                            best = min(best, time.perf_counter() - t0)
+                        best = best_seconds(looped, xs, ws, idss, repeats=a.repeats)
                         us = best / a.iters * 1e6
                     except Exception as exc:  # one failing manager must not hide the others
                         print(
