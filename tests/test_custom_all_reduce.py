@@ -138,6 +138,12 @@ def test_ineligibility_reasons(shape, dtype, world, platform, why):
     assert select_algorithm(shape, dtype, world, platform) == "xla"
 
 
+def test_gpu_kernels_are_single_process_only(monkeypatch):
+    monkeypatch.setattr(planning, "_process_count", lambda: 2)
+    assert "one process driving every GPU" in ineligibility((64,), np.float32, 2, "gpu")
+    assert ineligibility((64,), np.float32, 2, "tpu") is None
+
+
 def test_tuning_table_drives_auto(tmp_path, monkeypatch):
     table = {
         "platforms": {
@@ -209,3 +215,18 @@ def test_gpu_communicator_declines_without_a_measured_entry(rng):
     spmd.shard_map(lambda v: seen.append(comm.custom_all_reduce(v)) or v, in_specs=P(), out_specs=P())(x[0])
     expected_none = select_algorithm((64,), np.float32, 4, "gpu") == "xla"
     assert (seen[0] is None) == expected_none
+
+
+def test_inside_a_model_step(rng):
+    """A jitted TP MLP step whose row-parallel all-reduce is the custom kernel matches the dense MLP."""
+    spmd.initialize_model_parallel(4)
+    x = rng.standard_normal((8, 32)).astype(np.float32)
+    w1 = rng.standard_normal((32, 64)).astype(np.float32) / 6
+    w2 = rng.standard_normal((64, 32)).astype(np.float32) / 8
+
+    def step(x, w1_shard, w2_shard):
+        h = jax.nn.gelu(x @ w1_shard)  # column parallel
+        return custom_all_reduce(h @ w2_shard, "tp", algorithm="one_shot", interpret=RACES)  # row parallel
+
+    f = jax.jit(spmd.shard_map(step, in_specs=(P(), P(None, "tp"), P("tp", None)), out_specs=P(), check_vma=False))
+    np.testing.assert_allclose(np.asarray(f(x, w1, w2)), jax.nn.gelu(x @ w1) @ w2, rtol=1e-4, atol=1e-4)

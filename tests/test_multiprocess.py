@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -113,3 +114,30 @@ def test_init_after_jax_started_is_a_clear_error():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert "ERR init_distributed_environment: JAX has already started its backend" in r.stdout, r.stderr
     assert "join a multi-process job" in r.stdout
+
+
+def test_ctrl_c_stops_every_rank():
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "spmd.launch",
+            "--nproc-per-node",
+            "2",
+            "--cpu-devices-per-process",
+            "1",
+            "tests/mp_worker.py",
+            "hang",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130, err[-2000:]
+    assert "spmd-launch: interrupted; stopping every rank" in err

@@ -91,7 +91,17 @@ def ineligibility(shape: tuple[int, ...], dtype: Any, world_size: int, platform:
         return f"{nbytes} bytes is not a multiple of {ALIGN_BYTES}"
     if platform not in ("gpu", "cuda", "tpu", "cpu"):
         return f"platform {platform!r} has no custom all-reduce kernel"
+    if platform in ("gpu", "cuda") and _process_count() > 1:
+        # Across processes XLA maps peer buffers through NCCL windows, which failed on the lent
+        # H200 machines (ncclGetPeerDevicePointer: unhandled system error, 2026-11-28).
+        return "the Mosaic GPU kernels need one process driving every GPU of the group"
     return None
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
 
 
 def select_algorithm(shape: tuple[int, ...], dtype: Any, world_size: int, platform: str) -> str:
