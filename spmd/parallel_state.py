@@ -296,12 +296,9 @@ class GroupCoordinator:
         sending and the receiving stage run the same exchange, so :meth:`recv_tensor_dict` is
         the same call under vLLM's other name.
         """
-        leaves, treedef = jax.tree.flatten(tensor_dict, is_leaf=lambda v: v is None)
-        pos = [i for i, v in enumerate(leaves) if _is_array(v)]
-        moved = collectives.shift([leaves[i] for i in pos], self.axis_name, offset=offset, wrap=False)
-        for i, v in zip(pos, moved, strict=True):
-            leaves[i] = v
-        return jax.tree.unflatten(treedef, leaves)
+        return _map_array_leaves(
+            tensor_dict, lambda arrays: collectives.shift(arrays, self.axis_name, offset=offset, wrap=False)
+        )
 
     def recv_tensor_dict(self, tensor_dict: dict[Any, Any], *, offset: int = 1) -> dict[Any, Any]:
         """What rank ``r - offset`` sent with :meth:`send_tensor_dict` (the same exchange)."""
@@ -336,18 +333,20 @@ def _is_array(leaf: Any) -> bool:
     return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
 
 
-def broadcast_pytree_arrays(tree: Any, axis_name: AxisName, *, src: int = 0) -> Any:
-    """Broadcast the array leaves of ``tree`` from rank ``src``; other leaves pass through."""
+def _map_array_leaves(tree: Any, fn: Callable[[list], list]) -> Any:
+    """Apply ``fn`` to the list of ``tree``'s array leaves at once; other leaves pass through."""
     leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda v: v is None)
-    array_positions = [i for i, v in enumerate(leaves) if _is_array(v)]
-    if not array_positions:  # nothing to send; still check src, as a dict with arrays would be
-        n = collectives.axis_size(axis_name, op="broadcast_tensor_dict")
-        collectives._check_rank("broadcast_tensor_dict", "src", src, n, axis_name)
-        return tree
-    sent = collectives.broadcast([leaves[i] for i in array_positions], axis_name, src=src)
-    for i, v in zip(array_positions, sent, strict=True):
+    positions = [i for i, v in enumerate(leaves) if _is_array(v)]
+    for i, v in zip(positions, fn([leaves[i] for i in positions]), strict=True):
         leaves[i] = v
     return jax.tree.unflatten(treedef, leaves)
+
+
+def broadcast_pytree_arrays(tree: Any, axis_name: AxisName, *, src: int = 0) -> Any:
+    """Broadcast the array leaves of ``tree`` from rank ``src``; other leaves pass through."""
+    n = collectives.axis_size(axis_name, op="broadcast_tensor_dict")
+    collectives._check_rank("broadcast_tensor_dict", "src", src, n, axis_name)
+    return _map_array_leaves(tree, lambda arrays: collectives.broadcast(arrays, axis_name, src=src) if arrays else [])
 
 
 # The one parallel-state object ----------------------------------------------------------------
