@@ -99,8 +99,18 @@ def _two_shot_kernel(x_ref, o_ref, stage_ref, send_sems, recv_sems, gsend_sems, 
     _push_to_peers(lambda peer: o_ref.at[mine], o_ref.at[mine], gsend_sems, grecv_sems, axis_name=axis_name, me=me, n=n)
 
 
-def _vmem_spec():
-    return pl.BlockSpec(memory_space=pltpu.VMEM)
+def _call(kernel, x2d: jax.Array, axis_name, plan: Plan, scratch: list, interpret) -> jax.Array:
+    """``pallas_call`` of an all-reduce kernel: whole arrays in VMEM, output typed invariant over the axis."""
+    vmem = pl.BlockSpec(memory_space=pltpu.VMEM)
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_struct((plan.rows, LANES), x2d.dtype, x2d, invariant_over=axis_name),
+        in_specs=[vmem],
+        out_specs=vmem,
+        scratch_shapes=scratch,
+        compiler_params=pltpu.CompilerParams(collective_id=0, has_side_effects=True),
+        interpret=interpret,
+    )(x2d)
 
 
 @functools.partial(jax.named_call, name="custom_all_reduce_one_shot")
@@ -108,19 +118,8 @@ def one_shot_tpu(x2d: jax.Array, axis_name, plan: Plan, *, interpret=None) -> ja
     """One-shot all-reduce of ``x2d: T[plan.rows, 128]`` along ``axis_name``."""
     n = plan.world_size
     kernel = functools.partial(_one_shot_kernel, axis_name=axis_name, n=n)
-    return pl.pallas_call(
-        kernel,
-        out_shape=out_struct((plan.rows, LANES), x2d.dtype, x2d, invariant_over=axis_name),
-        in_specs=[_vmem_spec()],
-        out_specs=_vmem_spec(),
-        scratch_shapes=[
-            pltpu.VMEM((n, plan.rows, LANES), x2d.dtype),
-            pltpu.SemaphoreType.DMA((n - 1,)),
-            pltpu.SemaphoreType.DMA((n - 1,)),
-        ],
-        compiler_params=pltpu.CompilerParams(collective_id=0, has_side_effects=True),
-        interpret=interpret,
-    )(x2d)
+    scratch = [pltpu.VMEM((n, plan.rows, LANES), x2d.dtype)] + [pltpu.SemaphoreType.DMA((n - 1,))] * 2
+    return _call(kernel, x2d, axis_name, plan, scratch, interpret)
 
 
 @functools.partial(jax.named_call, name="custom_all_reduce_two_shot")
@@ -129,18 +128,5 @@ def two_shot_tpu(x2d: jax.Array, axis_name, plan: Plan, *, interpret=None) -> ja
     n = plan.world_size
     piece = plan.rows_per_rank
     kernel = functools.partial(_two_shot_kernel, axis_name=axis_name, n=n, piece=piece)
-    return pl.pallas_call(
-        kernel,
-        out_shape=out_struct((plan.rows, LANES), x2d.dtype, x2d, invariant_over=axis_name),
-        in_specs=[_vmem_spec()],
-        out_specs=_vmem_spec(),
-        scratch_shapes=[
-            pltpu.VMEM((n, piece, LANES), x2d.dtype),
-            pltpu.SemaphoreType.DMA((n - 1,)),
-            pltpu.SemaphoreType.DMA((n - 1,)),
-            pltpu.SemaphoreType.DMA((n - 1,)),
-            pltpu.SemaphoreType.DMA((n - 1,)),
-        ],
-        compiler_params=pltpu.CompilerParams(collective_id=0, has_side_effects=True),
-        interpret=interpret,
-    )(x2d)
+    scratch = [pltpu.VMEM((n, piece, LANES), x2d.dtype)] + [pltpu.SemaphoreType.DMA((n - 1,))] * 4
+    return _call(kernel, x2d, axis_name, plan, scratch, interpret)
