@@ -300,7 +300,7 @@ class RaggedAll2AllManager(_BucketMixin, All2AllManagerBase):
             input_offsets,
             send_sizes,
             output_offsets,
-            jnp.zeros_like(recv_sizes) + recv_sizes,
+            recv_sizes,
         )
         # Received rows are [src 0: my experts in order][src 1: ...]; regroup expert-major.
         mine = lax.dynamic_slice_in_dim(all_counts, me * e_local, e_local, axis=1)  # [src, E_local]
@@ -337,7 +337,6 @@ class RaggedAll2AllManager(_BucketMixin, All2AllManagerBase):
     def _combine_routed(self, expert_outputs, state):
         a = state.arrays
         out = expert_outputs.tokens
-        rows = out.shape[0]
         unperm = jnp.zeros_like(out).at[a["perm"]].set(out)  # back to [src 0 block][src 1 block]...
         s = a["order"].shape[0]
         back = self._exchange(
@@ -348,7 +347,6 @@ class RaggedAll2AllManager(_BucketMixin, All2AllManagerBase):
             a["return_offsets"],
             a["send_sizes"],
         )
-        del rows
         slot_out = jnp.zeros_like(back).at[a["order"]].set(back)  # unsort: slot order
         t, k = state.topk_weights.shape
         y = weighted_sum(slot_out, state.topk_weights, t, k, jnp.float32)
