@@ -1,6 +1,6 @@
 """Custom all-reduce for small tensors: Pallas one-shot and two-shot kernels, psum otherwise."""
 
-from kernels.custom_all_reduce.ops import custom_all_reduce, reference_all_reduce
+from kernels.custom_all_reduce.ops import auto_algorithms, custom_all_reduce, reference_all_reduce
 from kernels.custom_all_reduce.planning import (
     ALGORITHMS,
     TuningEntry,
@@ -13,6 +13,7 @@ from kernels.custom_all_reduce.planning import (
 __all__ = [
     "ALGORITHMS",
     "TuningEntry",
+    "auto_algorithms",
     "custom_all_reduce",
     "ineligibility",
     "reference_all_reduce",

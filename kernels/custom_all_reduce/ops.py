@@ -18,7 +18,7 @@ from jax import lax
 from kernels.custom_all_reduce import planning
 from spmd import collectives
 
-__all__ = ["custom_all_reduce", "reference_all_reduce"]
+__all__ = ["auto_algorithms", "custom_all_reduce", "reference_all_reduce"]
 
 
 def reference_all_reduce(x: jax.Array, axis_name) -> jax.Array:
@@ -57,6 +57,44 @@ def _run_kernel(flat: jax.Array, axis_name, n: int, algorithm: str, platform: st
         fn = tpu.one_shot_tpu if algorithm == "one_shot" else tpu.two_shot_tpu
         out = fn(padded, axis_name, plan, interpret=interpret)
     return out.reshape(-1)[: flat.size]
+
+
+def _plan_groups(leaves: list[jax.Array], n: int, algorithm: str, platform: str | None):
+    """``(leaf indices, algorithm, platform)`` per dtype: the leaves of one dtype travel packed.
+
+    Raises ``ValueError`` when a forced algorithm cannot take a group.
+    """
+    by_dtype: dict[Any, list[int]] = {}
+    for i, v in enumerate(leaves):
+        by_dtype.setdefault(v.dtype, []).append(i)
+    groups = []
+    for dtype, idx in by_dtype.items():
+        numel = sum(leaves[i].size for i in idx)
+        plat = platform or _platform_of(leaves[idx[0]])
+        typed = any(collectives._varying_axes(leaves[i]) for i in idx)
+        if algorithm == "auto":
+            algo = "xla" if typed else planning.select_algorithm((numel,), dtype, n, plat)
+        else:
+            why = planning.ineligibility((numel,), dtype, n, plat)
+            if why is None and typed:
+                why = (
+                    "the enclosing shard_map has check_vma=True, and Pallas kernels cannot yet carry its "
+                    "varying-axes types; pass check_vma=False to shard_map"
+                )
+            if why is not None:
+                raise ValueError(
+                    f"custom_all_reduce: algorithm={algorithm!r} cannot take {numel} elements of {jnp.dtype(dtype)} "
+                    f"over {n} ranks on {plat}: {why}. Use algorithm='auto' to fall back to psum."
+                )
+            algo = algorithm
+        groups.append((idx, algo, plat))
+    return groups
+
+
+def auto_algorithms(x: Any, world_size: int, platform: str | None = None) -> list[str]:
+    """What ``algorithm="auto"`` picks for each dtype group of ``x`` (traced leaves or arrays)."""
+    leaves = [jnp.asarray(v) for v in jax.tree.leaves(x)]
+    return [algo for _, algo, _ in _plan_groups(leaves, world_size, "auto", platform)]
 
 
 def custom_all_reduce(
@@ -99,28 +137,7 @@ def custom_all_reduce(
     if n == 1 or algorithm == "xla" or not leaves:
         return collectives.all_reduce(x, axis_name)
     out: list[jax.Array | None] = [None] * len(leaves)
-    by_dtype: dict[Any, list[int]] = {}
-    for i, v in enumerate(leaves):
-        by_dtype.setdefault(v.dtype, []).append(i)
-    for dtype, idx in by_dtype.items():
-        numel = sum(leaves[i].size for i in idx)
-        plat = platform or _platform_of(leaves[idx[0]])
-        typed = any(collectives._varying_axes(leaves[i]) for i in idx)
-        if algorithm == "auto":
-            algo = "xla" if typed else planning.select_algorithm((numel,), dtype, n, plat)
-        else:
-            why = planning.ineligibility((numel,), dtype, n, plat)
-            if why is None and typed:
-                why = (
-                    "the enclosing shard_map has check_vma=True, and Pallas kernels cannot yet carry its "
-                    "varying-axes types; pass check_vma=False to shard_map"
-                )
-            if why is not None:
-                raise ValueError(
-                    f"custom_all_reduce: algorithm={algorithm!r} cannot take {numel} elements of {jnp.dtype(dtype)} "
-                    f"over {n} ranks on {plat}: {why}. Use algorithm='auto' to fall back to psum."
-                )
-            algo = algorithm
+    for idx, algo, plat in _plan_groups(leaves, n, algorithm, platform):
         if algo == "xla":
             for i in idx:
                 out[i] = collectives.all_reduce(leaves[i], axis_name)

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
 from spmd.axes import AxisName
 from spmd.communicators.base import DeviceCommunicatorBase
 
@@ -39,21 +36,13 @@ class GpuCommunicator(DeviceCommunicatorBase):
     def custom_all_reduce(self, input_: Any) -> Any | None:
         """The Pallas one-shot / two-shot all-reduce, or ``None`` when no leaf is eligible.
 
-        Eligibility and the algorithm come from :mod:`kernels.custom_all_reduce` (dtype, size,
-        alignment, world size, the measured tuning table, and ``check_vma=False``); leaves it
-        declines inside a pytree it takes go to psum there.
+        The decision is ``custom_all_reduce``'s own for ``algorithm="auto"`` (dtype, packed size,
+        alignment, world size, processes, the measured tuning table, ``check_vma=False``); dtype
+        groups it declines inside a pytree it takes go to psum there.
         """
-        from kernels.custom_all_reduce import custom_all_reduce, select_algorithm
-        from spmd.collectives import _varying_axes
+        from kernels.custom_all_reduce import auto_algorithms, custom_all_reduce
 
-        leaves = [jnp.asarray(v) for v in jax.tree.leaves(input_)]
-        eligible = [
-            v
-            for v in leaves
-            if not _varying_axes(v)
-            and select_algorithm(tuple(v.shape), v.dtype, self.world_size, self.platform) != "xla"
-        ]
-        if not eligible:
+        if all(algo == "xla" for algo in auto_algorithms(input_, self.world_size, self.platform)):
             return None
         return custom_all_reduce(input_, self.axis_name, algorithm="auto", platform=self.platform)
 
