@@ -139,18 +139,24 @@ def _fail(msg: str) -> None:
     raise ValueError(f"malformed host-level message: {msg}")
 
 
+def _array_spec(node: Any) -> tuple[str, list[int], str]:
+    """``(dtype, shape, kind)`` of an encoded array node, validated."""
+    if not isinstance(node, dict) or not {"dtype", "shape", "kind"} <= node.keys():
+        _fail(f"bad array node {node!r}")
+    dtype, shape, kind = node["dtype"], node["shape"], node["kind"]
+    if dtype not in ALLOWED_DTYPES or kind not in ("jax", "numpy", "scalar"):
+        _fail(f"array dtype {dtype!r} / kind {kind!r} not allowed")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        _fail(f"bad array shape {shape!r}")
+    return dtype, shape, kind
+
+
 def decode(tree: Any, arrays: list[np.ndarray] | None = None) -> Any:
     """Rebuild a value from :func:`encode`'s tree and arrays, validating every node."""
     arrays = arrays or []
 
     def array_from(node: Any) -> Any:
-        if not isinstance(node, dict) or not {"dtype", "shape", "kind"} <= node.keys():
-            _fail(f"bad array node {node!r}")
-        dtype, shape, kind = node["dtype"], node["shape"], node["kind"]
-        if dtype not in ALLOWED_DTYPES or kind not in ("jax", "numpy", "scalar"):
-            _fail(f"array dtype {dtype!r} / kind {kind!r} not allowed")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-            _fail(f"bad array shape {shape!r}")
+        dtype, shape, kind = _array_spec(node)
         if "b64" in node:
             raw = base64.b64decode(node["b64"])
             a = np.frombuffer(raw, dtype=jnp.dtype(dtype)).reshape(shape).copy()
@@ -243,7 +249,7 @@ def _broadcast_payload(arrays: list[np.ndarray], specs: list[tuple[str, list[int
     if is_source:
         offset = 0
         for a, size in zip(arrays, sizes, strict=True):
-            buf[offset : offset + size] = np.frombuffer(a.tobytes(), np.uint8)
+            buf[offset : offset + size] = a.reshape(-1).view(np.uint8)  # encode() made it C-contiguous
             offset += size
     buf = np.asarray(multihost_utils.broadcast_one_to_all(buf, is_source=is_source))
     out, offset = [], 0
@@ -259,8 +265,8 @@ def _array_specs(tree: Any) -> list[tuple[str, list[int]]]:
     def walk(n: Any) -> None:
         if isinstance(n, dict):
             if "array" in n and len(n) == 1 and isinstance(n["array"], dict) and "index" in n["array"]:
-                a = n["array"]
-                specs[a["index"]] = (a["dtype"], a["shape"])
+                dtype, shape, _ = _array_spec(n["array"])
+                specs[n["array"]["index"]] = (dtype, shape)
                 return
             for v in n.values():
                 walk(v)
@@ -271,9 +277,6 @@ def _array_specs(tree: Any) -> list[tuple[str, list[int]]]:
     walk(tree)
     if sorted(specs) != list(range(len(specs))):
         _fail("array indices are not 0..n-1")
-    for dt, shape in specs.values():
-        if dt not in ALLOWED_DTYPES or not all(isinstance(s, int) and s >= 0 for s in shape):
-            _fail(f"bad array spec {dt!r} {shape!r}")
     return [specs[i] for i in range(len(specs))]
 
 
