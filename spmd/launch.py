@@ -162,21 +162,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     deadline = None if a.timeout is None else time.monotonic() + a.timeout
     code = 0
+
+    def alive() -> list[int]:
+        return [first + j for j, p in enumerate(procs) if p.poll() is None]
+
     try:
         while True:
             done = [(i, p.returncode) for i, p in enumerate(procs) if p.poll() is not None]
             failed = [(i, rc) for i, rc in done if rc != 0]
             if failed:
                 i, rc = failed[0]
-                others = [first + j for j, p in enumerate(procs) if p.poll() is None]
+                others = alive()
                 _say(f"rank {first + i} exited with code {rc}" + (f"; stopping ranks {others}" if others else ""))
                 code = rc if 0 < rc < 256 else 1
                 break
             if len(done) == len(procs):
                 break
             if deadline is not None and time.monotonic() > deadline:
-                alive = [first + j for j, p in enumerate(procs) if p.poll() is None]
-                _say(f"timed out after {a.timeout:g} s; ranks {alive} were still running; stopping them")
+                _say(f"timed out after {a.timeout:g} s; ranks {alive()} were still running; stopping them")
                 code = 124
                 break
             time.sleep(0.05)
