@@ -28,12 +28,15 @@ from spmd.communicators import (
     CpuCommunicator,
     DeviceCommunicatorBase,
     GpuCommunicator,
+    PallasCommunicator,
     TpuCommunicator,
+    XlaCommunicator,
     make_device_communicator,
 )
+from spmd.config import ParallelConfig, make_mesh
+from spmd.distributed import init_distributed_environment
+from spmd.group import GroupCoordinator
 from spmd.parallel_state import (
-    GroupCoordinator,
-    ParallelConfig,
     destroy_model_parallel,
     ensure_model_parallel_initialized,
     get_dp_group,
@@ -45,9 +48,7 @@ from spmd.parallel_state import (
     get_tensor_model_parallel_world_size,
     get_tp_group,
     get_world_group,
-    init_distributed_environment,
     initialize_model_parallel,
-    make_mesh,
     model_parallel_is_initialized,
     shard_map,
 )
@@ -62,9 +63,11 @@ __all__ = [
     "DeviceCommunicatorBase",
     "GpuCommunicator",
     "GroupCoordinator",
+    "PallasCommunicator",
     "ParallelConfig",
     "TpuCommunicator",
     "UnboundAxisError",
+    "XlaCommunicator",
     "all_gather",
     "all_reduce",
     "all_to_all",

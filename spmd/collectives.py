@@ -186,19 +186,26 @@ def all_gather(x: Any, axis_name: AxisName, *, axis: int = -1) -> Any:
       axis: the dimension to concatenate along; negative counts from the end.
 
     Returns:
-      ``T[..., n * d, ...]``; rank ``r``'s block occupies ``[r * d, (r + 1) * d)``.
+      ``T[..., n * d, ...]``; rank ``r``'s block occupies ``[r * d, (r + 1) * d)``. The result is
+      the same on every rank, and under ``shard_map(..., check_vma=True)`` it is typed so
+      (invariant over ``axis_name``, JAX's ``all_gather(..., to="invarying")``), so
+      ``out_specs=P()`` accepts it.
 
     Raises:
       UnboundAxisError: the axis is not bound.
       ValueError: ``axis`` is out of range for a leaf.
     """
     n = axis_size(axis_name, op="all_gather")
+    axes = set(axis_name) if isinstance(axis_name, tuple) else {axis_name}
 
     def one(v: Any) -> jax.Array:
         v = jnp.asarray(v)
         d = _normalize_dim("all_gather", v, axis)
+        typed = bool(axes & _varying_axes(v))
         if n == 1:
-            return v
+            return _broadcast_leaf(v, axis_name, 0) if typed else v
+        if typed:
+            return lax.all_gather(v, axis_name, axis=d, tiled=True, to="invarying")
         return lax.all_gather(v, axis_name, axis=d, tiled=True)
 
     return _map(one, x)

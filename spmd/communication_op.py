@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-
 from spmd import host
 from spmd import parallel_state as ps
+from spmd import tensor_dict as td
 from spmd.axes import TP
 from spmd.collectives import axis_is_bound
 
@@ -45,35 +44,32 @@ def tensor_model_parallel_reduce_scatter(input_: Any, dim: int = -1) -> Any:
 
 
 def broadcast_tensor_dict(tensor_dict: dict[Any, Any] | None = None, src: int = 0) -> dict[Any, Any] | None:
-    """Every rank gets rank ``src``'s dict (vLLM's ``broadcast_tensor_dict`` over the TP group).
+    """Rank ``src``'s dict on every rank of the group (vLLM's ``broadcast_tensor_dict``).
 
-    Three settings:
+    Which group, as in vLLM: the TP group once :func:`spmd.initialize_model_parallel` has run
+    (``get_tp_group().broadcast_tensor_dict``); before that, the world of processes, where rank
+    ``src`` is process ``src`` (so ``broadcast_tensor_dict(config, src=0)`` right after
+    :func:`spmd.init_distributed_environment` reaches every process). ``src`` is always a rank in
+    that group.
+
+    Settings:
 
     * inside ``shard_map`` (the "tp" axis bound): the array values of TP rank ``src`` reach every
       TP rank, bit for bit, in one fused broadcast; other values pass through, since every rank
-      traced them;
-    * on the host of a multi-process job: process ``src`` passes the dict and the others pass
-      ``None``; metadata goes first as JSON, then every array in one packed collective, and every
-      process returns an equal dict (see :mod:`spmd.host`);
-    * a single process, outside ``shard_map``: that process already holds the dict, which is
-      returned unchanged (vLLM's behaviour without ``torch.distributed``).
+      traced them. This holds on any mesh with a "tp" axis, initialized or not;
+    * on the host of a multi-process job: the process owning rank ``src`` passes the dict and the
+      others ``None``; metadata goes first as JSON, then every array in one packed collective
+      (see :mod:`spmd.tensor_dict` and :mod:`spmd.host`);
+    * a single process, outside ``shard_map``: that process holds every rank and gets its dict
+      back (vLLM's behaviour without ``torch.distributed``).
 
     Raises:
-      ValueError: ``src`` is out of range, or ``tensor_dict`` is ``None`` inside ``shard_map``.
-      TypeError: host level, on ``src``: a value that cannot cross processes (named by its key).
-      RuntimeError: host level, on the others: ``src`` could not send.
+      ValueError: ``src`` is out of range for the group, or ``tensor_dict`` is ``None`` inside ``shard_map``.
+      TypeError: host level, on the sender: not a dict, or a value that cannot cross processes (named by its key).
+      RuntimeError: host level, on the receivers: the sender could not send.
     """
-    if axis_is_bound(TP):
-        if ps.model_parallel_is_initialized():
-            return ps.get_tp_group().broadcast_tensor_dict(tensor_dict, src=src)
-        return ps.broadcast_pytree_arrays(tensor_dict, TP, src=src)
-    if jax.process_count() > 1:
-        return host.broadcast_tensor_dict_across_processes(tensor_dict, src)
     if ps.model_parallel_is_initialized():
-        n = ps.get_tp_group().world_size
-        if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < n:
-            raise ValueError(
-                f"broadcast_tensor_dict: src={src!r} is out of range for the TP group of size {n}; "
-                f"expected 0 <= src < {n}."
-            )
-    return tensor_dict
+        return ps.get_tp_group().broadcast_tensor_dict(tensor_dict, src=src)
+    if axis_is_bound(TP):
+        return td.broadcast_pytree_arrays(tensor_dict, TP, src=src)
+    return host.broadcast_tensor_dict_across_processes(tensor_dict, src)

@@ -14,7 +14,8 @@ by SLURM, by Open MPI) may set them itself or leave them unset and let
 | ``SPMD_LOCAL_DEVICE_IDS`` | comma-separated local accelerator ids this process drives (e.g. ``0``) |
 | ``SPMD_CPU_DEVICES_PER_PROCESS`` | run on CPU with this many simulated devices per process (gloo across processes) |
 | ``SPMD_INIT_TIMEOUT_S`` | seconds to wait for every process to join (default 300) |
-| ``SPMD_COLLECTIVE_TIMEOUT_S`` | seconds a host-level wait (metadata, barrier) may block (default 300) |
+| ``SPMD_COLLECTIVE_TIMEOUT_S`` | seconds any host-level wait may block, every side (default 300; float) |
+| ``SPMD_HOST_MAX_BYTES`` | most array bytes one host-level message may carry, sent or accepted (default 4 GiB) |
 
 Also read: ``SLURM_NTASKS``, ``OMPI_COMM_WORLD_SIZE``, ``PMI_SIZE`` (a cluster manager started
 several processes: ``jax.distributed.initialize`` then finds the coordinator itself).
@@ -23,6 +24,7 @@ several processes: ``jax.distributed.initialize`` then finds the coordinator its
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 
@@ -37,6 +39,28 @@ def _int(env: Mapping[str, str], name: str) -> int | None:
         return int(raw)
     except ValueError:
         raise ValueError(f"environment variable {name}={raw!r}: expected an integer.") from None
+
+
+def _seconds(env: Mapping[str, str], name: str) -> float | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"environment variable {name}={raw!r}: expected a positive number of seconds (e.g. 30 or 2.5)."
+        )
+    return value
+
+
+def _positive_int(env: Mapping[str, str], name: str) -> int | None:
+    value = _int(env, name)
+    if value is not None and value < 1:
+        raise ValueError(f"environment variable {name}={value}: expected a positive integer.")
+    return value
 
 
 def _ids(env: Mapping[str, str], name: str) -> tuple[int, ...] | None:
@@ -62,6 +86,7 @@ class SpmdEnv:
     cpu_devices_per_process: int | None = None
     init_timeout_s: int = 300
     collective_timeout_s: float = 300.0
+    host_max_bytes: int = 4 << 30
     cluster_launched: bool = False
     """SLURM, Open MPI or another PMI launcher started several processes (jax.distributed detects them)."""
 
@@ -69,7 +94,8 @@ class SpmdEnv:
     def from_environ(cls, env: Mapping[str, str] | None = None) -> SpmdEnv:
         env = os.environ if env is None else env
         init_timeout = _int(env, "SPMD_INIT_TIMEOUT_S")
-        coll_timeout = _int(env, "SPMD_COLLECTIVE_TIMEOUT_S")
+        coll_timeout = _seconds(env, "SPMD_COLLECTIVE_TIMEOUT_S")
+        host_max_bytes = _positive_int(env, "SPMD_HOST_MAX_BYTES")
         return cls(
             coordinator_address=env.get("SPMD_COORDINATOR_ADDRESS") or None,
             num_processes=_int(env, "SPMD_NUM_PROCESSES"),
@@ -79,7 +105,8 @@ class SpmdEnv:
             local_device_ids=_ids(env, "SPMD_LOCAL_DEVICE_IDS"),
             cpu_devices_per_process=_int(env, "SPMD_CPU_DEVICES_PER_PROCESS"),
             init_timeout_s=300 if init_timeout is None else init_timeout,
-            collective_timeout_s=300.0 if coll_timeout is None else float(coll_timeout),
+            collective_timeout_s=300.0 if coll_timeout is None else coll_timeout,
+            host_max_bytes=(4 << 30) if host_max_bytes is None else host_max_bytes,
             cluster_launched=any(
                 (_int(env, name) or 1) > 1 for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
             ),

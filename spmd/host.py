@@ -1,230 +1,439 @@
 """Host-level communication between the processes of a multi-controller job.
 
 vLLM's ``broadcast_tensor_dict`` / ``broadcast_object`` / ``all_gather_object`` / ``barrier``
-run on CPU process groups. Here they run on JAX's own runtime:
+run on CPU process groups. Here they run on JAX's own runtime: messages travel through the
+key-value store of the ``jax.distributed`` coordination service, and large array payloads in a
+device collective. No pickle: the wire format is JSON with tagged containers, validated on
+receipt (docs/host_messages.md has the full protocol).
 
-* metadata (the structure of the dict, plain Python values, array shapes and dtypes) travels as
-  JSON through the coordination service's key-value store, with a timeout on every wait;
-* array bytes travel in ONE device collective (``multihost_utils.broadcast_one_to_all``) of a
-  single packed ``uint8`` buffer, padded to a power of two so that repeated calls reuse one
-  compiled program.
+**Values.** What may travel, and how it is encoded (tagged JSON plus packed array bytes, no
+pickle), is :mod:`spmd.wire`: ``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes``,
+containers of them, numpy/JAX arrays and numpy scalars. Anything else raises on the sender before
+anything is sent, and the receivers get a ``RuntimeError`` that says what failed.
 
-No pickle: the wire format is JSON with tagged containers, validated on receipt. Allowed values
-are ``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes``, lists, tuples and dicts of them
-(dict keys: ``str``, ``int``, ``float``, ``bool``, ``None`` or tuples of those), and numpy or JAX
-arrays of the dtypes in :data:`ALLOWED_DTYPES`. Anything else raises ``TypeError`` on the sender,
-naming the key, before anything is sent, and the receivers get a ``RuntimeError`` that says so.
+**Protocol.** Every process numbers its host-level calls (:class:`_CallCounter`); call ``n``
+lives under the key directory ``spmd/host/<n>``:
 
-Every process must make the same sequence of host-level calls (as with any collective): the
-calls are matched by their position in that sequence.
+1. each process writes one record ``spmd/host/<n>/<process>``: a sender its message (the op,
+   the senders of the call, the JSON tree of the value and, for payloads up to
+   :data:`INLINE_MAX_BYTES`, the array bytes); any other process a small record naming the op
+   and the senders it expects (``barrier`` and ``all_gather_object``: every process writes its
+   own record);
+2. each process reads the records it needs, each wait bounded by ``SPMD_COLLECTIVE_TIMEOUT_S``
+   (one deadline per call): receivers read the senders' records, senders read every other
+   process's record (so a sender knows every receiver reached the call). Every record names its
+   op and senders, so a process that skipped a call, called another op (``barrier`` against a
+   broadcast) or named another ``src`` is detected by both sides and raises ``RuntimeError``;
+3. payloads over :data:`INLINE_MAX_BYTES` travel in device collectives (``psum`` over a mesh of
+   one device per process, in chunks of at most :data:`CHUNK_BYTES`). A device collective cannot
+   time out, so before it every process reads every other process's record (all are present and
+   agree), and only then enters it;
+4. each process increments ``spmd/host/<n>/done`` when it has read what it needs; the process
+   that brings it to the process count deletes ``spmd/host/<n>``, so the store holds only the
+   calls in flight. A process that gives up (timeout, mismatch) overwrites its record with an
+   abort notice, so a process arriving late gets a clear ``RuntimeError`` instead of old data.
+
+Sizes announced by a peer are checked against ``SPMD_HOST_MAX_BYTES`` and against the bytes that
+actually arrived before anything is allocated; every malformed message raises
+:class:`MalformedMessageError` (a ``ValueError``).
+
+``src`` here is a process index. The group-level forms (``GroupCoordinator.broadcast_tensor_dict``
+and ``spmd.broadcast_tensor_dict``) take a rank in the group and map it to its process
+(:mod:`spmd.tensor_dict`).
 """
 
 from __future__ import annotations
 
-import base64
+import functools
 import json
 import math
+import struct
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from spmd import parallel_state as ps
+from spmd import compat
 from spmd.envs import SpmdEnv
+from spmd.wire import (
+    ALLOWED_DTYPES,
+    MAX_DEPTH,
+    MalformedMessageError,
+    array_specs,
+    decode,
+    encode,
+    fail,
+    layout,
+    pack_into,
+    views,
+)
 
 __all__ = [
     "ALLOWED_DTYPES",
+    "CHUNK_BYTES",
+    "INLINE_MAX_BYTES",
+    "MAX_DEPTH",
+    "MalformedMessageError",
     "all_gather_object",
     "barrier",
+    "broadcast_from",
     "broadcast_object",
     "broadcast_tensor_dict_across_processes",
     "decode",
     "encode",
 ]
 
-ALLOWED_DTYPES = frozenset(
-    [
-        "bool",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "uint8",
-        "uint16",
-        "uint32",
-        "uint64",
-        "float16",
-        "bfloat16",
-        "float32",
-        "float64",
-        "complex64",
-        "complex128",
-        "float8_e4m3fn",
-        "float8_e5m2",
-    ]
-)
+INLINE_MAX_BYTES = 256 << 10
+"""Array payloads up to this size travel inside the key-value record; larger ones in device collectives."""
+CHUNK_BYTES = 64 << 20
+"""Largest single device collective; bigger payloads go in several (bounded extra memory)."""
 _MIN_BUCKET = 1024
+_LEN = struct.Struct("<I")
 
 
-# Encoding ---------------------------------------------------------------------------------------
+def _bucket(nbytes: int) -> int:
+    """Padded size of one device collective: at most 25% over ``nbytes``, four sizes per octave.
 
-
-def _path_str(path: str) -> str:
-    return path or "the value"
-
-
-def encode(value: Any, *, inline_arrays: bool = False) -> tuple[Any, list[np.ndarray]]:
-    """Encode ``value`` as a JSON-able tree and the list of its arrays (in order).
-
-    With ``inline_arrays`` the array bytes go into the tree (base64) and the list is empty.
-
-    Raises:
-      TypeError: a value (or dict key) of a type that cannot travel; the message names its path.
+    Few distinct sizes, so repeated calls reuse compiled programs; never the next power of two
+    for big payloads (that could double the memory).
     """
-    arrays: list[np.ndarray] = []
-
-    def array_node(v: Any, path: str) -> dict[str, Any]:
-        kind = "jax" if isinstance(v, jax.Array) else "scalar" if isinstance(v, np.generic) else "numpy"
-        a = np.asarray(v)
-        if not a.flags.c_contiguous:
-            a = a.copy(order="C")  # (np.ascontiguousarray would turn a 0-d array into 1-d)
-        name = str(a.dtype)
-        if name not in ALLOWED_DTYPES:
-            raise TypeError(
-                f"{_path_str(path)}: cannot send an array of dtype {name}; allowed: {sorted(ALLOWED_DTYPES)}."
-            )
-        node: dict[str, Any] = {"dtype": name, "shape": list(a.shape), "kind": kind}
-        if inline_arrays:
-            node["b64"] = base64.b64encode(a.tobytes()).decode("ascii")
-        else:
-            node["index"] = len(arrays)
-            arrays.append(a)
-        return {"array": node}
-
-    def key_node(k: Any, path: str) -> Any:
-        if k is None or isinstance(k, (bool, int, float, str)):
-            return go(k, path)
-        if isinstance(k, tuple):
-            return {"tuple": [key_node(x, path) for x in k]}
-        raise TypeError(f"{_path_str(path)}: cannot send a dict key of type {type(k).__name__} ({k!r}).")
-
-    def go(v: Any, path: str) -> Any:
-        if v is None or isinstance(v, (bool, str)):
-            return v
-        if isinstance(v, int):
-            return {"int": str(v)}
-        if isinstance(v, float):
-            return {"float": repr(v)}
-        if isinstance(v, bytes):
-            return {"bytes": base64.b64encode(v).decode("ascii")}
-        if isinstance(v, (jax.Array, np.ndarray, np.generic)):
-            return array_node(v, path)
-        if isinstance(v, list):
-            return {"list": [go(x, f"{path}[{i}]") for i, x in enumerate(v)]}
-        if isinstance(v, tuple):
-            return {"tuple": [go(x, f"{path}[{i}]") for i, x in enumerate(v)]}
-        if isinstance(v, dict):
-            return {"dict": [[key_node(k, f"{path}[{k!r}]"), go(x, f"{path}[{k!r}]")] for k, x in v.items()]}
-        raise TypeError(
-            f"{_path_str(path)}: cannot send a value of type {type(v).__module__}.{type(v).__qualname__}. "
-            f"Allowed: None, bool, int, float, str, bytes, list, tuple, dict, and numpy/JAX arrays "
-            f"(no pickle crosses processes)."
-        )
-
-    return go(value, ""), arrays
+    if nbytes <= _MIN_BUCKET:
+        return _MIN_BUCKET
+    step = (1 << (nbytes - 1).bit_length()) // 8
+    return -(-nbytes // step) * step
 
 
-def _fail(msg: str) -> None:
-    raise ValueError(f"malformed host-level message: {msg}")
+# Device collective ------------------------------------------------------------------------------
 
 
-def _array_spec(node: Any) -> tuple[str, list[int], str]:
-    """``(dtype, shape, kind)`` of an encoded array node, validated."""
-    if not isinstance(node, dict) or not {"dtype", "shape", "kind"} <= node.keys():
-        _fail(f"bad array node {node!r}")
-    dtype, shape, kind = node["dtype"], node["shape"], node["kind"]
-    if dtype not in ALLOWED_DTYPES or kind not in ("jax", "numpy", "scalar"):
-        _fail(f"array dtype {dtype!r} / kind {kind!r} not allowed")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        _fail(f"bad array shape {shape!r}")
-    return dtype, shape, kind
+@functools.lru_cache(maxsize=4)
+def _psum_program(device_ids: tuple[int, ...]) -> tuple[Any, Any, Any]:
+    """``(sharding, jitted psum, this process's device)`` over a mesh of one device per process."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    by_id = {d.id: d for d in jax.devices()}
+    mesh = Mesh(np.array([by_id[i] for i in device_ids]), ("processes",))
+    fn = jax.jit(
+        jax.shard_map(lambda x: jax.lax.psum(x, "processes"), mesh=mesh, in_specs=P("processes"), out_specs=P())
+    )
+    mine = next(by_id[i] for i in device_ids if by_id[i].process_index == jax.process_index())
+    return NamedSharding(mesh, P("processes")), fn, mine
 
 
-def decode(tree: Any, arrays: list[np.ndarray] | None = None) -> Any:
-    """Rebuild a value from :func:`encode`'s tree and arrays, validating every node."""
-    arrays = arrays or []
+def _process_devices() -> tuple[int, ...]:
+    first: dict[int, int] = {}
+    for d in jax.devices():
+        if d.process_index not in first or d.id < first[d.process_index]:
+            first[d.process_index] = d.id
+    return tuple(first[p] for p in sorted(first))
 
-    def array_from(node: Any) -> Any:
-        dtype, shape, kind = _array_spec(node)
-        if "b64" in node:
-            raw = base64.b64decode(node["b64"])
-            a = np.frombuffer(raw, dtype=jnp.dtype(dtype)).reshape(shape).copy()
-        else:
-            i = node.get("index")
-            if not isinstance(i, int) or not 0 <= i < len(arrays):
-                _fail(f"bad array index {i!r}")
-            a = arrays[i]
-        if kind == "scalar":
-            if a.shape != ():
-                _fail(f"a scalar of shape {a.shape}")
-            return a[()]
-        return jnp.asarray(a) if kind == "jax" else a
 
-    def go(n: Any) -> Any:
-        if n is None or isinstance(n, (bool, str)):
-            return n
-        if not isinstance(n, dict) or len(n) != 1:
-            _fail(f"unexpected node {n!r:.80}")
-        (tag, body) = next(iter(n.items()))
-        if tag == "int":
-            return int(body)
-        if tag == "float":
-            return float(body)
-        if tag == "bytes":
-            return base64.b64decode(body)
-        if tag == "array":
-            return array_from(body)
-        if tag in ("list", "tuple"):
-            if not isinstance(body, list):
-                _fail(f"{tag} body is not a list")
-            items = [go(x) for x in body]
-            return items if tag == "list" else tuple(items)
-        if tag == "dict":
-            if not isinstance(body, list) or not all(isinstance(p, list) and len(p) == 2 for p in body):
-                _fail("dict body is not a list of pairs")
-            return {go(k): go(v) for k, v in body}
-        _fail(f"unknown tag {tag!r}")
+def _device_broadcast(total: int, fill: Callable[[np.ndarray, int], None] | None, out: np.ndarray | None) -> None:
+    """Every process gets the sender's ``total`` bytes, in chunks of at most :data:`CHUNK_BYTES`.
 
-    return go(tree)
+    The sender passes ``fill(chunk, start)``, which writes payload bytes ``[start, start + len)``;
+    the others pass zeros, and a ``psum`` over one device per process adds them up. ``out`` (a
+    ``uint8[total]`` buffer) receives the bytes; ``None`` on a process that does not keep them.
+    """
+    sharding, fn, device = _psum_program(_process_devices())
+    n_proc = jax.process_count()
+    zeros: dict[int, Any] = {}
+    with jax.named_scope("spmd_host_broadcast"):
+        for start in range(0, total, CHUNK_BYTES):
+            n = min(CHUNK_BYTES, total - start)
+            size = _bucket(n)
+            if fill is not None:
+                chunk = np.zeros(size, np.uint8)
+                fill(chunk[:n], start)
+                local = jax.device_put(chunk, device)
+            else:
+                if size not in zeros:
+                    zeros[size] = jax.device_put(np.zeros(size, np.uint8), device)
+                local = zeros[size]
+            summed = fn(jax.make_array_from_single_device_arrays((n_proc * size,), sharding, [local]))
+            if out is not None:
+                out[start : start + n] = np.asarray(summed.addressable_data(0))[:n]
+            else:
+                summed.block_until_ready()
+            del summed, local
 
 
 # Transport --------------------------------------------------------------------------------------
 
 
+class _CallCounter:
+    """Numbers this process's host-level calls; every process counts the same sequence."""
+
+    def __init__(self) -> None:
+        self._n = 0
+
+    def next(self) -> int:
+        self._n += 1
+        return self._n
+
+
+_CALLS = _CallCounter()
+
+
 def _client():
-    from jax._src import distributed
-
-    return distributed.global_state.client
+    return compat.distributed_client()
 
 
-def _timeout_s(timeout_s: float | None) -> float:
-    return SpmdEnv.from_environ().collective_timeout_s if timeout_s is None else float(timeout_s)
+def _env() -> SpmdEnv:
+    return SpmdEnv.from_environ()
 
 
-def _next_key(kind: str) -> str:
-    return f"spmd/{kind}/{ps.next_host_op_id()}"
+def _timeout_s(timeout_s: float | None, env: SpmdEnv | None = None) -> float:
+    if timeout_s is None:
+        return (env or _env()).collective_timeout_s
+    t = float(timeout_s)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"timeout_s={timeout_s!r}: expected a positive number of seconds.")
+    return t
 
 
-def _kv_get(key: str, timeout_s: float, *, op: str, waiting_for: str) -> str:
+def _record(header: dict[str, Any], payload: bytes | bytearray = b"") -> bytes:
+    h = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join((_LEN.pack(len(h)), h, payload))
+
+
+def _parse_record(raw: bytes, *, who: str) -> tuple[dict[str, Any], memoryview]:
+    """``(header, payload)`` of a record read from the store, validated.
+
+    Raises:
+      MalformedMessageError: not a record this module writes.
+    """
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) < _LEN.size:
+        fail(f"{who}: a record of {len(raw) if isinstance(raw, (bytes, bytearray)) else type(raw).__name__} bytes")
+    (n,) = _LEN.unpack_from(raw)
+    if n > len(raw) - _LEN.size:
+        fail(f"{who}: header length {n} past the end of a {len(raw)}-byte record")
     try:
-        return _client().blocking_key_value_get(key, int(timeout_s * 1000))
-    except Exception as e:  # the runtime raises its own error type on deadline
-        raise TimeoutError(
-            f"{op}: waited {timeout_s:g} s for {waiting_for} and got nothing ({type(e).__name__}: "
-            f"{str(e)[:200]}). Every process must make the same host-level calls in the same order; "
-            f"check that {waiting_for} is alive and reached this call, or raise SPMD_COLLECTIVE_TIMEOUT_S."
-        ) from e
+        header = json.loads(bytes(raw[_LEN.size : _LEN.size + n]))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        fail(f"{who}: the header is not JSON ({type(e).__name__}: {str(e)[:100]})")
+    if (
+        not isinstance(header, dict)
+        or not isinstance(header.get("op"), str)
+        or not isinstance(header.get("role"), str)
+        or not isinstance(header.get("sources"), list)
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in header["sources"])
+    ):
+        fail(f"{who}: bad header {header!r:.120}")
+    return header, memoryview(raw)[_LEN.size + n :]
+
+
+def _describe(op: str, sources: list[int] | tuple[int, ...]) -> str:
+    if op in ("barrier", "all_gather_object"):
+        return op
+    names = ", ".join(f"process {s}" for s in sources)
+    return f"{op} from {names}"
+
+
+class _Call:
+    """One host-level call: its keys, its deadline, its reads and its clean-up."""
+
+    def __init__(self, op: str, sources: tuple[int, ...], timeout_s: float | None) -> None:
+        self.env = _env()
+        self.op, self.sources = op, list(sources)
+        self.timeout = _timeout_s(timeout_s, self.env)
+        self.deadline = time.monotonic() + self.timeout
+        self.me, self.n_proc = jax.process_index(), jax.process_count()
+        self.n = _CALLS.next()
+        self.prefix = f"spmd/host/{self.n}"
+        self.client = _client()
+        self.finished = False
+        self.sent_error = False  # this process's record already says what failed
+
+    def where(self) -> str:
+        return f"{self.op}: host-level call #{self.n}"
+
+    def publish(self, record: bytes, *, overwrite: bool = False) -> None:
+        self.client.key_value_set_bytes(f"{self.prefix}/{self.me}", record, allow_overwrite=overwrite)
+
+    def publish_error(self, e: BaseException) -> None:
+        self.publish(_record(self.header("error", error=f"{type(e).__name__}: {str(e)[:2000]}")))
+        self.sent_error = True
+
+    def header(self, role: str, **extra: Any) -> dict[str, Any]:
+        return {"op": self.op, "call": self.n, "sources": self.sources, "role": role, **extra}
+
+    def read(self, p: int) -> tuple[dict[str, Any], memoryview]:
+        """Process ``p``'s record of this call, validated and checked to be the same call.
+
+        Raises:
+          TimeoutError: nothing within what is left of the call's timeout.
+          RuntimeError: ``p`` made another call, or gave up on this one.
+          MalformedMessageError: ``p``'s record does not follow the wire format.
+        """
+        left_ms = max(1, int((self.deadline - time.monotonic()) * 1000))
+        try:
+            raw = self.client.blocking_key_value_get_bytes(f"{self.prefix}/{p}", left_ms)
+        except Exception as e:  # the runtime raises its own error type on deadline
+            raise TimeoutError(
+                f"{self.where()}: waited {self.timeout:g} s for process {p} and got nothing "
+                f"({type(e).__name__}: {str(e)[:120]}). Every process must make the same host-level calls in "
+                f"the same order; check that process {p} is alive and reached this call, or raise "
+                f"SPMD_COLLECTIVE_TIMEOUT_S."
+            ) from e
+        header, payload = _parse_record(raw, who=f"{self.where()}, process {p}")
+        if header["role"] == "abort":
+            raise RuntimeError(f"{self.where()}: process {p} gave up on this call: {str(header.get('error'))[:500]}")
+        if header.get("call") != self.n or header["op"] != self.op or header["sources"] != self.sources:
+            raise RuntimeError(
+                f"{self.where()}: the processes made different calls: this process ({self.me}) called "
+                f"{_describe(self.op, self.sources)}, process {p} called {_describe(header['op'], header['sources'])}. "
+                f"Every process must make the same host-level calls, with the same src, in the same order "
+                f"(a process that skipped a call or passed another src shows up here)."
+            )
+        if header["role"] == "error":
+            raise RuntimeError(f"{self.op}: process {p} could not send its value: {str(header.get('error'))[:2000]}")
+        return header, payload
+
+    def finish(self) -> None:
+        """This process has read all it needs: count it; the last process deletes the call's keys."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.client.key_value_increment(f"{self.prefix}/done", 1) >= self.n_proc:
+            self.client.key_value_delete(self.prefix)
+
+    def abort(self, e: BaseException) -> None:
+        """Leave a notice for processes that arrive late, then count this process out."""
+        if self.finished:
+            return
+        if self.sent_error:
+            self.finish()
+            return
+        try:
+            note = self.header("abort", error=f"{type(e).__name__}: {str(e)[:500]}")
+            self.publish(_record(note), overwrite=True)
+        finally:
+            self.finish()
+
+
+def _sender_record(call: _Call, value: Any, check: Callable[[Any], None] | None) -> tuple[bytes, list[np.ndarray]]:
+    """The record a sender publishes, and its arrays (sent in the device phase if not inline)."""
+    if check is not None:
+        check(value)
+    tree, arrays = encode(value)
+    specs = [(str(a.dtype), list(a.shape)) for a in arrays]
+    try:
+        offsets, total = layout(specs, call.env.host_max_bytes, what=f"{call.op}: this value")
+    except MalformedMessageError as e:
+        raise ValueError(str(e)) from None
+    header = call.header("send", tree=tree, nbytes=total)
+    if total > INLINE_MAX_BYTES:
+        return _record(header), arrays
+    payload = np.zeros(total, np.uint8)
+    pack_into(payload, 0, arrays, offsets)
+    return _record(header, payload.data), arrays
+
+
+def _message(call: _Call, header: dict[str, Any], payload: memoryview, who: str) -> tuple[Any, list, list, int]:
+    """``(tree, specs, offsets, nbytes)`` of a sender's message, checked against the cap and the payload."""
+    if header["role"] != "send" or "tree" not in header:
+        fail(f"{who}: expected a sender's message, got role {header['role']!r:.40}")
+    nbytes = header.get("nbytes")
+    specs = array_specs(header["tree"])
+    offsets, total = layout(specs, call.env.host_max_bytes, what=who)
+    if nbytes != total or len(payload) not in ((total,) if total <= INLINE_MAX_BYTES else (0,)):
+        fail(f"{who}: announces {nbytes!r:.40} bytes of arrays; its arrays need {total}, {len(payload)} arrived")
+    return header["tree"], specs, offsets, total
+
+
+def broadcast_from(
+    value: Any,
+    source: int,
+    *,
+    sources: tuple[int, ...] | None = None,
+    op: str,
+    timeout_s: float | None = None,
+    check: Callable[[Any], None] | None = None,
+) -> Any:
+    """Every process gets process ``source``'s ``value``; ``sources`` are every sender of this call.
+
+    The building block of the host-level broadcasts: each process names its own source, and
+    ``sources`` (the same on every process; default ``(source,)``) lists every process that sends
+    in this call, for groups whose senders differ. Senders return their own ``value``.
+
+    Raises:
+      TypeError: on a sender, a value that cannot travel (or that ``check`` refuses).
+      ValueError: on a sender, containers nested deeper than :data:`MAX_DEPTH` or more array bytes
+        than ``SPMD_HOST_MAX_BYTES``; ``source`` not among ``sources``.
+      RuntimeError: on every other process, when a sender could not send (the message says why);
+        on every process, when the processes made different calls (op, ``src``, or a skipped call).
+      TimeoutError: a process did not reach the call within the timeout (on every side).
+      MalformedMessageError: (a ``ValueError``) a record read from the store is malformed.
+    """
+    sources = (source,) if sources is None else tuple(sorted(set(sources)))
+    n_proc = jax.process_count()
+    if not all(isinstance(s, (int, np.integer)) and 0 <= s < n_proc for s in sources) or source not in sources:
+        raise ValueError(
+            f"{op}: source={source!r} and sources={sources!r}: expected process indices in [0, {n_proc}) "
+            f"with source among sources."
+        )
+    sources = tuple(int(s) for s in sources)
+    if n_proc == 1:
+        env = _env()
+        _timeout_s(timeout_s, env)
+        if check is not None:
+            check(value)
+        _, arrays = encode(value)  # the same validation as in a multi-process job
+        layout([(str(a.dtype), list(a.shape)) for a in arrays], env.host_max_bytes, what=f"{op}: this value")
+        return value
+
+    call = _Call(op, sources, timeout_s)
+    me = call.me
+    try:
+        arrays: list[np.ndarray] = []
+        if me in sources:
+            try:
+                record, arrays = _sender_record(call, value, check)
+            except Exception as e:  # every failure reaches the receivers, named
+                call.publish_error(e)
+                raise
+            call.publish(record)
+        else:
+            call.publish(_record(call.header("recv")))
+        # Every process reads every sender's message (they decide together whether a device phase runs).
+        messages = {}
+        for s in sources:
+            if s == me:
+                header, payload = _parse_record(record, who=f"{call.where()}, this process")
+            else:
+                header, payload = call.read(s)
+            messages[s] = (*_message(call, header, payload, f"{call.where()}, process {s}"), payload)
+        device = any(m[3] > INLINE_MAX_BYTES for m in messages.values())
+        if me in sources or device:  # senders (and everyone before a device phase) check every process is here
+            for p in range(n_proc):
+                if p != me and p not in sources:
+                    call.read(p)
+        call.finish()
+        tree, specs, offsets, total, payload = messages[source]
+        if device:
+            received = None
+            for s in sources:
+                s_specs, s_offsets, s_total = messages[s][1], messages[s][2], messages[s][3]
+                if s_total <= INLINE_MAX_BYTES:
+                    continue
+                keep = s == source and me != source
+                out = np.empty(s_total, np.uint8) if keep else None
+                fill = (lambda chunk, start, o=s_offsets: pack_into(chunk, start, arrays, o)) if s == me else None
+                _device_broadcast(s_total, fill, out)
+                if keep:
+                    received = views(out, s_specs, s_offsets)
+        if me == source:
+            return value
+        if total <= INLINE_MAX_BYTES:
+            received = views(bytearray(payload), specs, offsets)  # one small copy: writable arrays
+        return decode(tree, received)
+    except BaseException as e:
+        call.abort(e)
+        raise
 
 
 def _check_src(op: str, src: Any) -> int:
@@ -234,145 +443,89 @@ def _check_src(op: str, src: Any) -> int:
     return int(src)
 
 
-def _bucket(nbytes: int) -> int:
-    return max(_MIN_BUCKET, 1 << math.ceil(math.log2(max(nbytes, 1))))
-
-
-def _broadcast_payload(arrays: list[np.ndarray], specs: list[tuple[str, list[int]]], is_source: bool) -> list:
-    from jax.experimental import multihost_utils
-
-    sizes = [int(np.prod(shape, dtype=np.int64)) * jnp.dtype(dt).itemsize for dt, shape in specs]
-    total = sum(sizes)
-    if total == 0:
-        return [np.zeros(shape, jnp.dtype(dt)) for dt, shape in specs]
-    buf = np.zeros(_bucket(total), np.uint8)
-    if is_source:
-        offset = 0
-        for a, size in zip(arrays, sizes, strict=True):
-            buf[offset : offset + size] = a.reshape(-1).view(np.uint8)  # encode() made it C-contiguous
-            offset += size
-    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf, is_source=is_source))
-    out, offset = [], 0
-    for (dt, shape), size in zip(specs, sizes, strict=True):
-        out.append(np.frombuffer(buf[offset : offset + size].tobytes(), jnp.dtype(dt)).reshape(shape))
-        offset += size
-    return out
-
-
-def _array_specs(tree: Any) -> list[tuple[str, list[int]]]:
-    specs: dict[int, tuple[str, list[int]]] = {}
-
-    def walk(n: Any) -> None:
-        if isinstance(n, dict):
-            if "array" in n and len(n) == 1 and isinstance(n["array"], dict) and "index" in n["array"]:
-                dtype, shape, _ = _array_spec(n["array"])
-                specs[n["array"]["index"]] = (dtype, shape)
-                return
-            for v in n.values():
-                walk(v)
-        elif isinstance(n, list):
-            for v in n:
-                walk(v)
-
-    walk(tree)
-    if sorted(specs) != list(range(len(specs))):
-        _fail("array indices are not 0..n-1")
-    return [specs[i] for i in range(len(specs))]
-
-
-def _broadcast_tree(value: Any, src: int, *, op: str, timeout_s: float | None, check: Any = None) -> Any:
-    src = _check_src(op, src)
-    timeout = _timeout_s(timeout_s)
-    me = jax.process_index()
-
-    def encode_checked() -> tuple[Any, list[np.ndarray]]:
-        if check is not None:
-            check(value)
-        return encode(value)
-
-    if jax.process_count() == 1:
-        encode_checked()  # the same validation as in a multi-process job
-        return value
-    key = _next_key(op)
-    client = _client()
-    if me == src:
-        try:
-            tree, arrays = encode_checked()
-        except TypeError as e:
-            client.key_value_set(key, json.dumps({"error": str(e)}))
-            raise
-        client.key_value_set(key, json.dumps({"tree": tree}))
-        _broadcast_payload(arrays, [(str(a.dtype), list(a.shape)) for a in arrays], True)
-        return value
-    msg = json.loads(_kv_get(key, timeout, op=op, waiting_for=f"process {src}"))
-    if "error" in msg:
-        raise RuntimeError(f"{op}: process {src} could not send its value: {msg['error']}")
-    if "tree" not in msg:
-        _fail("no tree")
-    specs = _array_specs(msg["tree"])
-    arrays = _broadcast_payload([], specs, False)
-    return decode(msg["tree"], arrays)
-
-
 def broadcast_tensor_dict_across_processes(
     tensor_dict: dict[Any, Any] | None, src: int = 0, *, timeout_s: float | None = None
 ) -> dict[Any, Any]:
     """Every process gets process ``src``'s dict (the others pass ``None``).
 
-    Metadata first (JSON through the coordination service), then every array in one packed
-    device collective. Arrays come back as the kind they were sent as (numpy or JAX).
+    Metadata and small payloads travel through the coordination service's key-value store;
+    array payloads over :data:`INLINE_MAX_BYTES` in device collectives. Arrays come back as the
+    kind they were sent as (numpy or JAX).
 
     Raises:
       TypeError: on ``src``, a value that cannot travel (named by its key), or no dict at all,
         before anything is sent.
-      RuntimeError: on the other processes, when ``src`` could not send.
-      TimeoutError: ``src`` did not send within the timeout.
+      RuntimeError: on the other processes, when ``src`` could not send; anywhere, when the
+        processes made different calls.
+      TimeoutError: a process did not reach the call within the timeout.
       ValueError: ``src`` out of range.
     """
 
     def must_be_dict(v: Any) -> None:
-        if not isinstance(v, dict):
+        if not isinstance(v, dict) and not (v is None and jax.process_count() == 1):  # vLLM: no-op alone
             raise TypeError(f"broadcast_tensor_dict: process src={src} must pass a dict, got {type(v).__name__}.")
 
-    return _broadcast_tree(tensor_dict, src, op="broadcast_tensor_dict", timeout_s=timeout_s, check=must_be_dict)
+    return broadcast_from(
+        tensor_dict,
+        _check_src("broadcast_tensor_dict", src),
+        op="broadcast_tensor_dict",
+        timeout_s=timeout_s,
+        check=must_be_dict,
+    )
 
 
 def broadcast_object(obj: Any, src: int = 0, *, timeout_s: float | None = None) -> Any:
     """Every process gets process ``src``'s ``obj`` (the same safe values as ``broadcast_tensor_dict``)."""
-    return _broadcast_tree(obj, src, op="broadcast_object", timeout_s=timeout_s)
+    return broadcast_from(obj, _check_src("broadcast_object", src), op="broadcast_object", timeout_s=timeout_s)
 
 
 def all_gather_object(obj: Any, *, timeout_s: float | None = None) -> list[Any]:
     """Every process gets the list of every process's ``obj``, in process order.
 
+    Every value travels inside its key-value record (meant for small objects).
+
     Raises:
       TypeError: ``obj`` holds a value that cannot travel (the others get a ``RuntimeError``).
+      RuntimeError: another process could not send, or made a different call.
       TimeoutError: a process did not contribute within the timeout.
     """
     op = "all_gather_object"
-    if jax.process_count() == 1:
+    n_proc = jax.process_count()
+    if n_proc == 1:
+        _timeout_s(timeout_s)
         encode(obj)
         return [obj]
-    timeout = _timeout_s(timeout_s)
-    key = _next_key(op)
-    me = jax.process_index()
-    client = _client()
+    call = _Call(op, tuple(range(n_proc)), timeout_s)
     try:
-        tree, _ = encode(obj, inline_arrays=True)
-    except TypeError as e:
-        client.key_value_set(f"{key}/{me}", json.dumps({"error": str(e)}))
+        try:
+            tree, arrays = encode(obj)
+            specs = [(str(a.dtype), list(a.shape)) for a in arrays]
+            offsets, total = layout(specs, call.env.host_max_bytes, what=f"{op}: this value")
+            payload = np.zeros(total, np.uint8)
+            pack_into(payload, 0, arrays, offsets)
+        except Exception as e:
+            call.publish_error(e)
+            raise
+        call.publish(_record(call.header("send", tree=tree, nbytes=total), payload.data))
+        out = []
+        for p in range(n_proc):
+            if p == call.me:
+                out.append(obj)
+                continue
+            header, raw = call.read(p)
+            who = f"{call.where()}, process {p}"
+            if header["role"] != "send" or "tree" not in header:
+                fail(f"{who}: expected a value, got role {header['role']!r:.40}")
+            p_specs = array_specs(header["tree"])
+            p_offsets, p_total = layout(p_specs, call.env.host_max_bytes, what=who)
+            if header.get("nbytes") != p_total or len(raw) != p_total:
+                fail(f"{who}: announces {header.get('nbytes')!r:.40} bytes; needs {p_total}, {len(raw)} arrived")
+            out.append(decode(header["tree"], views(bytearray(raw), p_specs, p_offsets)))
+        call.finish()
+        return out
+    except BaseException as e:
+        call.abort(e)
         raise
-    client.key_value_set(f"{key}/{me}", json.dumps({"tree": tree}))
-    out = []
-    for p in range(jax.process_count()):
-        if p == me:
-            out.append(obj)
-            continue
-        msg = json.loads(_kv_get(f"{key}/{p}", timeout, op=op, waiting_for=f"process {p}"))
-        if "error" in msg:
-            raise RuntimeError(f"{op}: process {p} could not send its value: {msg['error']}")
-        out.append(decode(msg["tree"]))
-    return out
 
 
 def barrier(*, timeout_s: float | None = None) -> None:
@@ -380,16 +533,21 @@ def barrier(*, timeout_s: float | None = None) -> None:
 
     Raises:
       TimeoutError: some process did not arrive within the timeout.
+      RuntimeError: some process made another host-level call at this point.
     """
     jax.effects_barrier()
     jax.block_until_ready(jax.live_arrays())
-    if jax.process_count() == 1:
+    n_proc = jax.process_count()
+    if n_proc == 1:
+        _timeout_s(timeout_s)
         return
-    timeout = _timeout_s(timeout_s)
-    key = _next_key("barrier")
+    call = _Call("barrier", tuple(range(n_proc)), timeout_s)
     try:
-        _client().wait_at_barrier(key, int(timeout * 1000))
-    except Exception as e:
-        raise TimeoutError(
-            f"barrier: not every process arrived within {timeout:g} s ({type(e).__name__}: {str(e)[:200]})."
-        ) from e
+        call.publish(_record(call.header("barrier")))
+        for p in range(n_proc):
+            if p != call.me:
+                call.read(p)
+        call.finish()
+    except BaseException as e:
+        call.abort(e)
+        raise

@@ -5,15 +5,27 @@
     spmd-launch --nnodes 2 --node-rank 0 --coordinator 10.0.0.1:1234 --nproc-per-node 8 script.py
 
 Each process gets the ``SPMD_*`` environment that :func:`spmd.init_distributed_environment`
-reads (see :mod:`spmd.envs`). Every line a process prints is prefixed with ``[rank N]``. If a
-process fails, the launcher stops the others and exits with that process's code, naming it;
-Ctrl-C stops them all; ``--timeout`` bounds the whole run (exit code 124).
+reads (see :mod:`spmd.envs`) and runs under :mod:`spmd._launch_runner`, which ends it at once on
+an uncaught exception (code 1) or ``sys.exit(n != 0)`` (code ``n``) instead of letting it wait at
+JAX's shutdown barrier, and which ends it when the launcher dies, even by SIGKILL. Every line a
+process prints is prefixed with ``[rank N]``.
+
+Exit codes: 0 when every rank exits 0; otherwise the first rank to fail (by time of exit) is
+named and decides the code: its own exit code (``rank 1 exited with code 3``), or ``128 + S`` when
+signal ``S`` killed it (``rank 1 was killed by SIGKILL`` -> 137). The launcher then stops the
+others (SIGTERM to each rank's process group, SIGKILL after 3 s). SIGINT (Ctrl-C), SIGTERM and
+SIGHUP to the launcher stop every rank (SIGTERM or SIGHUP is forwarded as is) and exit
+``128 + signal`` (130, 143, 129); ``--timeout`` bounds the whole run (124); a script that does not
+exist, or bad arguments, exit 2 before any rank starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import os
+import pathlib
+import queue
 import signal
 import socket
 import subprocess
@@ -25,6 +37,8 @@ from collections.abc import Sequence
 __all__ = ["free_port", "main"]
 
 _GRACE_S = 3.0  # JAX catches SIGTERM (preemption notice), so SIGKILL follows soon
+_FORWARDED = (signal.SIGTERM, signal.SIGHUP)
+_RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launch_runner.py")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -111,12 +125,12 @@ def _pump(stream, prefix: str, lock: threading.Lock) -> None:
     stream.close()
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM every live process (its whole process group), then SIGKILL what is left."""
+def _stop(procs: list[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to every live process (its whole process group), then SIGKILL what is left."""
     for p in procs:
         if p.poll() is None:
             try:
-                os.killpg(p.pid, signal.SIGTERM)
+                os.killpg(p.pid, sig)
             except ProcessLookupError:
                 pass
     deadline = time.monotonic() + _GRACE_S
@@ -135,61 +149,134 @@ def _say(msg: str) -> None:
     print(f"spmd-launch: {msg}", file=sys.stderr, flush=True)
 
 
+class _Signalled(BaseException):
+    """The launcher got SIGTERM or SIGHUP (SIGINT arrives as ``KeyboardInterrupt``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum: int, frame) -> None:
+    raise _Signalled(signum)
+
+
+def _set_handlers(handler, signums: Sequence[int]) -> dict[int, object]:
+    """Install ``handler`` for ``signums``; returns the previous handlers (only the main thread can)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, handler) for s in signums}
+
+
+def _failure(rank: int, rc: int) -> tuple[str, int]:
+    """How to describe a rank's non-zero return code, and the launcher's exit code for it."""
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return f"rank {rank} was killed by {name}", 128 - rc
+    return f"rank {rank} exited with code {rc}", rc
+
+
+def _check_target(a: argparse.Namespace) -> str | None:
+    """Why ``a.script`` cannot run (before any rank starts), or ``None``."""
+    if a.module:
+        top = a.script.partition(".")[0]
+        if (
+            top in sys.builtin_module_names
+            or importlib.machinery.PathFinder.find_spec(top, [os.getcwd(), *sys.path]) is not None
+        ):
+            return None
+        return f"no module named {top!r} (searched the working directory and sys.path); check the -m MODULE name"
+    path = pathlib.Path(a.script)
+    if path.is_file() or (path.is_dir() and (path / "__main__.py").is_file()):
+        return None
+    where = f" (relative to {os.getcwd()})" if not path.is_absolute() else ""
+    if path.is_dir():
+        return f"{a.script!r}{where} is a directory without a __main__.py; pass a Python script"
+    return f"script {a.script!r}{where} does not exist; pass the path of a Python script, or -m MODULE"
+
+
+def _wait_for(index: int, p: subprocess.Popen, exits: queue.Queue) -> None:
+    exits.put((index, p.wait()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the job; returns the launcher's exit code (see the module docstring)."""
     a = _parse(argv)
+    problem = _check_target(a)
+    if problem:
+        _say(problem)
+        return 2
     coordinator = a.coordinator or f"127.0.0.1:{free_port()}"
     target = ["-m", a.script] if a.module else [a.script]
-    cmd = [sys.executable, *target, *a.script_args]
+    cmd = [sys.executable, _RUNNER, str(os.getpid()), *target, *a.script_args]
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
+    exits: queue.Queue[tuple[int, int]] = queue.Queue()  # (local rank, return code), in order of exit
     first = a.node_rank * a.nproc_per_node
-    for local in range(a.nproc_per_node):
-        p = subprocess.Popen(
-            cmd,
-            env=_env_for(a, local, coordinator),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            start_new_session=True,  # its own process group, so stopping it stops its children too
-        )
-        procs.append(p)
-        t = threading.Thread(target=_pump, args=(p.stdout, f"[rank {first + local}] ", lock), daemon=True)
-        t.start()
-        pumps.append(t)
-
     deadline = None if a.timeout is None else time.monotonic() + a.timeout
     code = 0
+    stop_signal = signal.SIGTERM
 
     def alive() -> list[int]:
-        return [first + j for j, p in enumerate(procs) if p.poll() is None]
+        return [first + j for j, p in enumerate(procs) if p.returncode is None]
 
+    previous: dict[int, object] = {}
     try:
-        while True:
-            done = [(i, p.returncode) for i, p in enumerate(procs) if p.poll() is not None]
-            failed = [(i, rc) for i, rc in done if rc != 0]
-            if failed:
-                i, rc = failed[0]
-                others = alive()
-                _say(f"rank {first + i} exited with code {rc}" + (f"; stopping ranks {others}" if others else ""))
-                code = rc if 0 < rc < 256 else 1
-                break
-            if len(done) == len(procs):
-                break
-            if deadline is not None and time.monotonic() > deadline:
+        previous = _set_handlers(_raise_signalled, _FORWARDED)
+        for local in range(a.nproc_per_node):
+            p = subprocess.Popen(
+                cmd,
+                env=_env_for(a, local, coordinator),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                start_new_session=True,  # its own process group, so stopping it stops its children too
+            )
+            procs.append(p)
+            t = threading.Thread(target=_pump, args=(p.stdout, f"[rank {first + local}] ", lock), daemon=True)
+            t.start()
+            pumps.append(t)
+            threading.Thread(target=_wait_for, args=(local, p, exits), daemon=True).start()
+
+        finished = 0
+        while finished < len(procs):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 _say(f"timed out after {a.timeout:g} s; ranks {alive()} were still running; stopping them")
                 code = 124
                 break
-            time.sleep(0.05)
+            try:
+                i, rc = exits.get(timeout=0.2 if left is None else min(0.2, left))
+            except queue.Empty:
+                continue
+            finished += 1
+            if rc != 0:  # the first rank to fail, by time of exit
+                what, code = _failure(first + i, rc)
+                others = alive()
+                _say(what + (f"; stopping ranks {others}" if others else ""))
+                break
     except KeyboardInterrupt:
         _say("interrupted; stopping every rank")
-        code = 130
+        code = 128 + signal.SIGINT
+    except _Signalled as e:
+        _say(f"got {signal.Signals(e.signum).name}; stopping every rank")
+        code, stop_signal = 128 + e.signum, e.signum
     finally:
-        _stop(procs)
-        for t in pumps:
-            t.join(timeout=2.0)
+        # A second signal (or Ctrl-C) must not cut the clean-up short; it is bounded by _GRACE_S.
+        previous = {**_set_handlers(signal.SIG_IGN, (signal.SIGINT, *_FORWARDED)), **previous}
+        try:
+            _stop(procs, stop_signal)
+            for t in pumps:
+                t.join(timeout=2.0)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
     return code
 
 

@@ -104,17 +104,163 @@ def check_collectives(seed: int) -> None:
     print(f"cross-process collectives ok on {NPROC} processes x {NDEV // NPROC} devices", flush=True)
 
 
+def check_group_host_level() -> None:
+    """``src`` is a rank in the group: with TP 2, rank 1's process sends to its group's other processes."""
+    spmd.destroy_model_parallel()
+    spmd.initialize_model_parallel(tensor_model_parallel_size=2)
+    per = NDEV // NPROC
+    source = ((PID * per) // 2 * 2 + 1) // per  # the process holding TP rank 1 of this process's group
+    mine = {"from": PID, "w": np.arange(4.0) * (PID + 1)}
+    got = spmd.broadcast_tensor_dict(mine if PID == source else None, src=1)
+    assert got["from"] == source and np.array_equal(np.asarray(got["w"]), np.arange(4.0) * (source + 1)), got
+    obj = spmd.get_tp_group().broadcast_object(f"hello from {PID}" if PID == source else None, src=1)
+    assert obj == f"hello from {source}", obj
+    everyone = spmd.get_world_group().all_gather_object({"pid": PID})
+    assert [e["pid"] for e in everyone] == [r // per for r in range(NDEV)], everyone  # one entry per rank
+    tp = spmd.get_tp_group().all_gather_object(PID)
+    first = (PID * per) // 2 * 2
+    assert tp == [first // per, (first + 1) // per], tp
+    print(f"group host-level ok: process {PID} received from process {source}", flush=True)
+
+
+def expect_error(kind, match, fn, *, within_s=None):
+    """``fn()`` raises ``kind`` with ``match`` in its message (within ``within_s`` seconds)."""
+    t0 = time.monotonic()
+    try:
+        fn()
+    except kind as e:
+        assert match in str(e), (kind, match, str(e)[:600])
+        took = time.monotonic() - t0
+        assert within_s is None or took < within_s, (match, took)
+        return e
+    raise AssertionError(f"no {kind.__name__} ({match!r})")
+
+
+def recv():
+    return spmd.host.broadcast_object(None, src=0)
+
+
+def peak_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def check_host_protocol() -> None:
+    """Issue 10 items 1-6 on 2 processes (SPMD_COLLECTIVE_TIMEOUT_S is small here)."""
+    import enum
+
+    from spmd import host
+
+    timeout = spmd.envs.SpmdEnv.from_environ().collective_timeout_s
+    assert NPROC == 2 and timeout == 4.5, (NPROC, timeout)  # a float is accepted
+    seed = host.broadcast_object(int(np.random.SeedSequence().entropy % 2**31) if PID == 0 else None)
+    rng = np.random.default_rng(seed)  # the same stream on both processes: the reference
+
+    # 1. numpy scalars of every dtype arrive as numpy scalars of that dtype, with their value.
+    class Color(enum.IntEnum):
+        RED = 7
+
+    scalars = {
+        name: np.asarray(rng.standard_normal() * 100).astype(jnp.dtype(name))[()]
+        for name in sorted(host.ALLOWED_DTYPES)
+    }
+    x = rng.standard_normal(17)
+    value = {
+        "scalars": scalars,
+        "np_float": np.float64(1.5),
+        "mean": np.mean(x),
+        "neg_nan": float(-np.float64("nan")),
+        "enum": Color.RED,
+        "big": int(rng.integers(1, 9)) * 10**5000 + 3,
+    }
+    got = host.broadcast_object(value if PID == 0 else None)
+    assert PID != 0 or got is value  # the sender keeps its own value
+    for name, v in scalars.items():
+        assert type(got["scalars"][name]) is type(v), (name, type(got["scalars"][name]), type(v))
+        assert np.asarray(got["scalars"][name]).tobytes() == np.asarray(v).tobytes(), name
+    assert type(got["np_float"]) is np.float64 and got["np_float"] == 1.5
+    assert type(got["mean"]) is np.float64 and got["mean"] == np.mean(x)
+    assert np.isnan(got["neg_nan"]) and np.signbit(got["neg_nan"])
+    assert type(got["enum"]) is (Color if PID == 0 else int) and got["enum"] == 7 and got["big"] == value["big"]
+
+    # 2. every failure on the sender reaches the receivers at once, named.
+    deep: dict = {}
+    for _ in range(331):
+        deep = {"d": deep}
+    for bad, sent_as, match in ((deep, ValueError, "nested deeper than MAX_DEPTH=64"),):
+        if PID == 0:
+            expect_error(sent_as, match, lambda bad=bad: host.broadcast_object(bad), within_s=3)
+        else:
+            e = expect_error(RuntimeError, "process 0 could not send its value", recv, within_s=3)
+            assert f"{sent_as.__name__}: " in str(e) and match in str(e), e
+
+    # 5. a peer's record that announces 2 GiB (with 0 bytes of payload) is refused before allocating.
+    call = host._CALLS._n + 1  # process 0 forges its record of the next call; process 1 receives it
+    if PID == 0:
+        tree = {"array": {"dtype": "uint8", "shape": [2**31], "kind": "numpy", "index": 0}}
+        header = {"op": "broadcast_object", "call": call, "sources": [0], "role": "send", "tree": tree, "nbytes": 2**31}
+        client = host._client()
+        client.key_value_set_bytes(f"spmd/host/{call}/0", host._record(header))
+        client.blocking_key_value_get_bytes(f"spmd/host/{call}/1", 10_000)  # process 1 gave up
+        client.key_value_increment(f"spmd/host/{call}/done", 1)
+    else:
+        before = peak_mib()
+        e = expect_error(ValueError, "over the limit SPMD_HOST_MAX_BYTES", recv, within_s=3)
+        assert isinstance(e, host.MalformedMessageError) and peak_mib() - before < 100, (e, peak_mib() - before)
+    host._CALLS._n = call
+
+    # 6. misuse: both ranks as sender; src differs; a skipped call meets a barrier.
+    mismatch = "the processes made different calls"
+    expect_error(RuntimeError, mismatch, lambda: host.broadcast_object(PID, src=PID), within_s=3)
+    expect_error(RuntimeError, mismatch, lambda: host.broadcast_object(None, src=1 - PID), within_s=3)
+    d1 = {"w": rng.standard_normal((3, 2))}
+    got = spmd.broadcast_tensor_dict(d1 if PID == 0 else None, src=0)
+    np.testing.assert_array_equal(got["w"], d1["w"])
+    if PID == 0:  # process 1 skips the second broadcast and goes on to a barrier
+        e = expect_error(RuntimeError, mismatch, lambda: spmd.broadcast_tensor_dict({"w": 2}, src=0), within_s=3)
+    else:
+        e = expect_error(RuntimeError, mismatch, host.barrier, within_s=3)
+    assert "barrier" in str(e) and "broadcast_tensor_dict from process 0" in str(e), e
+
+    # Large payloads (device phase), one and two senders, against the reference.
+    big = {"a": rng.standard_normal((300, 700)).astype(np.float32), "b": rng.integers(0, 9, (5,), dtype=np.int8)}
+    other = {"c": rng.standard_normal(200_000)}
+    got = host.broadcast_object(big if PID == 0 else None)
+    assert_same(got, big)
+    got = host.broadcast_from(big if PID == 0 else other, 0, sources=(0, 1), op="two_senders")
+    assert_same(got, big)
+
+    # 3. a receiver alive but not calling: the sender's wait (before the device phase) is bounded.
+    if PID == 0:
+        expect_error(TimeoutError, "waited 4.5 s for process 1", lambda: host.broadcast_object(big), within_s=8)
+    else:
+        time.sleep(timeout + 2)
+        expect_error(RuntimeError, "process 0 gave up on this call", recv, within_s=3)
+
+    # 4. the store holds only the calls in flight: 100 more calls leave no keys behind.
+    for i in range(40):
+        assert host.broadcast_object({"i": i, "s": "x" * 1000} if PID == 0 else None)["i"] == i
+        assert host.all_gather_object(PID) == [0, 1]
+        host.barrier()
+    host.barrier()  # every earlier call's keys are gone once both processes passed this one
+    left = [k for k, _ in host._client().key_value_dir_get("spmd/host/")]
+    assert len(left) <= 3, left
+    print(f"host protocol ok ({len(left)} keys left)", flush=True)
+
+
 if MODE == "collectives":
     seed = spmd.host.broadcast_object(int(np.random.SeedSequence().entropy % 2**31) if PID == 0 else None)
     check_collectives(seed)
+    spmd.destroy_model_parallel()  # before model parallelism, broadcast_tensor_dict spans every process
     got = spmd.broadcast_tensor_dict(seed_dict(seed) if PID == 0 else None, src=0)
     assert_same(got, seed_dict(seed))
     last = NPROC - 1
     got = spmd.broadcast_tensor_dict({"from": last, "w": jnp.arange(5.0)} if PID == last else None, src=last)
     assert got["from"] == last and np.array_equal(np.asarray(got["w"]), np.arange(5.0))
-    everyone = spmd.get_world_group().all_gather_object({"pid": PID, "arr": np.full(2, PID, np.int16)})
+    everyone = spmd.host.all_gather_object({"pid": PID, "arr": np.full(2, PID, np.int16)})
     assert [e["pid"] for e in everyone] == list(range(NPROC))
     assert all(np.array_equal(e["arr"], np.full(2, i, np.int16)) for i, e in enumerate(everyone))
+    check_group_host_level()
     spmd.get_world_group().barrier()
     print("broadcast_tensor_dict / broadcast_object / all_gather_object / barrier ok", flush=True)
 elif MODE == "bad_value":
@@ -129,6 +275,8 @@ elif MODE == "bad_value":
         raise AssertionError("no error for an unsupported value")
     # The job is still usable afterwards.
     assert spmd.broadcast_tensor_dict({"ok": 1} if PID == 0 else None)["ok"] == 1
+elif MODE == "host_protocol":
+    check_host_protocol()
 elif MODE == "die":
     if PID == 1:
         print("dying with code 3", flush=True)

@@ -1,72 +1,260 @@
-"""The README's main job (spmd-bench) runs, checks every op and writes JSON; bad flags are refused."""
+"""The benchmarks: the harness's rules (check, time, report, exit status) and each benchmark's command line.
+
+Every benchmark runs in a subprocess as a user runs it (``python -m ...``), on simulated CPU
+devices, with tiny shapes.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from spmd.bench import collectives, custom_all_reduce, expert_parallel, harness
 from spmd.bench.collectives import format_size, parse_size
 
+BENCHES = {
+    "spmd.bench": collectives,
+    "spmd.bench.expert_parallel": expert_parallel,
+    "spmd.bench.custom_all_reduce": custom_all_reduce,
+}
 
-def _run(*args, cwd):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+def _run(module, *args, cwd, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run(
-        [sys.executable, "-m", "spmd.bench", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
-def test_bench_runs_and_writes_json(tmp_path):
+# ----------------------------------------------------------------------------------------------
+# spmd-bench (collectives)
+
+
+def test_collectives_bench_runs_and_writes_json(tmp_path):
     out = tmp_path / "b.json"
     r = _run(
-        "--sizes",
-        "2KiB,4KiB",
-        "--tp",
-        "2,8",
-        "--iters",
-        "2",
-        "--repeats",
-        "1",
-        "--json",
-        str(out),
+        "spmd.bench",
+        *("--platform", "cpu", "--sizes", "3,2KiB", "--tp", "2,8", "--iters", "2", "--repeats", "1"),
+        *("--json", str(out)),
         cwd=tmp_path,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "20 ok, 0 wrong" in r.stdout
+    assert "20 ok, 0 wrong, 0 failed, 0 skipped" in r.stdout
+    # --sizes 3 cannot be 3 bytes of bf16 split tp*tp ways: the rounding is said, and recorded.
+    assert "note: 3 B rounded to 8 B at tp=2" in r.stdout and "note: 3 B rounded to 128 B at tp=8" in r.stdout
     data = json.loads(out.read_text())
-    assert data["meta"]["num_devices"] == 8 and data["meta"]["platform"] == "cpu"
-    assert {row["op"] for row in data["results"]} == {
-        "all_reduce",
-        "all_gather",
-        "reduce_scatter",
-        "all_to_all",
-        "broadcast",
+    meta = data["meta"]
+    assert meta["num_devices"] == 8 and meta["platform"] == "cpu" and meta["device_kind"]
+    assert meta["command"].startswith("spmd-bench --platform cpu") and meta["date"][:2] == "20"
+    rows = data["results"]
+    assert {row["op"] for row in rows} == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast"}
+    assert all(row["ok"] and row["us"] > 0 and row["max_rel_err"] < 2e-2 for row in rows)
+    assert {(row["bytes_requested"], row["bytes_per_device"]) for row in rows if row["tp"] == 8} == {
+        (3, 128),
+        (2048, 2048),
     }
-    assert all(row["ok"] and row["us_per_call"] > 0 for row in data["results"])
+
+
+def test_collectives_bench_refuses_a_platform_it_does_not_have(tmp_path):
+    out = tmp_path / "b.json"
+    out.write_text("keep me")
+    r = _run("spmd.bench", "--platform", "gpu", "--json", str(out), cwd=tmp_path)
+    assert r.returncode == 2 and "--platform gpu: JAX found no gpu devices" in r.stderr
+    assert out.read_text() == "keep me"
 
 
 @pytest.mark.parametrize(
     "args,match",
     [
-        (["--ops", "all_reduce,allreduce"], "unknown op"),
+        (["--ops", "all_reduce,allreduce"], "unknown op 'allreduce'"),
         (["--sizes", "3XB"], "expected a size like 2KiB"),
         (["--sizes", "0"], "positive whole number"),
-        (["--iters", "0"], "must be positive"),
+        (["--iters", "0"], "expected a positive int, got '0'"),
+        (["--tp", "3", "--platform", "cpu"], "--tp 3: a TP size must divide the 8 devices"),
     ],
 )
-def test_bench_bad_flags(tmp_path, args, match):
-    r = _run(*args, cwd=tmp_path)
-    assert r.returncode == 2 and match in r.stderr
+def test_collectives_bench_bad_flags(tmp_path, args, match):
+    r = _run("spmd.bench", *args, "--json", str(tmp_path / "x.json"), cwd=tmp_path)
+    assert r.returncode == 2 and match in r.stderr, r.stderr
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_size_parsing():
     assert parse_size("2KiB") == 2048 and parse_size("1mib") == 1 << 20 and parse_size("512") == 512
     assert format_size(2048) == "2 KiB" and format_size(3 << 20) == "3 MiB" and format_size(100) == "100 B"
+
+
+# ----------------------------------------------------------------------------------------------
+# Every benchmark's --help
+
+
+@pytest.mark.parametrize("module", sorted(BENCHES))
+def test_every_option_has_help_and_shows_its_default(module):
+    p = BENCHES[module].build_parser()
+    formatter = harness.HelpFormatter(p.prog)
+    for action in p._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{module} {action.option_strings} has no help line"
+        shown = formatter._get_help_string(action)
+        assert "%(default)" in shown or "default:" in shown or action.default is False, (module, action.dest)
+    text = p.format_help()
+    assert "(default: auto)" in text and "(default: bench_" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# python -m spmd.bench.custom_all_reduce
+
+
+def test_custom_all_reduce_bench_on_cpu_checks_the_kernels(tmp_path):
+    out = tmp_path / "car.json"
+    r = _run("spmd.bench.custom_all_reduce", "--platform", "cpu", "--sizes", "100", "--json", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "note: 100 B rounded up to 112 B" in r.stdout and "4 ok, 0 wrong, 0 failed" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["command"].startswith("python -m spmd.bench.custom_all_reduce --platform cpu")
+    rows = data["results"]
+    assert [row["variant"] for row in rows] == ["xla", "one_shot", "two_shot", "auto"]
+    assert all(row["ok"] and row["identical_on_ranks"] and row["bytes"] == 112 and row["world"] == 2 for row in rows)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--variants", "xla,handshake"], "--variants handshake: GPU-only floors"),
+        (["--write-tuning", "t.json"], "--write-tuning needs GPU or TPU timings"),
+        (["--world-sizes", "4"], "at most the 2 devices, got [4]"),
+        (["--variants", "fast"], "unknown variant 'fast'"),
+    ],
+)
+def test_custom_all_reduce_bench_bad_flags(tmp_path, args, match):
+    r = _run("spmd.bench.custom_all_reduce", "--platform", "cpu", *args, cwd=tmp_path)
+    assert r.returncode == 2 and match in r.stderr, r.stderr
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_crossovers_from_measured_rows():
+    def rows(world, size, **us):
+        return [{"world": world, "bytes": size, "variant": v, "us": t, "ok": True} for v, t in us.items()]
+
+    measured = [
+        *rows(2, 2048, xla=10.0, one_shot=4.0, two_shot=6.0),  # one-shot wins
+        *rows(2, 8192, xla=12.0, one_shot=9.0, two_shot=7.0),  # two-shot wins
+        *rows(2, 32768, xla=15.0, one_shot=20.0, two_shot=16.0),  # psum wins: stop
+        *rows(2, 131072, xla=30.0, one_shot=40.0, two_shot=20.0),  # a win after a loss does not count
+        *rows(4, 2048, xla=10.0, one_shot=11.0, two_shot=12.0),  # never wins
+    ]
+    assert custom_all_reduce.crossovers(measured, 2) == (8192, 2048)
+    assert custom_all_reduce.crossovers(measured, 4) == (0, 0)
+    wrong = [dict(r, ok=False) if r["variant"] == "one_shot" else r for r in measured]
+    assert custom_all_reduce.crossovers(wrong, 2) == (8192, 0)  # a wrong kernel is no candidate
+
+
+# ----------------------------------------------------------------------------------------------
+# python -m spmd.bench.expert_parallel
+
+
+def test_expert_parallel_bench_defaults_fit_a_cpu(tmp_path):
+    """With only --platform cpu it runs small shapes on 8 simulated devices and checks every manager."""
+    out = tmp_path / "ep.json"
+    r = _run("spmd.bench.expert_parallel", "--platform", "cpu", "--json", str(out), cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(out.read_text())
+    assert data["meta"]["ep"] == 8 and data["meta"]["iters"] == 5
+    rows = data["results"]
+    assert {(row["tokens"], row["hidden"]) for row in rows} == {(1, 256), (16, 256)}
+    assert {row["manager"] for row in rows} == {"naive", "capacity", "ragged"}
+    assert all(row["ok"] and row["memory_estimate_bytes"] > 0 for row in rows)
+
+
+def test_expert_parallel_bench_skips_rows_over_the_memory_budget(tmp_path):
+    out = tmp_path / "ep.json"
+    r = _run(
+        "spmd.bench.expert_parallel",
+        *("--platform", "cpu", "--tokens", "4", "--managers", "ragged", "--max-memory-gb", "0.000001"),
+        *("--json", str(out)),
+        cwd=tmp_path,
+    )
+    assert r.returncode == 1
+    assert "SKIPPED needs ~" in r.stdout and "over the 0.00 GB budget" in r.stdout
+    assert "nothing was measured" in r.stderr and not out.exists()
+
+
+def test_expert_parallel_bench_needs_two_devices(tmp_path):
+    r = _run("spmd.bench.expert_parallel", "--platform", "cpu", "--cpu-devices", "1", cwd=tmp_path)
+    assert r.returncode == 2 and "needs at least 2 devices as EP ranks, found 1" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--configs", "8x4"], "top-k 8 is larger than the 4 experts"),
+        (["--configs", "8"], "expected TOPKxEXPERTS like 2x8"),
+        (["--managers", "fast"], "unknown manager 'fast'"),
+        (["--tokens", "0"], "expected a positive int, got '0'"),
+    ],
+)
+def test_expert_parallel_bench_bad_flags(tmp_path, args, match):
+    r = _run("spmd.bench.expert_parallel", *args, cwd=tmp_path)
+    assert r.returncode == 2 and match in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The harness itself (in-process, no compilation)
+
+
+def _case(name, *, ok=True, fails=False):
+    def build():
+        if fails:
+            raise RuntimeError("kernel exploded")
+        x = jnp.arange(4.0)
+        return harness.Trial(
+            once=lambda: np.asarray(x), check=lambda out: {"ok": ok}, loop=lambda v: v + 1, args=(x,), calls=2
+        )
+
+    return harness.Case(key={"name": name}, build=build)
+
+
+COLUMNS = [harness.Column("name", "name", 6), harness.Column("us", "us", 8, ".1f"), harness.Column("ok", "check", 6)]
+
+
+def test_harness_reports_wrong_and_failed_rows_and_exits_non_zero(tmp_path, capsys):
+    rows = harness.run_cases(
+        [_case("good"), _case("wrong", ok=False), _case("boom", fails=True)],
+        COLUMNS,
+        devices=jax.devices(),
+        repeats=1,
+    )
+    assert [r.get("ok") for r in rows] == [True, False, None]
+    assert rows[0]["us"] > 0 and rows[2]["error"] == "RuntimeError: kernel exploded"
+    printed = capsys.readouterr().out
+    assert "WRONG" in printed and "boom ERROR RuntimeError: kernel exploded" in printed
+    path = tmp_path / "r.json"
+    assert harness.finish(rows, {"command": "x"}, str(path), prog="bench") == 1
+    assert len(json.loads(path.read_text())["results"]) == 3
+    assert harness.finish(rows[:1], {"command": "x"}, str(path), prog="bench") == 0
+
+
+def test_harness_writes_nothing_when_nothing_was_measured(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    rows = harness.run_cases([_case("boom", fails=True)], COLUMNS, devices=jax.devices(), repeats=1)
+    assert harness.finish(rows, {}, str(path), prog="bench") == 1
+    assert harness.finish([], {}, str(path), prog="bench") == 1
+    assert "bench: nothing was measured" in capsys.readouterr().err and not path.exists()
+
+
+def test_chain_counts_the_calls_it_times():
+    fn, calls = harness.chain(lambda c: c * 2, 10, unroll=3)
+    assert calls == 9 and float(jax.jit(fn)(jnp.float32(1))) == 2.0**9
+    fn, calls = harness.chain(lambda c: c + 1, 2, unroll=5)
+    assert calls == 5 and float(jax.jit(fn)(jnp.float32(0))) == 5.0

@@ -186,3 +186,25 @@ def test_pytree_inputs(rng):
             np.testing.assert_allclose(out["a"][r], tree["a"][g].sum(0), rtol=1e-5, atol=1e-5)
             np.testing.assert_array_equal(out["b"][1][r], tree["b"][1][g].sum(0))
             np.testing.assert_array_equal(gathered["b"][0][r], np.concatenate(tree["b"][0][g], 0))
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 4), (8, 1, 1, 1), (1, 1, 2, 4)], ids=str)
+def test_all_gather_is_typed_invariant_under_check_vma(shape, rng):
+    """An all-gathered value is the same on every rank: ``out_specs=P()`` accepts it with check_vma=True."""
+    init(shape)
+    tp = shape[3]
+    x = random_array(rng, (4, 3 * tp), np.float32)
+    f = jax.jit(
+        spmd.shard_map(
+            lambda v: (spmd.tensor_model_parallel_all_gather(v, dim=-1), spmd.all_gather(v, "tp", axis=0)),
+            in_specs=P(None, "tp"),
+            out_specs=(P(), P()),
+        )
+    )
+    full, stacked = f(x)
+    np.testing.assert_array_equal(np.asarray(full), x)
+    np.testing.assert_array_equal(np.asarray(stacked), np.concatenate(np.split(x, tp, axis=1), axis=0))
+    # The transpose of an invariant gather is this rank's slice: d/dx sum(w * gather(x)) = w.
+    w = random_array(rng, (4, 3 * tp), np.float32)
+    g = jax.grad(lambda v: (f(v)[0] * w).sum())(x)
+    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6)

@@ -1,4 +1,7 @@
-"""Custom all-reduce: the kernels' algorithm in Pallas TPU interpret mode (races detected), dispatch, errors.
+"""Custom all-reduce: the kernels' algorithm in Pallas TPU interpret mode (races detected), planning, dispatch, errors.
+
+The kernels live in ``kernels.custom_all_reduce`` (JAX only); the decision and the psum fallback in
+``spmd.communicators.dispatch`` (re-exported by ``spmd.communicators``).
 
 Interpret mode simulates every device's memory, remote DMAs and semaphores. Its global thread
 barrier needs every simulated device's computation running at once; on a 2-core machine (CI)
@@ -10,6 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +26,16 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 import spmd
-from kernels.custom_all_reduce import (
+from kernels.custom_all_reduce import LANES, all_reduce_kernel, make_plan, reference_all_reduce
+from spmd.communicators import (
+    TUNING_PATH,
+    TuningEntry,
     custom_all_reduce,
+    dispatch,
     ineligibility,
-    planning,
-    reference_all_reduce,
     select_algorithm,
     should_use_custom_all_reduce,
+    tuning_table,
 )
 
 RACES = pltpu.InterpretParams(detect_races=True)
@@ -139,40 +148,157 @@ def test_ineligibility_reasons(shape, dtype, world, platform, why):
 
 
 def test_gpu_kernels_are_single_process_only(monkeypatch):
-    monkeypatch.setattr(planning, "_process_count", lambda: 2)
+    monkeypatch.setattr(dispatch, "_process_count", lambda: 2)
     assert "one process driving every GPU" in ineligibility((64,), np.float32, 2, "gpu")
     assert ineligibility((64,), np.float32, 2, "tpu") is None
 
 
-def test_tuning_table_drives_auto(tmp_path, monkeypatch):
-    table = {
-        "platforms": {
-            "gpu": {
-                "4": {"max_bytes": 1 << 20, "one_shot_max_bytes": 1 << 16, "source": "test"},
-                "8": {"max_bytes": 0, "one_shot_max_bytes": 0, "source": "test"},
-            }
+TABLE = {
+    "platforms": {
+        "gpu": {
+            "4": {"max_bytes": 1 << 20, "one_shot_max_bytes": 1 << 16, "source": "test"},
+            "8": {"max_bytes": 0, "one_shot_max_bytes": 0, "source": "test"},
         }
     }
+}
+
+
+def test_tuning_table_drives_auto(tmp_path, monkeypatch):
     path = tmp_path / "tuning.json"
-    path.write_text(json.dumps(table))
-    monkeypatch.setattr(planning, "_TUNING_PATH", path)
-    planning.tuning_table.cache_clear()
-    try:
-        assert select_algorithm((1024,), jnp.bfloat16, 4, "gpu") == "one_shot"  # 2 KiB
-        assert select_algorithm((1 << 16,), jnp.bfloat16, 4, "cuda") == "two_shot"  # 128 KiB
-        assert select_algorithm((1 << 20,), jnp.bfloat16, 4, "gpu") == "xla"  # 2 MiB > max
-        assert select_algorithm((1024,), jnp.bfloat16, 8, "gpu") == "xla"  # measured slower: never
-        assert select_algorithm((1024,), jnp.bfloat16, 2, "gpu") == "xla"  # not measured: never
-        assert should_use_custom_all_reduce(jax.ShapeDtypeStruct((1024,), jnp.bfloat16), 4, "gpu")
-        assert not should_use_custom_all_reduce(jax.ShapeDtypeStruct((1024,), jnp.int32), 4, "gpu")
-    finally:
-        planning.tuning_table.cache_clear()
+    path.write_text(json.dumps(TABLE))
+    assert select_algorithm((1024,), jnp.bfloat16, 4, "gpu", tuning=path) == "one_shot"  # 2 KiB
+    assert select_algorithm((1 << 15,), jnp.bfloat16, 4, "gpu", tuning=path) == "one_shot"  # 64 KiB: the switch
+    assert select_algorithm(((1 << 15) + 8,), jnp.bfloat16, 4, "gpu", tuning=path) == "two_shot"  # 64 KiB + 16 B
+    assert select_algorithm((1 << 16,), jnp.bfloat16, 4, "cuda", tuning=path) == "two_shot"  # 128 KiB
+    assert select_algorithm((1 << 19,), jnp.bfloat16, 4, "gpu", tuning=path) == "two_shot"  # 1 MiB: the max
+    assert select_algorithm((1 << 20,), jnp.bfloat16, 4, "gpu", tuning=path) == "xla"  # 2 MiB > max
+    assert select_algorithm((1024,), jnp.bfloat16, 8, "gpu", tuning=path) == "xla"  # measured slower: never
+    assert select_algorithm((1024,), jnp.bfloat16, 2, "gpu", tuning=path) == "xla"  # not measured: never
+    assert select_algorithm((1024,), jnp.bfloat16, 4, "tpu", tuning=path) == "xla"  # no TPU rows: never
+    assert should_use_custom_all_reduce(jax.ShapeDtypeStruct((1024,), jnp.bfloat16), 4, "gpu", tuning=path)
+    assert not should_use_custom_all_reduce(jax.ShapeDtypeStruct((1024,), jnp.int32), 4, "gpu", tuning=path)
+    # The default table is read from TUNING_PATH at call time.
+    monkeypatch.setattr(dispatch, "TUNING_PATH", path)
+    assert select_algorithm((1024,), jnp.bfloat16, 4, "gpu") == "one_shot"
+    assert tuning_table() == {
+        ("gpu", 4): TuningEntry(1 << 20, 1 << 16, "test"),
+        ("gpu", 8): TuningEntry(0, 0, "test"),
+    }
 
 
 def test_shipped_tuning_table_is_well_formed():
-    for (platform, world), entry in planning.tuning_table().items():
+    assert TUNING_PATH.name == "custom_all_reduce_tuning.json" and TUNING_PATH.parent.name == "communicators"
+    table = tuning_table()
+    assert table, "the shipped table has GPU rows"
+    for (platform, world), entry in table.items():
         assert platform in ("gpu", "tpu") and world in (2, 4, 8)
         assert 0 <= entry.one_shot_max_bytes <= entry.max_bytes and entry.source
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("[1, 2]", "to hold {'platforms'"),
+        ('{"platforms": {"gpu": {"2": {"max_bytes": 16}}}}', "KeyError.*one_shot_max_bytes"),
+        ("not json", "JSONDecodeError"),
+        ('{"platforms": {"gpu": {"2": {"max_bytes": 16, "one_shot_max_bytes": 32}}}}', "one_shot_max_bytes <= max"),
+    ],
+)
+def test_malformed_tuning_table_raises(tmp_path, text, match):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        tuning_table(path)
+
+
+def test_missing_tuning_table_raises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        tuning_table(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(
+    "numel,dtype,world,rows,row_tile",
+    [
+        (1000, np.float32, 4, 32, 8),  # ceil(1000 / 128) = 8 rows -> one quantum of 4 * 8
+        (312, ml_dtypes.bfloat16, 2, 32, 16),  # 3 rows -> one quantum of 2 * 16 (a (16, 128) bf16 tile)
+        (128 * 33, np.float32, 2, 48, 8),  # 33 rows -> three quanta of 2 * 8
+        (1, np.float16, 8, 128, 16),  # one element still fills a quantum of 8 * 16 rows
+    ],
+)
+def test_plan_tiles_for_every_rank(numel, dtype, world, rows, row_tile):
+    plan = make_plan(numel, dtype, world)
+    assert (plan.rows, plan.row_tile) == (rows, row_tile)
+    assert plan.padded_numel == rows * 128 and plan.rows_per_rank == rows // world
+
+
+def test_kernel_directly_matches_numpy(rng):
+    """``kernels.custom_all_reduce.all_reduce_kernel`` alone (no dispatch) on a 2-D input."""
+    spmd.initialize_model_parallel(2)
+    x = rng.standard_normal((8, 5, 24)).astype(np.float32)
+    out = _run(lambda v: all_reduce_kernel(v, "tp", algorithm="two_shot", lowering="tpu", interpret=RACES), x)
+    for g in range(4):
+        np.testing.assert_allclose(out[2 * g], x[2 * g] + x[2 * g + 1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"algorithm": "auto", "lowering": "tpu"}, r"expected algorithm in \('one_shot', 'two_shot'\), got 'auto'"),
+        ({"algorithm": "one_shot", "lowering": "cpu"}, r"expected lowering in \('gpu', 'tpu'\), got 'cpu'"),
+        ({"algorithm": "one_shot", "lowering": "gpu", "interpret": RACES}, "Mosaic GPU lowering has no interpret"),
+    ],
+)
+def test_kernel_entry_errors(kwargs, match):
+    spmd.initialize_model_parallel(2)
+    f = spmd.shard_map(lambda v: all_reduce_kernel(v, "tp", **kwargs), in_specs=P(), out_specs=P(), check_vma=False)
+    with pytest.raises(ValueError, match=match):
+        jax.make_jaxpr(f)(jnp.ones(64, jnp.float32))
+
+
+@pytest.mark.parametrize("algorithm", ["one_shot", "two_shot"])
+def test_gpu_lowering_traces_on_cpu(algorithm):
+    """The Mosaic GPU kernels cannot run here, but they still import and trace (peer signals and waits)."""
+    spmd.initialize_model_parallel(2)
+    f = spmd.shard_map(
+        lambda v: all_reduce_kernel(v, "tp", algorithm=algorithm, lowering="gpu"),
+        in_specs=P(),
+        out_specs=P(),
+        check_vma=False,
+    )
+    jaxpr = jax.make_jaxpr(f)(jnp.ones(1000, jnp.bfloat16))
+    text = str(jaxpr)
+    assert "semaphore_signal" in text and "semaphore_wait" in text
+    assert jaxpr.out_avals[0].shape == (1000,) and jaxpr.out_avals[0].dtype == jnp.bfloat16
+
+
+def test_gpu_benchmark_floors_trace_on_cpu():
+    from kernels.custom_all_reduce import gpu
+
+    spmd.initialize_model_parallel(2)
+
+    def floors(v):
+        plan = make_plan(v.size, v.dtype, 2)
+        x2d = jnp.pad(v, (0, plan.padded_numel - v.size)).reshape(plan.rows, LANES)
+        return gpu.handshake_gpu(x2d, "tp", plan), gpu.local_copy_gpu(x2d)
+
+    f = spmd.shard_map(floors, in_specs=P(), out_specs=P(), check_vma=False)
+    hs, copy = jax.make_jaxpr(f)(jnp.ones(256, jnp.float32)).out_avals
+    assert hs.shape == copy.shape == (16, 128)
+
+
+def test_kernels_package_imports_only_jax():
+    """``kernels`` is a leaf: importing it (GPU lowering included) loads no ``spmd`` module."""
+    code = (
+        "import sys, kernels.custom_all_reduce as k, kernels.custom_all_reduce.gpu, kernels.custom_all_reduce.tpu\n"
+        "bad = sorted(m for m in sys.modules if m == 'spmd' or m.startswith('spmd.'))\n"
+        "assert not bad, bad\n"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for path in (root / "kernels").rglob("*.py"):
+        for line in path.read_text().splitlines():
+            assert not line.lstrip().startswith(("import spmd", "from spmd")), f"{path}: {line}"
 
 
 @pytest.mark.parametrize(
@@ -205,16 +331,6 @@ def test_forced_kernel_under_check_vma_raises_and_auto_falls_back(rng):
 def test_unbound_axis():
     with pytest.raises(spmd.UnboundAxisError, match="custom_all_reduce: found an unbound axis name"):
         custom_all_reduce(jnp.ones(64), "tp")
-
-
-def test_gpu_communicator_declines_without_a_measured_entry(rng):
-    spmd.initialize_model_parallel(4)
-    comm = spmd.GpuCommunicator("tp", 4, platform="gpu")
-    x = rng.standard_normal((8, 64)).astype(np.float32)
-    seen = []
-    spmd.shard_map(lambda v: seen.append(comm.custom_all_reduce(v)) or v, in_specs=P(), out_specs=P())(x[0])
-    expected_none = select_algorithm((64,), np.float32, 4, "gpu") == "xla"
-    assert (seen[0] is None) == expected_none
 
 
 def test_inside_a_model_step(rng):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,7 +166,9 @@ def test_src_dst_out_of_range(src):
         per_device(lambda v: spmd.broadcast_tensor_dict({"a": v}, src=src), x)
     with pytest.raises(ValueError, match=rf"broadcast_tensor_dict: src={src} is out of range for axis 'tp'"):
         per_device(lambda v: spmd.broadcast_tensor_dict({"only": "plain values"}, src=src) and v, x)
-    with pytest.raises(ValueError, match=rf"broadcast_tensor_dict: src={src} is out of range for the TP group"):
+    with pytest.raises(
+        ValueError, match=rf"broadcast_tensor_dict: src={src} is out of range for the tp group of size 4"
+    ):
         spmd.broadcast_tensor_dict({"a": 1}, src=src)
 
 
@@ -191,10 +195,26 @@ def test_sum_of_booleans_is_refused():
 
 
 def test_communicator_world_size_must_be_positive():
-    with pytest.raises(ValueError, match=r"CpuCommunicator: expected a positive int world_size, got 0"):
-        spmd.CpuCommunicator("tp", 0, platform="cpu")
+    with pytest.raises(ValueError, match=r"XlaCommunicator: expected a positive int world_size, got 0"):
+        spmd.XlaCommunicator("tp", 0, platform="cpu")
 
 
 def test_mesh_shape_of_an_unresolved_config():
     with pytest.raises(ValueError, match=r"call resolve\(num_devices\) first"):
         _ = spmd.ParallelConfig(2).mesh_shape
+
+
+def test_one_cpu_device_error_says_how_to_simulate_devices():
+    """A fresh CPU machine has one device: the error names JAX_NUM_CPU_DEVICES (the README's fix)."""
+    with pytest.raises(ValueError, match=r"tp \* pp \* ep = 4 does not divide 1.*JAX_NUM_CPU_DEVICES=8"):
+        spmd.initialize_model_parallel(tensor_model_parallel_size=4, devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match=r"does not divide 8") as e:
+        spmd.initialize_model_parallel(tensor_model_parallel_size=3)
+    assert "JAX_NUM_CPU_DEVICES" not in str(e.value)  # 8 devices: the hint would mislead
+
+
+def test_package_metadata_uses_an_spdx_license():
+    import tomllib
+
+    meta = tomllib.loads((pathlib.Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    assert meta["license"] == "Apache-2.0"  # a table here is deprecated by setuptools

@@ -1,4 +1,9 @@
-"""Expert parallelism: every manager against a dense single-device reference."""
+"""Expert parallelism: every manager against a dense single-device numpy reference.
+
+The experts here are stand-ins (expert ``e`` scales its tokens by ``e + 1``), so a token sent to the
+wrong expert, a row landing in the wrong place, or a weight applied twice shows in the result.
+The MoE block itself is tested in ``test_models_moe.py``.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,18 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import spmd
-from models.moe import MoEBlock, dense_moe_reference
 from spmd.expert_parallel import (
     CapacityAll2AllManager,
+    CapacityRoutingState,
     ExpertInputs,
+    ExpertTokens,
     NaiveAll2AllManager,
+    NaiveRoutingState,
     RaggedAll2AllManager,
+    RaggedRoutingState,
     get_all2all_manager,
 )
 
@@ -32,7 +39,7 @@ def _init(shape):
     spmd.initialize_model_parallel(t, p, d, e)
 
 
-def _scale_experts(inputs: ExpertInputs, manager, tp: int) -> ExpertInputs:
+def _scale_experts(inputs: ExpertTokens, manager, tp: int) -> ExpertTokens:
     """Expert e maps x -> x * (e + 1) / tp (a partial sum over tp, as a TP-sharded expert's output is)."""
     e_local = manager.local_experts()
     first = spmd.axis_index("ep") * e_local
@@ -43,7 +50,7 @@ def _scale_experts(inputs: ExpertInputs, manager, tp: int) -> ExpertInputs:
         scale = (first + local + 1).astype(jnp.float32)[:, None]
     else:
         scale = (first + jnp.arange(e_local) + 1).astype(jnp.float32)[:, None, None]
-    return ExpertInputs(tokens=(x * scale / tp).astype(inputs.tokens.dtype), group_sizes=inputs.group_sizes)
+    return inputs.with_tokens((x * scale / tp).astype(inputs.tokens.dtype))
 
 
 def _route_and_combine(shape, manager, x, w, ids, *, sp=False):
@@ -199,36 +206,6 @@ def test_seed_scatter_combine_roundtrip(name, rng):
     np.testing.assert_array_equal(back, x)  # combine undoes scatter
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 4, 2), (2, 1, 2, 2), (1, 1, 8, 1)], ids=str)
-@pytest.mark.parametrize("name", MANAGER_NAMES)
-def test_moe_block_equals_dense_block(shape, name, rng):
-    _init(shape)
-    hidden, ffn, e, k = 16, 32, 8, 2
-    kwargs = {"capacity_factor": 8.0} if name == "capacity" else {}
-    block = MoEBlock(hidden, ffn, e, k, manager=name, rngs=nnx.Rngs(int(rng.integers(1 << 30))), **kwargs)
-    x = rng.standard_normal((8 * 4, hidden)).astype(np.float32)
-    y, dropped = block(x)
-    ref = dense_moe_reference(x, block.w_router[...], block.w_gate[...], block.w_up[...], block.w_down[...], k)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=2e-4, atol=2e-4)
-    assert (np.asarray(dropped) == 0).all()
-    y_sp, _ = block(x, is_sequence_parallel=True)
-    np.testing.assert_allclose(np.asarray(y_sp), np.asarray(ref), rtol=2e-4, atol=2e-4)
-
-
-def test_moe_block_under_jit_bf16(rng):
-    _init((1, 1, 4, 2))
-    block = MoEBlock(16, 32, 8, 2, manager="ragged", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    x = rng.standard_normal((16, 16)).astype(jnp.bfloat16)
-
-    @nnx.jit
-    def step(block, x):
-        return block(x)[0]
-
-    y = step(block, x)
-    ref = dense_moe_reference(x, block.w_router[...], block.w_gate[...], block.w_up[...], block.w_down[...], 2)
-    np.testing.assert_allclose(np.asarray(y).astype(np.float32), np.asarray(ref), rtol=5e-2, atol=5e-2)
-
-
 # Errors -----------------------------------------------------------------------------------------
 
 
@@ -318,10 +295,17 @@ def test_manager_construction_errors():
         NaiveAll2AllManager(0)
     with pytest.raises(ValueError, match="expected a positive int expert_capacity, got 0"):
         CapacityAll2AllManager(8, expert_capacity=0)
-    with pytest.raises(ValueError, match="expected a positive capacity_factor"):
-        CapacityAll2AllManager(8, capacity_factor=0.0)
-    with pytest.raises(ValueError, match="top_k=9 must be between 1 and num_experts=8"):
-        MoEBlock(8, 8, 8, 9, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="expected a positive int expert_capacity, got True"):
+        CapacityAll2AllManager(8, expert_capacity=True)
+    with pytest.raises(ValueError, match=r"expected a positive int expert_capacity, got 2\.0"):
+        CapacityAll2AllManager(8, expert_capacity=2.0)
+    for factor in (0.0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match=f"expected a positive finite capacity_factor, got {factor!r}"):
+            CapacityAll2AllManager(8, capacity_factor=factor)
+    with pytest.raises(ValueError, match="expected use_ragged_collective to be True, False or None, got 'yes'"):
+        RaggedAll2AllManager(8, use_ragged_collective="yes")
+    with pytest.raises(ValueError, match="expected a positive int num_experts, got True"):
+        get_all2all_manager("ragged", True)
 
 
 def test_scatter_shape_and_combine_state_errors():
@@ -332,5 +316,70 @@ def test_scatter_shape_and_combine_state_errors():
         ValueError, match=r"expected input_ of shape \[num_experts=8, expert_capacity=3, hidden\], got \(8, 4, 2\)"
     ):
         f(np.ones((8, 4, 2), np.float32))
-    with pytest.raises(TypeError, match="expected a RoutingState from dispatch"):
+    with pytest.raises(TypeError, match=r"expected a CapacityRoutingState from dispatch \(or nothing\), got dict"):
         m.combine(jnp.ones((2, 3, 4)), {"not": "a state"})
+    with pytest.raises(ValueError, match="expected a positive int expert_capacity, got True"):
+        f = spmd.shard_map(lambda b: m.scatter(b, True), in_specs=P(), out_specs=P(), check_vma=False)
+        f(np.ones((8, 1, 2), np.float32))
+
+
+def test_combine_takes_only_its_own_routing_state(rng):
+    _init((1, 1, 4, 2))
+    x = rng.standard_normal((8, 4)).astype(np.float32)
+    w, ids = _random_routing(rng, 8, 8, 2)
+    naive, ragged = NaiveAll2AllManager(8), RaggedAll2AllManager(8)
+
+    def body(x, w, ids):
+        inputs, state = naive.dispatch(x, w, ids)
+        assert isinstance(state, NaiveRoutingState)
+        return ragged.combine(inputs, state)
+
+    f = spmd.shard_map(body, in_specs=(TOKENS,) * 3, out_specs=TOKENS, check_vma=False)
+    with pytest.raises(
+        TypeError, match="expected a RaggedRoutingState from this manager's dispatch, got NaiveRoutingState"
+    ):
+        f(x, w, ids)
+
+
+@pytest.mark.parametrize("name", MANAGER_NAMES)
+def test_routing_state_is_typed_per_manager(name, rng):
+    _init((1, 1, 2, 4))
+    x = rng.standard_normal((8, 4)).astype(np.float32)
+    w, ids = _random_routing(rng, 8, 4, 2)
+    manager = get_all2all_manager(name, 4)
+    out = {}
+
+    def body(x, w, ids):
+        inputs, state = manager.dispatch(x, w, ids, is_sequence_parallel=True)
+        out["state"], out["inputs"] = state, inputs
+        return manager.combine(inputs, state)
+
+    spec = P(("dp", "ep", "tp"))
+    jax.eval_shape(spmd.shard_map(body, in_specs=(spec,) * 3, out_specs=spec, check_vma=False), x, w, ids)
+    expected = {"naive": NaiveRoutingState, "capacity": CapacityRoutingState, "ragged": RaggedRoutingState}[name]
+    assert type(out["state"]) is expected and out["state"].is_sequence_parallel
+    assert isinstance(out["inputs"], ExpertTokens) and ExpertInputs is ExpertTokens
+    assert out["inputs"].is_ragged == (name == "ragged")
+
+
+@pytest.mark.parametrize("name", MANAGER_NAMES)
+def test_seed_scatter_combine_sequence_parallel(name, rng):
+    """Each TP rank holds its share of every bucket; scatter gathers them, combine hands them back."""
+    _init((1, 1, 2, 4))
+    ep, tp, e, c, h = 2, 4, 4, 2, 3
+    x = rng.standard_normal((ep, tp, e, c, h)).astype(np.float32)
+    manager = get_all2all_manager(name, e)
+
+    def body(b):
+        sent = manager.scatter(b[0, 0], c, is_sequence_parallel=True)
+        return sent[None, None], manager.combine(sent, True)[None, None]
+
+    spec = P("ep", "tp")
+    sent, back = jax.jit(spmd.shard_map(body, in_specs=spec, out_specs=(spec, spec), check_vma=False))(x)
+    sent, back = np.asarray(sent), np.asarray(back)
+    for r in range(ep):
+        for le in range(e // ep):  # owner r's local expert le is global expert 2r + le
+            expect = np.concatenate([x[s, t, 2 * r + le] for s in range(ep) for t in range(tp)])
+            for t in range(tp):
+                np.testing.assert_array_equal(sent[r, t, le], expect)
+    np.testing.assert_array_equal(back, x)

@@ -12,7 +12,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import spmd
-from kernels.custom_all_reduce import custom_all_reduce, reference_all_reduce
+from kernels.custom_all_reduce import reference_all_reduce
+from spmd.communicators import PallasCommunicator, custom_all_reduce
 
 pytestmark = pytest.mark.gpu
 
@@ -55,7 +56,7 @@ def test_gpu_communicator_all_reduce_matches_psum(rng):
     if n < 2:
         pytest.skip("needs 2 GPUs")
     spmd.initialize_model_parallel(n)
-    assert isinstance(spmd.get_tp_group().device_communicator, spmd.GpuCommunicator)
+    assert isinstance(spmd.get_tp_group().device_communicator, PallasCommunicator)
     x = rng.standard_normal((n, 1024)).astype(np.float32).astype(jnp.bfloat16)
     spec = P(spmd.MESH_AXES)
     f = jax.jit(

@@ -48,6 +48,7 @@ def test_cross_process_collectives_and_tensor_dicts(nproc, devices):
     for rank in range(nproc):
         assert f"[rank {rank}] OK collectives" in r.stdout
         assert f"[rank {rank}] cross-process collectives ok on {nproc} processes x {devices} devices" in r.stdout
+        assert f"[rank {rank}] group host-level ok: process {rank}" in r.stdout
 
 
 def test_unsupported_value_fails_cleanly_everywhere():

@@ -8,7 +8,6 @@ import pytest
 from helpers import MESH_IDS, MESH_SHAPES, groups, init, per_device, random_array
 
 import spmd
-from spmd.communicators import communicator_class_for
 
 
 def test_config_resolves_data_parallel_size():
@@ -37,11 +36,39 @@ def test_mesh_layout_and_groups(shape):
         g = getter()
         assert g.unique_name == name
         assert g.world_size == int(np.prod([shape["dp pp ep tp".split().index(a)] for a in axes]))
-        assert g.ranks == tuple(range(g.world_size))
-        assert (g.first_rank, g.last_rank) == (0, g.world_size - 1)
         expected = [tuple(int(ids[i]) for i in row) for row in groups(shape, axes)]
         assert list(g.device_groups) == expected
     assert spmd.get_tensor_model_parallel_world_size() == shape[3]
+
+
+def _members(shape, axes, i):
+    """Global ranks (mesh positions) of device ``i``'s group along ``axes``, by brute force."""
+    coords = np.array(np.unravel_index(np.arange(int(np.prod(shape))), shape)).T
+    keep = [k for k, a in enumerate(("dp", "pp", "ep", "tp")) if a not in axes]
+    return [j for j in range(len(coords)) if (coords[j][keep] == coords[i][keep]).all()]
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 2, 2), (1, 2, 2, 2), (4, 1, 1, 2)], ids=str)
+def test_global_ranks_follow_vllm(shape):
+    """``ranks`` / ``first_rank`` / ``last_rank`` are global ranks (vLLM's meaning), per device."""
+    init(shape)
+    n = int(np.prod(shape))
+    for getter, axes in [
+        (spmd.get_tp_group, ("tp",)),
+        (spmd.get_ep_group, ("ep",)),
+        (spmd.get_pp_group, ("pp",)),
+        (spmd.get_dp_group, ("dp",)),
+        (spmd.get_world_group, spmd.MESH_AXES),
+    ]:
+        g = getter()
+        x = np.zeros((n, 1), np.int32)
+        ranks, first, last = per_device(lambda v, g=g: (g.ranks, g.first_rank + v[0], g.last_rank + v[0]), x)
+        for i in range(n):
+            members = _members(shape, axes, i)
+            np.testing.assert_array_equal(ranks[i], members, err_msg=f"{g.unique_name} device {i}")
+            assert (first[i], last[i]) == (members[0], members[-1])
+    with pytest.raises(spmd.UnboundAxisError, match=r"tp\.ranks: found an unbound axis name"):
+        _ = spmd.get_tp_group().ranks
 
 
 def test_world_group_ranks_inside_shard_map():
@@ -73,64 +100,20 @@ def test_initialize_on_a_subset_of_devices(rng):
     assert spmd.get_tp_group().device_groups == ((0, 1), (2, 3))
 
 
-def test_communicator_is_chosen_from_the_platform():
+def test_barrier_single_process_waits_for_queued_work(rng, monkeypatch):
+    """``barrier`` returns only after this process's queued device work is done."""
     init((2, 1, 1, 4))
-    for getter in (spmd.get_tp_group, spmd.get_world_group, spmd.get_ep_group):
-        assert type(getter().device_communicator) is spmd.CpuCommunicator
-    assert communicator_class_for("gpu") is spmd.GpuCommunicator
-    assert communicator_class_for("cuda") is spmd.GpuCommunicator
-    assert communicator_class_for("tpu") is spmd.TpuCommunicator
-    assert communicator_class_for("METAL") is spmd.DeviceCommunicatorBase
+    from spmd import host
 
-
-@pytest.mark.parametrize("cls", [spmd.GpuCommunicator, spmd.TpuCommunicator, spmd.DeviceCommunicatorBase])
-@pytest.mark.parametrize("disable", [False, True])
-def test_every_communicator_lowers_correctly(cls, disable, rng):
-    """Each platform's communicator gives the reference results (traced here on CPU devices)."""
-    init((2, 1, 1, 4))
-    kwargs = {"disable_custom_all_reduce": disable} if cls is spmd.GpuCommunicator else {}
-    comm = cls("tp", 4, platform="cpu", **kwargs)
-    x = random_array(rng, (8, 8, 4), np.float32)
-    ar, ag, rs, a2a = per_device(
-        lambda v: (
-            comm.all_reduce(v),
-            comm.all_gather(v, 0),
-            comm.reduce_scatter(v, 0),
-            comm.all_to_all(v, 0, 1),
-        ),
-        x,
-    )
-    for g in groups((2, 1, 1, 4), ("tp",)):
-        for rank, r in enumerate(g):
-            np.testing.assert_allclose(ar[r], x[g].sum(0), rtol=1e-5, atol=1e-5)
-            np.testing.assert_array_equal(ag[r], np.concatenate(list(x[g]), 0))
-            np.testing.assert_allclose(rs[r], np.split(x[g].sum(0), 4, 0)[rank], rtol=1e-5, atol=1e-5)
-            np.testing.assert_array_equal(a2a[r], np.concatenate([np.split(x[s], 4, 0)[rank] for s in g], 1))
-
-
-def test_gpu_communicator_seam_prefers_custom_all_reduce(rng):
-    """A kernel registered at the seam is used by all_reduce unless the switch turns it off."""
-
-    class Doubling(spmd.GpuCommunicator):
-        def custom_all_reduce(self, input_):
-            return 2 * spmd.all_reduce(input_, self.axis_name)
-
-    init((1, 1, 1, 8))
-    x = random_array(rng, (8, 4), np.float32)
-    on = per_device(Doubling("tp", 8, platform="gpu").all_reduce, x)
-    off = per_device(Doubling("tp", 8, platform="gpu", disable_custom_all_reduce=True).all_reduce, x)
-    np.testing.assert_allclose(on[0], 2 * x.sum(0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(off[0], x.sum(0), rtol=1e-5, atol=1e-5)
-
-
-def test_initialize_passes_the_switch_to_gpu_communicators():
-    comm = spmd.make_device_communicator("tp", 4, platform="gpu", disable_custom_all_reduce=True)
-    assert isinstance(comm, spmd.GpuCommunicator) and comm.disable_custom_all_reduce
-
-
-def test_barrier_single_process(rng):
-    init((2, 1, 1, 4))
+    waited = []
+    real = jax.block_until_ready
+    monkeypatch.setattr(host.jax, "block_until_ready", lambda xs: waited.append(len(xs)) or real(xs))
     x = jax.device_put(random_array(rng, (8, 8), np.float32))
-    _ = x * 2
+    y = jax.jit(lambda v: v @ v.T)(x)
     spmd.get_world_group().barrier()
     spmd.get_tp_group().barrier()
+    assert len(waited) == 2 and all(n >= 2 for n in waited)  # x and y were among the arrays waited on
+    assert y.is_ready()
+    np.testing.assert_allclose(
+        np.asarray(y), np.asarray(x, np.float64) @ np.asarray(x, np.float64).T, rtol=1e-4, atol=1e-4
+    )

@@ -1,23 +1,46 @@
-"""Custom all-reduce for small tensors: Pallas one-shot and two-shot kernels, psum otherwise."""
+"""Pallas one-shot and two-shot all-reduce kernels for small tensors, and their pure-JAX reference.
 
-from kernels.custom_all_reduce.ops import auto_algorithms, custom_all_reduce, reference_all_reduce
+Two lowerings share one plan (:mod:`.planning`): Mosaic GPU (:mod:`.gpu`, NVIDIA peer stores)
+and the TPU form (:mod:`.tpu`, remote DMAs; on CPU it runs in Pallas's TPU interpret mode).
+This package imports only JAX and NumPy. Which kernel runs for a given call, and the psum
+fallback, are decided by ``spmd.communicators.dispatch``.
+"""
+
+from kernels.custom_all_reduce.ops import LOWERINGS, all_reduce_kernel, reference_all_reduce
 from kernels.custom_all_reduce.planning import (
-    ALGORITHMS,
-    TuningEntry,
-    ineligibility,
-    select_algorithm,
-    should_use_custom_all_reduce,
-    tuning_table,
+    ALIGN_BYTES,
+    KERNEL_ALGORITHMS,
+    LANES,
+    SUPPORTED_DTYPES,
+    SUPPORTED_WORLD_SIZES,
+    Plan,
+    make_plan,
 )
+from kernels.custom_all_reduce.tpu import one_shot_tpu, two_shot_tpu
 
 __all__ = [
-    "ALGORITHMS",
-    "TuningEntry",
-    "auto_algorithms",
-    "custom_all_reduce",
-    "ineligibility",
+    "ALIGN_BYTES",
+    "KERNEL_ALGORITHMS",
+    "LANES",
+    "LOWERINGS",
+    "SUPPORTED_DTYPES",
+    "SUPPORTED_WORLD_SIZES",
+    "Plan",
+    "all_reduce_kernel",
+    "make_plan",
+    "one_shot_gpu",
+    "one_shot_tpu",
     "reference_all_reduce",
-    "select_algorithm",
-    "should_use_custom_all_reduce",
-    "tuning_table",
+    "two_shot_gpu",
+    "two_shot_tpu",
 ]
+
+
+def __getattr__(name: str):
+    # The Mosaic GPU lowering is imported on first use: it pulls in Mosaic GPU, which CPU-only
+    # and TPU programs never need.
+    if name in ("one_shot_gpu", "two_shot_gpu"):
+        from kernels.custom_all_reduce import gpu
+
+        return getattr(gpu, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,131 +1,37 @@
-"""Planning shared by the GPU and TPU kernels: eligibility, algorithm choice, tiling, chunking.
+"""Tiling shared by the GPU and TPU kernels: what the kernels take, the ``[rows, 128]`` plan, peers.
 
-The tuning table (``tuning.json`` beside this file) is data: per platform and world size, the
-largest message (bytes per device) the custom kernel takes and where one-shot gives way to
-two-shot. It is written from benchmark runs (``python -m kernels.custom_all_reduce.bench``) and
-a world size or platform missing from it means "always XLA" under ``algorithm="auto"``.
+This module holds facts about the kernels (the dtypes, world sizes and alignment they are written
+for) and the plan of the buffer they work on. Whether a given call *should* use them (the tuning
+table, the process count, ``check_vma``) is decided by the communicators, not here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
-import pathlib
 from typing import Any
 
+import jax
 import numpy as np
+from jax import lax
 
 __all__ = [
-    "ALGORITHMS",
+    "ALIGN_BYTES",
+    "KERNEL_ALGORITHMS",
+    "LANES",
     "SUPPORTED_DTYPES",
+    "SUPPORTED_WORLD_SIZES",
     "Plan",
-    "TuningEntry",
-    "ineligibility",
     "make_plan",
     "out_struct",
     "peer_coords",
-    "select_algorithm",
-    "should_use_custom_all_reduce",
-    "tuning_table",
 ]
 
-ALGORITHMS = ("auto", "one_shot", "two_shot", "xla")
+KERNEL_ALGORITHMS = ("one_shot", "two_shot")
 SUPPORTED_DTYPES = frozenset(["float32", "bfloat16", "float16"])
 SUPPORTED_WORLD_SIZES = (2, 4, 8)
 LANES = 128  # the minor dimension of the 2-D view every kernel works on
 ALIGN_BYTES = 16  # one 16-byte vector per access (vLLM requires the same)
-_TUNING_PATH = pathlib.Path(__file__).with_name("tuning.json")
-
-
-@dataclasses.dataclass(frozen=True)
-class TuningEntry:
-    """When the custom kernel runs on one platform at one world size.
-
-    Attributes:
-      max_bytes: largest bytes per device handed to the custom kernel (0: never).
-      one_shot_max_bytes: up to this size one-shot, above it (up to ``max_bytes``) two-shot.
-      source: where the numbers came from (card, date, command).
-    """
-
-    max_bytes: int
-    one_shot_max_bytes: int
-    source: str = ""
-
-
-@functools.cache
-def tuning_table(path: str | None = None) -> dict[tuple[str, int], TuningEntry]:
-    """The tuning table, ``{(platform, world_size): TuningEntry}``."""
-    raw = json.loads(pathlib.Path(path or _TUNING_PATH).read_text())
-    table = {}
-    for platform, rows in raw["platforms"].items():
-        for ws, entry in rows.items():
-            table[(platform, int(ws))] = TuningEntry(
-                max_bytes=int(entry["max_bytes"]),
-                one_shot_max_bytes=int(entry["one_shot_max_bytes"]),
-                source=str(entry.get("source", "")),
-            )
-    return table
-
-
-def _nbytes(shape: tuple[int, ...], dtype: Any) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(np.dtype(dtype))
-
-
-def ineligibility(shape: tuple[int, ...], dtype: Any, world_size: int, platform: str) -> str | None:
-    """Why the custom kernel cannot take this input (``None`` when it can, tuning aside)."""
-    name = _dtype_name(dtype)
-    if name not in SUPPORTED_DTYPES:
-        return f"dtype {name} is not one of {sorted(SUPPORTED_DTYPES)}"
-    if world_size not in SUPPORTED_WORLD_SIZES:
-        return f"world size {world_size} is not one of {SUPPORTED_WORLD_SIZES}"
-    nbytes = _nbytes(shape, dtype)
-    if nbytes == 0:
-        return "the input is empty"
-    if nbytes % ALIGN_BYTES:
-        return f"{nbytes} bytes is not a multiple of {ALIGN_BYTES}"
-    if platform not in ("gpu", "cuda", "tpu", "cpu"):
-        return f"platform {platform!r} has no custom all-reduce kernel"
-    if platform in ("gpu", "cuda") and _process_count() > 1:
-        # Across processes XLA maps peer buffers through NCCL windows, which failed on the lent
-        # H200 machines (ncclGetPeerDevicePointer: unhandled system error, 2026-11-28).
-        return "the Mosaic GPU kernels need one process driving every GPU of the group"
-    return None
-
-
-def _process_count() -> int:
-    import jax
-
-    return jax.process_count()
-
-
-def select_algorithm(shape: tuple[int, ...], dtype: Any, world_size: int, platform: str) -> str:
-    """The algorithm ``"auto"`` picks: ``"one_shot"``, ``"two_shot"`` or ``"xla"``."""
-    if ineligibility(shape, dtype, world_size, platform) is not None:
-        return "xla"
-    entry = tuning_table().get((_platform_key(platform), world_size))
-    nbytes = _nbytes(shape, dtype)
-    if entry is None or nbytes > entry.max_bytes:
-        return "xla"
-    return "one_shot" if nbytes <= entry.one_shot_max_bytes else "two_shot"
-
-
-def should_use_custom_all_reduce(x: Any, world_size: int, platform: str) -> bool:
-    """Whether ``algorithm="auto"`` sends ``x`` (an array or ``ShapeDtypeStruct``) to the custom kernel.
-
-    vLLM's ``CUSTOM_ALLREDUCE_THRESHOLD`` logic: supported dtype, 16-byte multiple, a world size
-    of 2, 4 or 8, and at most the tuning table's ``max_bytes`` for this platform and world size.
-    """
-    return select_algorithm(tuple(x.shape), x.dtype, world_size, platform) != "xla"
-
-
-def _platform_key(platform: str) -> str:
-    return "gpu" if platform in ("gpu", "cuda") else platform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +65,6 @@ def out_struct(shape, dtype, like: Any, *, invariant_over: Any = (), varying_ove
     ``invariant_over`` (the all-reduced result is bitwise identical along the reduced axis, so it
     is typed invariant there, as ``psum``'s result is) plus ``varying_over`` (staging buffers).
     """
-    import jax
 
     def names(a: Any) -> set:
         return set(a) if isinstance(a, tuple) else {a} if isinstance(a, str) else set(a)
@@ -180,8 +85,6 @@ def peer_coords(axis_name: Any, rank: Any) -> dict:
     Other mesh axes keep this device's own coordinates. ``rank`` is linear over a tuple of axes,
     row-major, as ``lax.axis_index`` counts it. Traced inside a kernel; shared by both lowerings.
     """
-    from jax import lax
-
     if isinstance(axis_name, str):
         return {axis_name: rank}
     coords = {}

@@ -1,42 +1,96 @@
-"""Benchmark: MoE dispatch + combine for every all-to-all manager, on all local devices.
+"""Benchmark: MoE dispatch + combine for every all-to-all manager, all local devices as EP ranks.
 
-    python -m spmd.bench.expert_parallel --json ep.json                # every local GPU as EP ranks
-    python -m spmd.bench.expert_parallel --platform cpu --tokens 1,16 --hidden 256   # smoke test
+    python -m spmd.bench.expert_parallel --json ep.json           # every local accelerator as EP ranks
+    python -m spmd.bench.expert_parallel --platform cpu           # 8 simulated CPU devices, small shapes
 
 Per configuration (tokens per rank, hidden, top-k, experts) each manager routes bf16 tokens to
-identity experts and back (dispatch + combine, no expert math), checked once against the naive
-manager, then timed as ``--iters`` chained round trips in one jitted ``lax.fori_loop``, best of
-``--repeats``. "wire MB" is what one rank sends per round trip; GB/s is that over the time.
+identity experts and back (dispatch + combine, no expert math), checked once against a numpy
+reference (identity experts give back the input, times the kept routing weights), then timed as
+``--iters`` chained round trips in one jitted ``lax.fori_loop``, best of ``--repeats``
+(:mod:`spmd.bench.harness`). Before a row runs, its compiled memory estimate is checked against
+the budget (``--max-memory-gb``): a row that would not fit is skipped with a message. "wire MB" is
+what one rank sends per round trip; GB/s is that over the time.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
+from typing import Any
 
-CONFIGS = "2x8,8x64"  # top-k x experts
+from spmd.bench import harness
+
+__all__ = ["DEFAULTS", "build_parser", "main"]
+
+PROG = "python -m spmd.bench.expert_parallel"
+MANAGERS = ("naive", "capacity", "ragged", "ragged-dense")
+# Shapes per platform: accelerators get serving shapes; a CPU laptop gets shapes that run in seconds.
+DEFAULTS = {
+    "accelerator": {"tokens": "1,128,4096", "hidden": "4096,7168", "configs": "2x8,8x64", "iters": 20, "repeats": 3},
+    "cpu": {"tokens": "1,16", "hidden": "256", "configs": "2x8", "iters": 5, "repeats": 2},
+}
 
 
-def _args(argv):
-    p = argparse.ArgumentParser(prog="python -m spmd.bench.expert_parallel")
-    p.add_argument("--platform", default="", help="cpu for simulated devices (default: the default backend)")
-    p.add_argument("--cpu-devices", type=int, default=8)
-    p.add_argument("--tokens", default="1,128,4096", help="tokens per EP rank")
-    p.add_argument("--hidden", default="4096,7168")
-    p.add_argument("--configs", default=CONFIGS, help="top-k x experts pairs, e.g. 2x8,8x64")
-    p.add_argument("--managers", default="naive,capacity,ragged", help="also: ragged-dense (no ragged collective)")
-    p.add_argument("--capacity-factor", type=float, default=1.25)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", default="bench_expert_parallel.json")
-    a = p.parse_args(argv)
-    a.tokens = [int(t) for t in a.tokens.split(",")]
-    a.hidden = [int(h) for h in a.hidden.split(",")]
-    a.configs = [tuple(int(v) for v in c.split("x")) for c in a.configs.split(",")]
-    a.managers = a.managers.split(",")
-    return a
+def _config(text: str) -> tuple[int, int]:
+    k, sep, e = text.partition("x")
+    if not sep:
+        raise ValueError(f"expected TOPKxEXPERTS like 2x8, got {text!r}")
+    k, e = harness.positive_int(k), harness.positive_int(e)
+    if k > e:
+        raise ValueError(f"top-k {k} is larger than the {e} experts in {text!r}")
+    return k, e
+
+
+def _manager(name: str) -> str:
+    if name not in MANAGERS:
+        raise ValueError(f"unknown manager {name!r}; choose from {list(MANAGERS)}")
+    return name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this benchmark."""
+    acc, cpu = DEFAULTS["accelerator"], DEFAULTS["cpu"]
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=harness.HelpFormatter)
+    harness.add_device_args(p, cpu_devices=8)
+    ints = lambda what: lambda s: harness.parse_list(s, harness.positive_int, what=what)
+    p.add_argument(
+        "--tokens",
+        type=ints("tokens"),
+        default=None,
+        help=f"tokens per EP rank (default: {acc['tokens']}; CPU {cpu['tokens']})",
+    )
+    p.add_argument(
+        "--hidden",
+        type=ints("hidden sizes"),
+        default=None,
+        help=f"hidden sizes (default: {acc['hidden']}; CPU {cpu['hidden']})",
+    )
+    p.add_argument(
+        "--configs",
+        type=lambda s: harness.parse_list(s, _config, what="configs"),
+        default=None,
+        help=f"top-k x experts pairs (default: {acc['configs']}; CPU {cpu['configs']})",
+    )
+    p.add_argument(
+        "--managers",
+        type=lambda s: harness.parse_list(s, _manager, what="managers"),
+        default="naive,capacity,ragged",
+        help="all-to-all managers; ragged-dense is the ragged manager over the padded all_to_all",
+    )
+    p.add_argument("--capacity-factor", type=float, default=1.25, help="the capacity manager's slack per expert")
+    p.add_argument(
+        "--max-memory-gb",
+        type=float,
+        default=None,
+        help="skip a row whose compiled memory estimate is larger (default: 80%% of available host memory "
+        "on CPU, 90%% of device memory on accelerators)",
+    )
+    harness.add_timing_args(p, json_path="bench_expert_parallel.json", iters=None, repeats=None)
+    p.epilog = (
+        f"Per-platform --iters/--repeats defaults: accelerators {acc['iters']}/{acc['repeats']}, "
+        f"CPU {cpu['iters']}/{cpu['repeats']}."
+    )
+    return p
 
 
 def _wire_bytes(name: str, ep: int, t: int, h: int, k: int, e: int, cap: int) -> int:
@@ -51,118 +105,130 @@ def _wire_bytes(name: str, ep: int, t: int, h: int, k: int, e: int, cap: int) ->
     return int(2 * frac * t * k * h * 2)  # ragged: the routed rows, both ways (uniform routing)
 
 
-def main(argv=None) -> int:
-    a = _args(argv)
-    import jax
+def _case(name: str, ep: int, t: int, h: int, k: int, e: int, args: argparse.Namespace, rng) -> harness.Case:
+    """One row: manager ``name`` round-tripping ``t`` tokens of ``h`` per rank, top-``k`` of ``e`` experts."""
 
-    if a.platform == "cpu":
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", a.cpu_devices)
-    import jax.numpy as jnp
+    def build() -> harness.Trial:
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        import spmd
+        from spmd.expert_parallel import get_all2all_manager
+
+        spec = P("ep")
+        mesh = spmd.get_mesh()
+        x = rng.standard_normal((ep * t, h)).astype(np.float32).astype(jnp.bfloat16)
+        ids = np.stack([rng.choice(e, size=k, replace=False) for _ in range(ep * t)]).astype(np.int32)
+        w = rng.random((ep * t, k)).astype(np.float32) + 0.1
+        w /= w.sum(1, keepdims=True)
+        xs, ws, idss = (jax.device_put(v, NamedSharding(mesh, spec)) for v in (x, w, ids))
+        kwargs: dict[str, Any] = {"capacity_factor": args.capacity_factor} if name == "capacity" else {}
+        if name == "ragged-dense":
+            kwargs = {"use_ragged_collective": False}
+        manager = get_all2all_manager(name.split("-")[0], e, tp_axis=None, **kwargs)
+
+        def round_trip(x, w, ids):
+            inputs, state = manager.dispatch(x, w, ids)
+            return manager.combine(inputs, state), state.num_dropped
+
+        once = jax.jit(
+            spmd.shard_map(
+                lambda x, w, ids: (lambda y, d: (y, d[None]))(*round_trip(x, w, ids)),
+                in_specs=(spec,) * 3,
+                out_specs=(spec, spec),
+                check_vma=False,
+            )
+        )
+
+        def check(outputs):
+            y, dropped = outputs
+            y = np.asarray(y).astype(np.float32)
+            dropped = int(np.asarray(dropped).sum())
+            if dropped:  # dropped slots change the sum; report, and check nothing else
+                return {"ok": True, "dropped": dropped}
+            want = x.astype(np.float32)  # identity experts: sum_k w_k * x = x (weights sum to 1)
+            return {"ok": bool(np.allclose(y, want, rtol=2e-2, atol=2e-2)), "dropped": 0}
+
+        def loop(x, w, ids):
+            chained, _ = harness.chain(lambda c: round_trip(c, w, ids)[0], args.iters)
+            return chained(x)
+
+        timed = jax.jit(spmd.shard_map(loop, in_specs=(spec,) * 3, out_specs=spec, check_vma=False))
+        cap = manager.capacity(t, k) if name == "capacity" else 0
+        wire = _wire_bytes(name, ep, t, h, k, e, cap)
+        return harness.Trial(
+            once=lambda: once(xs, ws, idss),
+            check=check,
+            loop=timed,
+            args=(xs, ws, idss),
+            calls=args.iters,
+            extra={"wire_MB": wire / 1e6, "bytes_moved": wire},
+        )
+
+    return harness.Case(key={"tokens": t, "hidden": h, "k": k, "experts": e, "manager": name}, build=build)
+
+
+COLUMNS = [
+    harness.Column("tokens", "tokens", 6),
+    harness.Column("hidden", "hidden", 6),
+    harness.Column("k", "k", 2),
+    harness.Column("experts", "E", 3),
+    harness.Column("manager", "manager", 12),
+    harness.Column("us", "us", 9, ".1f"),
+    harness.Column("wire_MB", "wire MB", 8, ".2f"),
+    harness.Column("GBps", "GB/s", 7, ".1f"),
+    harness.Column("dropped", "dropped", 7),
+    harness.Column("ok", "check", 6),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep; non-zero when nothing was measured or a row was wrong or failed."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        devices = harness.start_devices(args.platform, args.cpu_devices)
+    except harness.BenchError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    ep = len(devices)
+    if ep < 2:
+        print(
+            f"{PROG}: needs at least 2 devices as EP ranks, found {ep} x {devices[0].platform}; "
+            f"use --platform cpu --cpu-devices 8 for simulated devices.",
+            file=sys.stderr,
+        )
+        return 2
+    defaults = DEFAULTS["cpu" if devices[0].platform == "cpu" else "accelerator"]
+    harness.fill_defaults(p, args, defaults)
+    import jax
     import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     import spmd
-    from spmd.bench.timing import best_seconds
-    from spmd.expert_parallel import get_all2all_manager
 
-    devices = jax.devices()
-    ep = len(devices)
-    spmd.initialize_model_parallel(1, 1, 1, ep)
-    mesh = spmd.get_mesh()
-    spec = P("ep")
-    kind = devices[0].device_kind
+    spmd.destroy_model_parallel()
+    spmd.initialize_model_parallel(1, 1, 1, ep, devices=devices)
     print(
-        f"{ep} x {kind}, jax {jax.__version__}, EP={ep}, bf16, identity experts, "
-        f"{a.iters} chained round trips, best of {a.repeats}",
+        f"{PROG}: {ep} x {devices[0].device_kind}, jax {jax.__version__}, EP={ep}, bf16, identity experts, "
+        f"{args.iters} chained round trips, best of {args.repeats}",
         flush=True,
     )
-    header = (
-        f"{'tokens':>6} {'hidden':>6} {'k':>2} {'E':>3} {'manager':>9} {'us':>9} {'wire MB':>8} {'GB/s':>7} "
-        f"{'dropped':>7}  check"
-    )
-    print(header, flush=True)
     rng = np.random.default_rng()
-    rows = []
-    for t in a.tokens:
-        for h in a.hidden:
-            for k, e in a.configs:
-                x = rng.standard_normal((ep * t, h)).astype(np.float32).astype(jnp.bfloat16)
-                ids = np.stack([rng.choice(e, size=k, replace=False) for _ in range(ep * t)]).astype(np.int32)
-                w = rng.random((ep * t, k)).astype(np.float32)
-                w /= w.sum(1, keepdims=True)
-                xs, ws, idss = (jax.device_put(v, NamedSharding(mesh, spec)) for v in (x, w, ids))
-                reference = None
-                for name in a.managers:
-                    kwargs = {"capacity_factor": a.capacity_factor} if name == "capacity" else {}
-                    if name == "ragged-dense":  # the ragged manager over the padded all_to_all emulation
-                        kwargs = {"use_ragged_collective": False}
-                    manager = get_all2all_manager(name.split("-")[0], e, tp_axis=None, **kwargs)
-
-                    def round_trip(x, w, ids, manager=manager):
-                        inputs, state = manager.dispatch(x, w, ids)
-                        return manager.combine(inputs, state), state.num_dropped
-
-                    def one(x, w, ids, rt=round_trip):
-                        y, dropped = rt(x, w, ids)
-                        return y, dropped[None]
-
-                    once = jax.jit(spmd.shard_map(one, in_specs=(spec,) * 3, out_specs=(spec, spec), check_vma=False))
-                    try:
-                        y, dropped = once(xs, ws, idss)
-                        y = np.asarray(y).astype(np.float32)
-                        dropped = int(np.asarray(dropped).sum())
-                        if reference is None and name == "naive":
-                            reference = y
-                        ok = reference is None or dropped > 0 or bool(np.allclose(y, reference, rtol=2e-2, atol=2e-2))
-
-                        def loop(x, w, ids, rt=round_trip):
-                            return jax.lax.fori_loop(0, a.iters, lambda i, c: rt(c, w, ids)[0], x)
-
-                        looped = jax.jit(spmd.shard_map(loop, in_specs=(spec,) * 3, out_specs=spec, check_vma=False))
-                        best = best_seconds(looped, xs, ws, idss, repeats=a.repeats)
-                        us = best / a.iters * 1e6
-                    except Exception as exc:  # one failing manager must not hide the others
-                        print(
-                            f"{t:>6} {h:>6} {k:>2} {e:>3} {name:>9} ERROR {type(exc).__name__}: {str(exc)[:300]}",
-                            flush=True,
-                        )
-                        rows.append(
-                            {"tokens": t, "hidden": h, "k": k, "experts": e, "manager": name, "error": str(exc)[:500]}
-                        )
-                        continue
-                    cap = manager.capacity(t, k) if name == "capacity" else 0
-                    wire = _wire_bytes(name, ep, t, h, k, e, cap)
-                    row = {
-                        "tokens": t,
-                        "hidden": h,
-                        "k": k,
-                        "experts": e,
-                        "manager": name,
-                        "us": us,
-                        "wire_bytes": wire,
-                        "GBps": wire / us / 1e3,
-                        "dropped": dropped,
-                        "ok": ok,
-                    }
-                    rows.append(row)
-                    print(
-                        f"{t:>6} {h:>6} {k:>2} {e:>3} {name:>9} {us:>9.1f} {wire / 1e6:>8.2f} {row['GBps']:>7.1f} "
-                        f"{dropped:>7}  {'ok' if ok else 'WRONG'}",
-                        flush=True,
-                    )
-    meta = {
-        "device_kind": kind,
-        "ep": ep,
-        "jax": jax.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python -m spmd.bench.expert_parallel " + " ".join(argv or sys.argv[1:]),
-    }
-    with open(a.json, "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=1)
-    print(f"wrote {a.json}", flush=True)
-    return 0 if all(r.get("ok", False) for r in rows) else 1
+    cases = [
+        _case(name, ep, t, h, k, e, args, rng)
+        for t in args.tokens
+        for h in args.hidden
+        for k, e in args.configs
+        for name in args.managers
+    ]
+    max_bytes = None if args.max_memory_gb is None else int(args.max_memory_gb * 1e9)
+    rows = harness.run_cases(cases, COLUMNS, devices=devices, repeats=args.repeats, max_memory_bytes=max_bytes)
+    spmd.destroy_model_parallel()
+    meta = harness.metadata(PROG, argv, devices, ep=ep, iters=args.iters, repeats=args.repeats)
+    return harness.finish(rows, meta, args.json, prog=PROG)
 
 
 if __name__ == "__main__":

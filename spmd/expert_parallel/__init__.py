@@ -2,36 +2,58 @@
 
 from __future__ import annotations
 
-from spmd.expert_parallel.base import All2AllManagerBase, ExpertInputs, RoutingState
+from spmd.expert_parallel.base import All2AllManagerBase, ExpertInputs, ExpertTokens, RoutingState
+from spmd.expert_parallel.buckets import (
+    combine_by_all_gather,
+    combine_by_all_to_all,
+    scatter_by_all_gather,
+    scatter_by_all_to_all,
+)
 from spmd.expert_parallel.managers import (
     MANAGERS,
     CapacityAll2AllManager,
+    CapacityRoutingState,
     NaiveAll2AllManager,
+    NaiveRoutingState,
     RaggedAll2AllManager,
+    RaggedRoutingState,
     ragged_all_to_all_dense,
 )
 
 __all__ = [
     "All2AllManagerBase",
     "CapacityAll2AllManager",
+    "CapacityRoutingState",
     "ExpertInputs",
+    "ExpertTokens",
     "NaiveAll2AllManager",
+    "NaiveRoutingState",
     "RaggedAll2AllManager",
+    "RaggedRoutingState",
     "RoutingState",
+    "combine_by_all_gather",
+    "combine_by_all_to_all",
     "get_all2all_manager",
     "ragged_all_to_all_dense",
+    "scatter_by_all_gather",
+    "scatter_by_all_to_all",
 ]
 
 
 def get_all2all_manager(name: str, num_experts: int, **kwargs) -> All2AllManagerBase:
     """The manager called ``name`` ("naive", "capacity" or "ragged") for ``num_experts`` experts.
 
+    Args:
+      name: a key of ``MANAGERS``.
+      num_experts: experts in the layer, all EP ranks together.
+      **kwargs: the manager's own options (``expert_capacity=``, ``use_ragged_collective=``, ...).
+
     Raises:
       ValueError: an unknown name.
     """
     try:
         cls = MANAGERS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(
             f"get_all2all_manager: unknown manager {name!r}; expected one of {sorted(MANAGERS)}."
         ) from None

@@ -1,9 +1,11 @@
-"""The device communicator interface and its XLA implementation.
+"""The XLA communicator: every collective lowered through XLA (vLLM's ``DeviceCommunicatorBase``).
 
 A communicator is how one group's collectives are lowered on one platform. vLLM's
-``DeviceCommunicatorBase`` wraps ``torch.distributed`` calls on a process group; here it wraps
-the XLA collectives (``psum``, ``all_gather``, ``psum_scatter``, ``all_to_all``) on a mesh axis,
-and platform subclasses override what they do faster (see ``gpu.py``).
+``DeviceCommunicatorBase`` wraps ``torch.distributed`` calls on a process group; here
+:class:`XlaCommunicator` wraps the XLA collectives (``psum``, ``all_gather``, ``psum_scatter``,
+``all_to_all``) on a mesh axis. That is already the right lowering on CPU (XLA:CPU in one process,
+gloo across processes) and for everything but small all-reduces on GPU and TPU, where
+:class:`~spmd.communicators.pallas.PallasCommunicator` adds the custom kernel.
 """
 
 from __future__ import annotations
@@ -13,26 +15,45 @@ from typing import Any
 from spmd import collectives
 from spmd.axes import AxisName
 
+__all__ = ["XlaCommunicator"]
 
-class DeviceCommunicatorBase:
+
+class XlaCommunicator:
     """Collectives of one group (a mesh axis), lowered through XLA.
+
+    Every communicator class takes this constructor signature.
 
     Args:
       axis_name: the mesh axis (or tuple of axes) this communicator reduces over.
       world_size: the number of devices along ``axis_name``.
       platform: the platform of the mesh's devices (``"cpu"``, ``"gpu"``, ``"tpu"``, ...).
-      unique_name: a label for logs and errors, e.g. ``"tp"``.
+      unique_name: a label for logs and errors, e.g. ``"tp"`` (default: the axis name).
+      disable_custom_all_reduce: never use a custom all-reduce kernel (vLLM's flag). Recorded on
+        every communicator so a group's configuration can be read back; this class has no
+        custom kernel to disable.
+
+    Raises:
+      ValueError: ``world_size`` is not a positive int.
 
     Every method is traced inside ``shard_map`` over a mesh that binds ``axis_name``.
     """
 
-    def __init__(self, axis_name: AxisName, world_size: int, *, platform: str, unique_name: str = ""):
-        if not isinstance(world_size, int) or world_size < 1:
+    def __init__(
+        self,
+        axis_name: AxisName,
+        world_size: int,
+        *,
+        platform: str,
+        unique_name: str = "",
+        disable_custom_all_reduce: bool = False,
+    ):
+        if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
             raise ValueError(f"{type(self).__name__}: expected a positive int world_size, got {world_size!r}.")
         self.axis_name = axis_name
         self.world_size = world_size
         self.platform = platform
         self.unique_name = unique_name or (axis_name if isinstance(axis_name, str) else "_".join(axis_name))
+        self.disable_custom_all_reduce = bool(disable_custom_all_reduce)
 
     def all_reduce(self, input_: Any) -> Any:
         """Sum over the group; the same result on every rank."""
@@ -53,5 +74,5 @@ class DeviceCommunicatorBase:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(axis_name={self.axis_name!r}, world_size={self.world_size}, "
-            f"platform={self.platform!r})"
+            f"platform={self.platform!r}, disable_custom_all_reduce={self.disable_custom_all_reduce})"
         )

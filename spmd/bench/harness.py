@@ -1,0 +1,459 @@
+"""The one benchmark harness: a benchmark describes its cases; this module checks, times and reports them.
+
+A benchmark is a list of :class:`Case` (the row's key and a function that builds a
+:class:`Trial`: what to call once and check against a reference, and the jitted chained loop to
+time). :func:`run_cases` runs them in order:
+
+1. build the trial and compile its loop; estimate its memory from the compiled executable
+   (``memory_analysis``, times the devices that share host memory on CPU) and skip the row with a
+   message when it exceeds the budget, before anything runs;
+2. call it once and check the outputs (``Trial.check`` returns ``ok`` and any columns);
+3. time the loop: warm-up, then best of ``repeats`` (``block_until_ready``), divided by the calls
+   it chains.
+
+It prints a table row as each case finishes and a progress line on long sweeps; a case that
+raises becomes an error row and the sweep goes on. :func:`finish` writes the JSON (device, date,
+command metadata and the rows) and turns the rows into the exit status: non-zero when nothing was
+measured (no JSON is written then) or when any row is wrong or failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform as _platform
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+__all__ = [
+    "BenchError",
+    "Case",
+    "Column",
+    "HelpFormatter",
+    "Trial",
+    "add_device_args",
+    "add_timing_args",
+    "best_seconds",
+    "chain",
+    "fill_defaults",
+    "finish",
+    "format_size",
+    "host_memory_budget",
+    "metadata",
+    "parse_list",
+    "parse_size",
+    "positive_int",
+    "run_cases",
+    "start_devices",
+]
+
+_UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "K": 1 << 10, "M": 1 << 20}
+
+
+class BenchError(RuntimeError):
+    """A benchmark cannot run as asked (no such devices, a bad combination of flags)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` shows every default (except ``None``: such options say their default in words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def parse_size(text: str) -> int:
+    """``"2KiB"`` -> 2048. Accepts B, KiB, MiB, GiB (case-insensitive).
+
+    Raises:
+      argparse.ArgumentTypeError: not a positive whole number of bytes.
+    """
+    t = text.strip().upper()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if unit and t.endswith(unit):
+            number, scale = t[: -len(unit)], _UNITS[unit]
+            break
+    else:
+        number, scale = t, 1
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 2KiB or 1MiB, got {text!r}") from None
+    if value <= 0 or value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a positive whole number of bytes, got {text!r}")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    """2048 -> ``"2 KiB"``; sizes that are not whole KiB / MiB stay in bytes."""
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: a positive int.
+
+    Raises:
+      argparse.ArgumentTypeError: anything else.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def parse_list(text: str, item: Callable[[str], Any], *, what: str) -> list:
+    """``"2,4"`` -> ``[item("2"), item("4")]``.
+
+    Raises:
+      argparse.ArgumentTypeError: an empty list or an item ``item`` refuses (the message names ``what``).
+    """
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, got {text!r}")
+    try:
+        return [item(p) for p in parts]
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise argparse.ArgumentTypeError(f"{what}: {e}") from None
+
+
+def fill_defaults(p: argparse.ArgumentParser, args: argparse.Namespace, defaults: dict[str, Any]) -> None:
+    """Set the options left at ``None`` from ``defaults`` (per-platform values), parsed as if given."""
+    for action in p._actions:
+        if action.dest in defaults and getattr(args, action.dest, None) is None:
+            value = defaults[action.dest]
+            if action.type is not None and isinstance(value, str | int | float):
+                value = action.type(str(value))
+            setattr(args, action.dest, value)
+
+
+def add_device_args(p: argparse.ArgumentParser, *, cpu_devices: int = 8) -> None:
+    """``--platform`` and ``--cpu-devices``."""
+    p.add_argument(
+        "--platform",
+        choices=("auto", "cpu", "gpu", "tpu"),
+        default="auto",
+        help="devices to run on: auto = the accelerators JAX finds, else simulated CPU devices",
+    )
+    p.add_argument(
+        "--cpu-devices", type=positive_int, default=cpu_devices, help="how many CPU devices to simulate on CPU"
+    )
+
+
+def add_timing_args(p: argparse.ArgumentParser, *, json_path: str, iters: int | None, repeats: int | None) -> None:
+    """``--iters``, ``--repeats`` and ``--json`` (``None`` defaults are resolved per platform by the caller)."""
+    p.add_argument(
+        "--iters",
+        type=positive_int,
+        default=iters,
+        help="chained calls per timed loop" + ("" if iters is not None else " (default: per platform, see below)"),
+    )
+    p.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=repeats,
+        help="timed loops; the best is reported" + ("" if repeats is not None else " (default: per platform)"),
+    )
+    p.add_argument("--json", default=json_path, help="where to write the results (not written if nothing ran)")
+
+
+def start_devices(platform: str, cpu_devices: int) -> list:
+    """Start JAX on the asked-for devices.
+
+    Args:
+      platform: ``"auto"`` (accelerators if any, else CPU), ``"cpu"``, ``"gpu"`` or ``"tpu"``.
+      cpu_devices: how many CPU devices to simulate (used only when running on CPU).
+
+    Returns:
+      The devices, ``jax.devices(platform)``.
+
+    Raises:
+      BenchError: JAX has no devices of that platform here.
+    """
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", cpu_devices)  # only the CPU backend reads it
+    except RuntimeError:  # the backend is already up (in-process callers): keep its devices
+        pass
+    if platform == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+    try:
+        devices = jax.devices() if platform in ("auto", "cpu") else jax.devices(platform)
+    except RuntimeError as e:
+        raise BenchError(
+            f"--platform {platform}: JAX found no {platform} devices on this machine ({e}). "
+            f"Run on a {platform.upper()} machine, or use --platform cpu for simulated devices."
+        ) from None
+    return list(devices)
+
+
+def metadata(prog: str, argv: Sequence[str] | None, devices: Sequence[Any], **extra: Any) -> dict[str, Any]:
+    """What a result file records besides its rows: device, date, command, versions, host."""
+    import jax
+
+    return {
+        "command": " ".join([prog, *(sys.argv[1:] if argv is None else argv)]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "num_devices": len(devices),
+        "jax": jax.__version__,
+        "python": _platform.python_version(),
+        "host": _platform.node(),
+        **extra,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Cases
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """What one row checks and times.
+
+    Attributes:
+      once: runs one call and returns its outputs (host arrays), for ``check``.
+      check: outputs -> ``{"ok": bool, ...}``; the other keys become columns of the row.
+      loop: the jitted chained loop to time; returns arrays.
+      args: ``loop``'s arguments (device arrays).
+      calls: calls chained in one run of ``loop`` (the time is divided by it).
+      extra: columns known before running; ``bytes_moved`` (bytes per device per call) also
+        yields a ``GBps`` column.
+    """
+
+    once: Callable[[], Any]
+    check: Callable[[Any], dict[str, Any]]
+    loop: Callable[..., Any]
+    args: tuple
+    calls: int
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One row of a sweep: its key columns and how to build its trial (lazily, when its turn comes)."""
+
+    key: dict[str, Any]
+    build: Callable[[], Trial]
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """A table column: the row key it shows, its header, width and number format."""
+
+    key: str
+    header: str
+    width: int
+    fmt: str = ""
+
+    def cell(self, row: dict[str, Any]) -> str:
+        value = row.get(self.key)
+        if value is None:
+            return f"{'-':>{self.width}}"
+        if isinstance(value, bool):
+            return f"{('ok' if value else 'WRONG'):>{self.width}}"
+        return f"{value:>{self.width}{self.fmt}}"
+
+
+def chain(step: Callable[[Any], Any], iters: int, *, unroll: int = 1) -> tuple[Callable[[Any], Any], int]:
+    """``step`` applied ``iters`` times in one ``lax.fori_loop`` (``unroll`` calls written out per iteration).
+
+    Returns:
+      ``(fn, calls)``: ``fn(carry)`` runs the loop; ``calls`` is how many calls it chains
+      (``iters`` rounded down to a multiple of ``unroll``, at least ``unroll``).
+    """
+    import jax
+
+    trips = max(1, iters // unroll)
+
+    def body(i, c):
+        for _ in range(unroll):
+            c = step(c)
+        return c
+
+    return (lambda carry: jax.lax.fori_loop(0, trips, body, carry)), trips * unroll
+
+
+def best_seconds(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
+    """Run ``fn(*args)`` once to warm up, then ``repeats`` times; the fastest wall time in seconds."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def host_memory_budget(fraction: float = 0.8) -> int | None:
+    """``fraction`` of the memory the OS says is available (``MemAvailable``), or ``None`` if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * fraction)
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * fraction)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _estimate_bytes(compiled: Any, devices: Sequence[Any]) -> int | None:
+    """Bytes the compiled program needs where memory is shared: per device, times the CPU devices."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # not every backend reports it
+        return None
+    if stats is None:
+        return None
+    per_device = sum(
+        int(getattr(stats, f, 0) or 0)
+        for f in (
+            "temp_size_in_bytes",
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "generated_code_size_in_bytes",
+        )
+    )
+    sharing = len(devices) if devices and devices[0].platform == "cpu" else 1
+    return per_device * sharing
+
+
+def _memory_budget(devices: Sequence[Any], limit_bytes: int | None) -> int | None:
+    if limit_bytes is not None:
+        return limit_bytes
+    if devices and devices[0].platform == "cpu":
+        return host_memory_budget()
+    stats = devices[0].memory_stats() if devices else None
+    return int(stats["bytes_limit"] * 0.9) if stats and "bytes_limit" in stats else None
+
+
+def _run_one(case: Case, devices: Sequence[Any], repeats: int, budget: int | None) -> dict[str, Any]:
+    row = dict(case.key)
+    trial = case.build()
+    row.update(trial.extra)
+    compiled = trial.loop
+    lower = getattr(trial.loop, "lower", None)
+    if lower is not None:
+        compiled = lower(*trial.args).compile()
+        need = _estimate_bytes(compiled, devices)
+        if need is not None:
+            row["memory_estimate_bytes"] = need
+            if budget is not None and need > budget:
+                row["skipped"] = (
+                    f"needs ~{need / 1e9:.2f} GB ({len(devices)} x {devices[0].platform} devices), "
+                    f"over the {budget / 1e9:.2f} GB budget (--max-memory-gb)"
+                )
+                return row
+    checked = trial.check(trial.once())
+    row.update(checked)
+    row["ok"] = bool(checked["ok"])
+    row["us"] = best_seconds(compiled, *trial.args, repeats=repeats) / trial.calls * 1e6
+    if "bytes_moved" in row:
+        row["GBps"] = row["bytes_moved"] / row["us"] / 1e3
+    return row
+
+
+def run_cases(
+    cases: Iterable[Case],
+    columns: Sequence[Column],
+    *,
+    devices: Sequence[Any],
+    repeats: int,
+    max_memory_bytes: int | None = None,
+    progress_every_s: float = 10.0,
+    derive: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None,
+    out: Any = None,
+) -> list[dict[str, Any]]:
+    """Check and time every case, printing a table row as each finishes.
+
+    Args:
+      cases: the rows to run, in order.
+      columns: the table's columns (key columns first); ``us`` and ``ok`` are filled in here.
+      devices: the devices the cases run on (for the memory estimate).
+      repeats: timed runs per case; the best is kept.
+      max_memory_bytes: skip a case whose compiled estimate is larger (default: 80% of available
+        host memory on CPU, 90% of the device's memory limit on accelerators).
+      progress_every_s: print ``[done/total]`` with the elapsed time to stderr this often.
+      derive: ``derive(row, earlier_rows)`` adds columns computed from other rows (e.g. a ratio
+        to a baseline measured earlier) before the row is printed.
+      out: the stream for the table (default ``sys.stdout``).
+
+    Returns:
+      One dict per case: its key, the trial's columns, and ``us`` + ``ok``, or ``error`` or ``skipped``.
+    """
+    out = out or sys.stdout
+    cases = list(cases)
+    budget = _memory_budget(devices, max_memory_bytes)
+    header = " ".join(f"{c.header:>{c.width}}" for c in columns)
+    print(header, file=out, flush=True)
+    print("-" * len(header), file=out, flush=True)
+    rows = []
+    start = last = time.perf_counter()
+    for i, case in enumerate(cases):
+        now = time.perf_counter()
+        if len(cases) > 1 and now - last >= progress_every_s:
+            done = max(i, 1)
+            eta = (now - start) / done * (len(cases) - i)
+            print(f"[{i}/{len(cases)}] {now - start:.0f} s elapsed, ~{eta:.0f} s left", file=sys.stderr, flush=True)
+            last = now
+        try:
+            row = _run_one(case, devices, repeats, budget)
+        except Exception as e:  # one failing case must not hide the others; reported in the row and the exit status
+            row = {**case.key, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+        if derive is not None and "us" in row:
+            derive(row, rows)
+        rows.append(row)
+        keys = " ".join(c.cell(row) for c in columns if c.key in case.key)
+        if "error" in row:
+            print(f"{keys} ERROR {row['error']}", file=out, flush=True)
+        elif "skipped" in row:
+            print(f"{keys} SKIPPED {row['skipped']}", file=out, flush=True)
+        else:
+            print(" ".join(c.cell(row) for c in columns), file=out, flush=True)
+    return rows
+
+
+def finish(rows: Sequence[dict[str, Any]], meta: dict[str, Any], json_path: str, *, prog: str) -> int:
+    """Write the results and return the exit status.
+
+    Returns:
+      1 (and no file written) when nothing was measured; 1 when any row is wrong or failed;
+      else 0. Skipped rows (memory) are reported but are not failures.
+    """
+    measured = [r for r in rows if "us" in r]
+    wrong = [r for r in measured if not r.get("ok", False)]
+    errors = [r for r in rows if "error" in r]
+    skipped = [r for r in rows if "skipped" in r]
+    summary = f"{len(measured) - len(wrong)} ok, {len(wrong)} wrong, {len(errors)} failed, {len(skipped)} skipped"
+    if not measured:
+        print(f"{prog}: nothing was measured ({summary}); {json_path} not written.", file=sys.stderr, flush=True)
+        return 1
+    with open(json_path, "w") as f:
+        json.dump({"meta": meta, "results": list(rows)}, f, indent=1)
+    print(f"\n{summary}; wrote {json_path}", flush=True)
+    if wrong or errors:
+        print(f"{prog}: {len(wrong)} wrong and {len(errors)} failed rows (see above).", file=sys.stderr, flush=True)
+        return 1
+    return 0

@@ -1,0 +1,114 @@
+"""Joining a multi-process job: ``init_distributed_environment`` over ``jax.distributed``.
+
+vLLM's ``init_distributed_environment`` creates the ``torch.distributed`` world. Here JAX's own
+runtime is the world: ``jax.distributed.initialize`` starts (on process 0) or joins the
+coordination service, after which ``jax.devices()`` lists every process's devices and XLA's
+collectives (NCCL on GPU, gloo on CPU) span processes. Nothing here changes process-wide hooks:
+``spmd-launch`` runs each rank through a runner that ends it promptly on an uncaught error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from spmd import compat
+from spmd.envs import SpmdEnv
+
+__all__ = ["distributed_is_initialized", "init_distributed_environment"]
+
+
+class _Joined:
+    """Whether this process has run :func:`init_distributed_environment` (it runs once)."""
+
+    done = False
+
+
+def distributed_is_initialized() -> bool:
+    """Whether :func:`init_distributed_environment` has run in this process."""
+    return _Joined.done
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def init_distributed_environment(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: Sequence[int] | None = None,
+    *,
+    cpu_devices_per_process: int | None = None,
+    timeout_s: int | None = None,
+) -> None:
+    """Join JAX's multi-process runtime (``jax.distributed``); harmless when repeated.
+
+    Arguments left ``None`` are read from the ``SPMD_*`` variables ``spmd-launch`` sets (see
+    :mod:`spmd.envs`); with none of those either, ``jax.distributed.initialize`` detects SLURM or
+    Open MPI when one of them started several processes, and otherwise the job is a single
+    process and there is nothing to start.
+
+    The coordination service binds to the coordinator's own address when that is a loopback
+    address (one host), and to every interface only when a non-loopback address was given.
+
+    Args:
+      coordinator_address: ``host:port`` of process 0's coordination service.
+      num_processes: processes in the job.
+      process_id: this process's index.
+      local_device_ids: the local accelerators this process drives (e.g. ``[0]``).
+      cpu_devices_per_process: run on CPU with this many devices per process, gloo between processes.
+      timeout_s: seconds to wait for every process to join.
+
+    Raises:
+      RuntimeError: JAX already started its backend in this process (an array was made or a
+        computation ran), so devices can no longer be configured or a job joined; or joining failed.
+    """
+    if _Joined.done:
+        return
+    env = SpmdEnv.from_environ()
+    coordinator_address = coordinator_address or env.coordinator_address
+    num_processes = env.num_processes if num_processes is None else num_processes
+    process_id = env.process_id if process_id is None else process_id
+    if local_device_ids is None:
+        local_device_ids = env.local_device_ids
+    cpu = env.cpu_devices_per_process if cpu_devices_per_process is None else cpu_devices_per_process
+    timeout = env.init_timeout_s if timeout_s is None else timeout_s
+    explicit = coordinator_address is not None or (num_processes or 1) > 1
+    multi = explicit or env.cluster_launched
+    if (multi or cpu) and compat.backends_started():
+        raise RuntimeError(
+            "init_distributed_environment: JAX has already started its backend in this process (an array "
+            "was created or a computation ran), so it can no longer "
+            + ("join a multi-process job" if multi else f"set {cpu} CPU devices")
+            + ". Call spmd.init_distributed_environment() first, before any JAX computation."
+        )
+    if cpu:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", int(cpu))
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if multi:
+        kwargs: dict[str, Any] = {"initialization_timeout": int(timeout)}
+        if explicit:
+            kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+            if coordinator_address is not None and _is_loopback(coordinator_address):
+                kwargs["coordinator_bind_address"] = coordinator_address
+        if local_device_ids is not None and not cpu:
+            kwargs["local_device_ids"] = list(local_device_ids)
+        try:
+            jax.distributed.initialize(**kwargs)
+        except Exception as e:
+            raise RuntimeError(
+                f"init_distributed_environment: could not join the job (coordinator {coordinator_address}, "
+                f"process {process_id} of {num_processes}, timeout {timeout} s): {type(e).__name__}: {e}"
+            ) from e
+    _Joined.done = True
