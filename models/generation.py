@@ -1,0 +1,210 @@
+"""Scoring and generation over a :class:`~models.runner.CausalLM`: shape buckets, the decode loop, EOS.
+
+Shapes are padded to buckets so that each jitted step compiles once per bucket, never per call or
+per token: the batch to a power of two (and a multiple of the ("dp", "ep") devices), the prompt
+length to a power of two (at least 8), the KV cache to a power of two that holds the longest
+prompt plus the new tokens (at least 16). Prompts are right-padded; padding rows and positions are
+computed and ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.runner import CausalLM
+
+__all__ = ["GenerationStats", "bucket", "generate", "generate_with_stats", "score"]
+
+
+def bucket(n: int, *, minimum: int = 1, multiple: int = 1) -> int:
+    """The smallest power of two ``>= max(n, minimum)``, rounded up to a multiple of ``multiple``."""
+    b = 1 << max(0, (max(n, minimum) - 1).bit_length())
+    return -(-b // multiple) * multiple
+
+
+def _check_model(op: str, model: Any) -> None:
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"{op}: expected a model from models.from_pretrained, got {type(model).__name__}.")
+
+
+def _check_ids(op: str, ids: np.ndarray, vocab: int) -> None:
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise ValueError(f"{op}: token id {bad} is out of range for a vocabulary of {vocab}.")
+
+
+def score(model: CausalLM, input_ids: Any) -> jax.Array:
+    """Logits for every position of a batch of prompts of one length.
+
+    Args:
+      model: from :func:`models.from_pretrained`.
+      input_ids: ``int[batch, tokens]`` (an array or equal-length lists).
+
+    Returns:
+      ``f32[batch, tokens, vocab]``: the logits at position t predict token t + 1.
+
+    Raises:
+      ValueError: not a 2-D batch of ids, or an id outside the vocabulary.
+    """
+    _check_model("score", model)
+    try:
+        ids = np.asarray(input_ids)
+    except ValueError:
+        ids = np.asarray(input_ids, dtype=object)
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(
+            f"score: expected input_ids int[batch, tokens] with tokens >= 1, got an array of shape {ids.shape} "
+            f"and dtype {ids.dtype} (prompts of different lengths: call score per prompt)."
+        )
+    _check_ids("score", ids, model.config.vocab_size)
+    b, t = ids.shape
+    bp, tp = bucket(b, multiple=model.batch_multiple), bucket(t, minimum=8)
+    padded = np.zeros((bp, tp), np.int32)
+    padded[:b, :t] = ids
+    positions = np.broadcast_to(np.arange(tp, dtype=np.int32), (bp, tp))
+    return model.score_step()(model.state, padded, positions)[:b, :t]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationStats:
+    """Wall times of one :func:`generate_with_stats` call (including compilation if it happened)."""
+
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    new_tokens: int
+
+    @property
+    def per_token_decode_s(self) -> float:
+        return self.decode_s / max(self.decode_steps, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-12)
+
+
+def _check_prompts(prompts: Any, vocab: int) -> list[list[int]]:
+    if not isinstance(prompts, Sequence) or isinstance(prompts, str) or not prompts:
+        raise ValueError(f"generate: expected prompts as a non-empty list of lists of token ids, got {prompts!r:.80}.")
+    out = []
+    for i, p in enumerate(prompts):
+        ids = np.asarray(p)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"generate: prompt {i} must be a non-empty list of token ids, got {p!r:.80}.")
+        _check_ids("generate", ids, vocab)
+        out.append([int(x) for x in ids])
+    return out
+
+
+def generate_with_stats(
+    model: CausalLM,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> tuple[list[list[int]], GenerationStats]:
+    """:func:`generate`, also returning the wall time of the prefill and of the decode steps."""
+    _check_model("generate", model)
+    prompts = _check_prompts(prompts, model.config.vocab_size)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate: expected a positive int max_new_tokens, got {max_new_tokens!r}.")
+    if not temperature >= 0:
+        raise ValueError(f"generate: expected temperature >= 0 (0: greedy), got {temperature!r}.")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"generate: expected 0 < top_p <= 1, got {top_p!r}.")
+    eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+    n = len(prompts)
+    lengths = [len(p) for p in prompts]
+    bp = bucket(n, multiple=model.batch_multiple)
+    tp = bucket(max(lengths), minimum=8)
+    max_len = bucket(max(tp, max(lengths) + max_new_tokens), minimum=16)
+    ids = np.zeros((bp, tp), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = p
+    lens = np.ones(bp, np.int32)
+    lens[:n] = lengths
+    key = jax.random.key(seed)
+    temp, top = jnp.float32(temperature), jnp.float32(top_p)
+
+    t0 = time.perf_counter()
+    tokens, positions, cache = model.prefill_step()(model.state, ids, lens, key, temp, top, max_len=max_len)
+    steps: list[Any] = [tokens]
+    done = np.zeros(n, bool)
+    if eos:
+        done |= np.isin(np.asarray(tokens)[:n], list(eos))
+    jax.block_until_ready(tokens)
+    t1 = time.perf_counter()
+    decode = model.decode_step()
+    for i in range(1, max_new_tokens):
+        if done.all():
+            break
+        tokens, positions, cache = decode(model.state, cache, tokens, positions, key, jnp.int32(i), temp, top)
+        steps.append(tokens)
+        if eos:
+            done |= np.isin(np.asarray(tokens)[:n], list(eos))
+    jax.block_until_ready(tokens)
+    t2 = time.perf_counter()
+
+    table = np.stack([np.asarray(s)[:n] for s in steps], axis=1)  # [n, steps]
+    out = []
+    for row in table:
+        seq = []
+        for tok in row:
+            seq.append(int(tok))
+            if tok in eos:
+                break
+        out.append(seq)
+    stats = GenerationStats(t1 - t0, t2 - t1, len(steps) - 1, sum(map(len, out)))
+    return out, stats
+
+
+def generate(
+    model: CausalLM,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> list[list[int]]:
+    """Generate up to ``max_new_tokens`` new tokens for each prompt.
+
+    Args:
+      model: from :func:`models.from_pretrained`.
+      prompts: token ids per prompt; lengths may differ (one batch, right-padded).
+      max_new_tokens: the most new tokens per prompt.
+      temperature: ``0``: greedy; else sampling at this temperature (seeded by ``seed``).
+      top_p: sample from the smallest set of tokens whose probability reaches ``top_p``.
+      seed: the sampling seed (the same seed, prompts and mesh give the same tokens).
+      eos_token_id: a token id (or several) that ends a sequence; it is included in the output.
+
+    Returns:
+      The new token ids of each prompt, in order.
+
+    Raises:
+      ValueError: empty prompts, ids outside the vocabulary, ``max_new_tokens < 1``, a negative
+        temperature or ``top_p`` outside ``(0, 1]``.
+      TypeError: ``model`` is not a loaded model.
+    """
+    tokens, _ = generate_with_stats(
+        model,
+        prompts,
+        max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        eos_token_id=eos_token_id,
+    )
+    return tokens

@@ -1,0 +1,411 @@
+"""A Llama decoder (``LlamaForCausalLM``) as per-device math over the "tp" axis, with a KV cache.
+
+Matches Hugging Face transformers' ``modeling_llama.py``: RMSNorm in float32 then cast (the weight
+applied after the cast), RoPE in the rotate-half convention (``rope_type`` ``default`` and
+``llama3``), GQA attention with the heads split over "tp" (:class:`~models.layers.QKVParallelLinear`),
+SwiGLU MLP (:class:`~models.layers.MergedColumnParallelLinear` + :class:`~models.layers.RowParallelLinear`).
+
+Three entry points, all per-device (run them inside ``shard_map``; :mod:`models.runner` does):
+
+* ``model(input_ids, positions)``: logits for every position (scoring);
+* ``model.prefill(input_ids, lengths, max_len)``: the last prompt position's logits and a new KV cache;
+* ``model.decode(tokens, positions, cache)``: one token per sequence against the cache.
+
+The KV cache (:class:`KVCache`) is one ``[batch, kv_heads, max_len, head_dim]`` array per layer for
+keys and one for values: heads outermost after the batch, so a KV transfer can split it by heads;
+sharded over "tp" on the KV-head axis (when tp exceeds the KV heads, each rank holds its copy of
+its head, and the global axis has ``tp`` entries).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from models.config import ModelConfig
+from models.layers import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    resolve_tp_size,
+)
+from models.sharding import partitioned
+
+__all__ = [
+    "KVCache",
+    "LlamaAttention",
+    "LlamaDecoderLayer",
+    "LlamaForCausalLM",
+    "LlamaMLP",
+    "LlamaModel",
+    "RMSNorm",
+    "WeightSource",
+    "apply_rotary",
+    "rope_inv_freq",
+]
+
+
+class KVCache(NamedTuple):
+    """Per layer, keys and values ``T[batch, kv_heads, max_len, head_dim]`` (per device: this rank's heads)."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+
+
+class WeightSource(NamedTuple):
+    """Where one parameter comes from in a Hugging Face checkpoint.
+
+    Attributes:
+      owner: the module holding the parameter.
+      name: its attribute name there.
+      tensors: the checkpoint tensors it is built from, in order (e.g. q, k, v).
+      shard: ``(loaded tensors, index) -> np.ndarray``: one device's shard (``index`` as
+        ``jax.make_array_from_callback`` gives it).
+    """
+
+    owner: Any
+    name: str
+    tensors: tuple[str, ...]
+    shard: Any
+
+
+def _layer_source(owner: Any, name: str, tensors: tuple[str, ...]) -> WeightSource:
+    return WeightSource(owner, name, tensors, lambda loaded, index: owner.weight_loader(name, loaded, index))
+
+
+def _replicated_source(owner: Any, name: str, tensor: str) -> WeightSource:
+    return WeightSource(owner, name, (tensor,), lambda loaded, index: np.asarray(loaded[0][index]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# RMSNorm and RoPE
+
+
+class RMSNorm(nnx.Module):
+    """``weight * (x / sqrt(mean(x^2) + eps))``, the normalisation in float32, then cast back (as HF)."""
+
+    def __init__(self, hidden_size: int, eps: float, *, params_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.eps = float(eps)
+        init = nnx.initializers.ones
+        self.weight = nnx.Param(partitioned(init, (None,))(rngs.params(), (hidden_size,), params_dtype))
+
+    def weight_loader(self, param: str, loaded, index) -> np.ndarray:
+        return np.asarray(loaded[0][index])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * y.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """RoPE's inverse frequencies ``f32[head_dim // 2]``, with llama3 scaling when the config asks.
+
+    llama3 (Llama 3.1+): wavelengths longer than ``original_max_position_embeddings /
+    low_freq_factor`` are divided by ``factor``; shorter than ``... / high_freq_factor`` are kept;
+    in between, a smooth interpolation of the two.
+    """
+    d = config.head_dim
+    inv_freq = (1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))).astype(
+        np.float32
+    )
+    if config.rope_type == "default":
+        return inv_freq
+    s = dict(config.rope_scaling)
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_len = float(s["original_max_position_embeddings"])
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate ``x: T[..., tokens, heads, head_dim]`` by ``positions: int[..., tokens]`` (HF's rotate-half).
+
+    ``cos``/``sin`` are computed in float32 and cast to ``x``'s dtype, as transformers does.
+    """
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., tokens, d/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[..., None, :]  # [..., tokens, 1, d]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention and MLP
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """GQA attention: ``q [B, T, H, d]``, ``k, v [B, KV, S, d]``, ``mask bool[B, T, S]`` -> ``[B, T, H * d]``."""
+    b, t, h, d = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * (d**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # as transformers: probabilities in the model dtype
+    # output in v's dtype (accumulated in float32 by the backends); XLA:CPU has no bf16 x bf16 -> f32 batched dot
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v).astype(q.dtype)
+    return out.reshape(b, t, h * d)
+
+
+class LlamaAttention(nnx.Module):
+    """Self-attention with the heads split over "tp": fused QKV, RoPE, GQA, row-parallel output."""
+
+    def __init__(self, config: ModelConfig, *, params_dtype: Any, tp_size: int, rngs: nnx.Rngs):
+        c = config
+        kw = dict(params_dtype=params_dtype, tp_size=tp_size, rngs=rngs, return_bias=False)
+        self.qkv_proj = QKVParallelLinear(
+            c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads, bias=c.attention_bias, **kw
+        )
+        self.o_proj = RowParallelLinear(
+            c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.attention_bias, input_is_parallel=True, **kw
+        )
+        self.inv_freq = tuple(float(f) for f in rope_inv_freq(c))
+
+    def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        q, k, v = self.qkv_proj.split_output(self.qkv_proj(x))  # [B, T, heads, d]
+        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        return apply_rotary(q, positions, inv_freq), apply_rotary(k, positions, inv_freq), v
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Causal attention over ``x: T[B, T, hidden]``; returns the output and this rank's ``k, v [B, KV, T, d]``."""
+        q, k, v = self._qkv(x, positions)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        t = x.shape[1]
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (x.shape[0], t, t))
+        return self.o_proj(_attend(q, k, v, mask)), k, v
+
+    def decode(
+        self, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One token per sequence: ``x: T[B, 1, hidden]`` at ``positions: int[B]``; writes it into the cache."""
+        q, k, v = self._qkv(x, positions[:, None])
+
+        def write(cache, new, pos):  # cache [KV, S, d], new [1, KV, d]
+            return lax.dynamic_update_slice(cache, new.transpose(1, 0, 2).astype(cache.dtype), (0, pos, 0))
+
+        k_cache = jax.vmap(write)(k_cache, k, positions)
+        v_cache = jax.vmap(write)(v_cache, v, positions)
+        mask = (jnp.arange(k_cache.shape[2])[None, :] <= positions[:, None])[:, None, :]  # [B, 1, S]
+        return self.o_proj(_attend(q, k_cache, v_cache, mask)), k_cache, v_cache
+
+
+class LlamaMLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate/up column-parallel (merged), down row-parallel."""
+
+    def __init__(self, config: ModelConfig, *, params_dtype: Any, tp_size: int, rngs: nnx.Rngs):
+        c = config
+        kw = dict(params_dtype=params_dtype, tp_size=tp_size, rngs=rngs, return_bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(c.hidden_size, [c.intermediate_size] * 2, bias=c.mlp_bias, **kw)
+        self.down_proj = RowParallelLinear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate, up = self.gate_up_proj.split_output(self.gate_up_proj(x))
+        return self.down_proj(jax.nn.silu(gate) * up)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decoder
+
+
+class LlamaDecoderLayer(nnx.Module):
+    """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+
+    def __init__(self, config: ModelConfig, *, params_dtype: Any, tp_size: int, rngs: nnx.Rngs):
+        kw = dict(params_dtype=params_dtype, tp_size=tp_size, rngs=rngs)
+        self.self_attn = LlamaAttention(config, **kw)
+        self.mlp = self._make_mlp(config, **kw)
+        norm = dict(params_dtype=params_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
+
+    def _make_mlp(self, config: ModelConfig, **kw: Any) -> nnx.Module:
+        return LlamaMLP(config, **kw)
+
+    def feed_forward(self, h: jax.Array) -> jax.Array:
+        """The MLP on ``T[B, T, hidden]``."""
+        return self.mlp(h)
+
+    def __call__(self, x, positions):
+        h, k, v = self.self_attn(self.input_layernorm(x), positions)
+        h = x + h
+        return h + self.feed_forward(self.post_attention_layernorm(h)), k, v
+
+    def decode(self, x, positions, k_cache, v_cache):
+        h, k_cache, v_cache = self.self_attn.decode(self.input_layernorm(x), positions, k_cache, v_cache)
+        h = x + h
+        return h + self.feed_forward(self.post_attention_layernorm(h)), k_cache, v_cache
+
+
+class LlamaModel(nnx.Module):
+    """Embedding, decoder layers, final norm."""
+
+    layer_class = LlamaDecoderLayer
+
+    def __init__(self, config: ModelConfig, *, params_dtype: Any, tp_size: int, rngs: nnx.Rngs):
+        kw = dict(params_dtype=params_dtype, tp_size=tp_size, rngs=rngs)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nnx.List([self.layer_class(config, **kw) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, params_dtype=params_dtype, rngs=rngs)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """``LlamaForCausalLM``: the decoder and the LM head (tied to the embedding when the config says so).
+
+    Args:
+      config: the model's :class:`~models.config.ModelConfig`.
+      params_dtype: the parameters' (and activations') dtype.
+      tp_size: the TP size the layout is for (default: the initialized TP group's, else 1).
+      rngs: ``nnx.Rngs`` (random weights; :func:`models.from_pretrained` loads real ones).
+
+    Raises:
+      ValueError: the config does not split over ``tp_size`` (naming the sizes that would).
+    """
+
+    model_class = LlamaModel
+
+    def __init__(
+        self, config: ModelConfig, *, params_dtype: Any = jnp.float32, tp_size: int | None = None, rngs: nnx.Rngs
+    ):
+        tp_size = resolve_tp_size(tp_size)
+        config.check_parallel(tp_size)
+        self.config = config
+        self.dtype = jnp.dtype(params_dtype)
+        self.model = self.model_class(config, params_dtype=params_dtype, tp_size=tp_size, rngs=rngs)
+        lm_head = ParallelLMHead(
+            config.vocab_size, config.hidden_size, params_dtype=params_dtype, tp_size=tp_size, rngs=rngs
+        )
+        self.lm_head = lm_head.tie_weights(self.model.embed_tokens) if config.tie_word_embeddings else lm_head
+
+    # forward ---------------------------------------------------------------------------------------
+
+    def _layers(self, x, positions):
+        keys, values = [], []
+        for layer in self.model.layers:
+            x, k, v = layer(x, positions)
+            keys.append(k)
+            values.append(v)
+        return self.model.norm(x), keys, values
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
+        """``int32[B, T]`` token ids at ``positions int32[B, T]`` -> ``f32[B, T, vocab]`` (causal)."""
+        h, _, _ = self._layers(self.model.embed_tokens(input_ids), positions)
+        return self.lm_head.compute_logits(h)
+
+    def prefill(self, input_ids: jax.Array, lengths: jax.Array, max_len: int) -> tuple[jax.Array, KVCache]:
+        """Run right-padded prompts ``int32[B, T]`` (``lengths int32[B]``) and build a cache of ``max_len``.
+
+        Returns:
+          ``(f32[B, vocab] logits at each prompt's last token, the KV cache)``.
+        """
+        b, t = input_ids.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        h, keys, values = self._layers(self.model.embed_tokens(input_ids), positions)
+        last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        logits = self.lm_head.compute_logits(last)
+
+        def cache(x):
+            full = jnp.zeros((*x.shape[:2], max_len, x.shape[3]), self.dtype)
+            return lax.dynamic_update_slice(full, x.astype(self.dtype), (0, 0, 0, 0))
+
+        return logits, KVCache(tuple(map(cache, keys)), tuple(map(cache, values)))
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One token per sequence, ``int32[B]`` at ``positions int32[B]`` -> ``(f32[B, vocab], new cache)``."""
+        x = self.model.embed_tokens(tokens[:, None])
+        keys, values = [], []
+        for layer, k, v in zip(self.model.layers, cache.keys, cache.values, strict=True):
+            x, k, v = layer.decode(x, positions, k, v)
+            keys.append(k)
+            values.append(v)
+        logits = self.lm_head.compute_logits(self.model.norm(x)[:, 0])
+        return logits, KVCache(tuple(keys), tuple(values))
+
+    def cache_shape(self, batch: int, max_len: int) -> tuple[int, int, int, int]:
+        """The global shape of one layer's key (or value) cache: ``[batch, kv_heads, max_len, head_dim]``."""
+        qkv = self.model.layers[0].self_attn.qkv_proj
+        return (batch, qkv.num_kv_heads * qkv.tp_size, max_len, self.config.head_dim)
+
+    # checkpoint ------------------------------------------------------------------------------------
+
+    def weight_sources(self, *, fused_experts: bool = False) -> Iterator[WeightSource]:
+        """Every parameter and the Hugging Face tensors it is made of.
+
+        Args:
+          fused_experts: (Mixtral) the checkpoint stores experts fused, as transformers 5 writes them.
+        """
+        c = self.config
+        yield _layer_source(self.model.embed_tokens, "weight", ("model.embed_tokens.weight",))
+        for i, layer in enumerate(self.model.layers):
+            p = f"model.layers.{i}."
+            attn = layer.self_attn
+            yield _layer_source(attn.qkv_proj, "weight", tuple(f"{p}self_attn.{n}_proj.weight" for n in "qkv"))
+            yield _layer_source(attn.o_proj, "weight", (f"{p}self_attn.o_proj.weight",))
+            if c.attention_bias:
+                yield _layer_source(attn.qkv_proj, "bias", tuple(f"{p}self_attn.{n}_proj.bias" for n in "qkv"))
+                yield _layer_source(attn.o_proj, "bias", (f"{p}self_attn.o_proj.bias",))
+            yield _layer_source(layer.input_layernorm, "weight", (f"{p}input_layernorm.weight",))
+            yield _layer_source(layer.post_attention_layernorm, "weight", (f"{p}post_attention_layernorm.weight",))
+            yield from self._mlp_sources(layer, p, fused_experts)
+        yield _layer_source(self.model.norm, "weight", ("model.norm.weight",))
+        if not c.tie_word_embeddings:
+            yield _layer_source(self.lm_head, "weight", ("lm_head.weight",))
+
+    def _mlp_sources(self, layer: LlamaDecoderLayer, p: str, fused_experts: bool = False) -> Iterator[WeightSource]:
+        mlp = layer.mlp
+        names = ("gate", "up")
+        yield _layer_source(mlp.gate_up_proj, "weight", tuple(f"{p}mlp.{n}_proj.weight" for n in names))
+        yield _layer_source(mlp.down_proj, "weight", (f"{p}mlp.down_proj.weight",))
+        if self.config.mlp_bias:
+            yield _layer_source(mlp.gate_up_proj, "bias", tuple(f"{p}mlp.{n}_proj.bias" for n in names))
+            yield _layer_source(mlp.down_proj, "bias", (f"{p}mlp.down_proj.bias",))
+
+    @staticmethod
+    def checkpoint_shapes(config: ModelConfig, *, fused_experts: bool = False) -> dict[str, tuple[int, ...]]:
+        """Every tensor of a Hugging Face checkpoint of this config, with its shape (PyTorch layout)."""
+        c = config
+        h, d, i = c.hidden_size, c.head_dim, c.intermediate_size
+        q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h)}
+        for n in range(c.num_hidden_layers):
+            p = f"model.layers.{n}."
+            for name, rows in (("q", q), ("k", kv), ("v", kv)):
+                shapes[f"{p}self_attn.{name}_proj.weight"] = (rows, h)
+                if c.attention_bias:
+                    shapes[f"{p}self_attn.{name}_proj.bias"] = (rows,)
+            shapes[f"{p}self_attn.o_proj.weight"] = (h, q)
+            if c.attention_bias:
+                shapes[f"{p}self_attn.o_proj.bias"] = (h,)
+            shapes[f"{p}input_layernorm.weight"] = (h,)
+            shapes[f"{p}post_attention_layernorm.weight"] = (h,)
+            if c.is_moe:
+                shapes[f"{p}block_sparse_moe.gate.weight"] = (c.num_local_experts, h)
+                for e in range(c.num_local_experts):
+                    x = f"{p}block_sparse_moe.experts.{e}."
+                    shapes[x + "w1.weight"], shapes[x + "w3.weight"], shapes[x + "w2.weight"] = (i, h), (i, h), (h, i)
+            else:
+                for name in ("gate", "up"):
+                    shapes[f"{p}mlp.{name}_proj.weight"] = (i, h)
+                    if c.mlp_bias:
+                        shapes[f"{p}mlp.{name}_proj.bias"] = (i,)
+                shapes[f"{p}mlp.down_proj.weight"] = (h, i)
+                if c.mlp_bias:
+                    shapes[f"{p}mlp.down_proj.bias"] = (h,)
+        shapes["model.norm.weight"] = (h,)
+        if not c.tie_word_embeddings:
+            shapes["lm_head.weight"] = (c.vocab_size, h)
+        return shapes

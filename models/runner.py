@@ -1,0 +1,206 @@
+"""A causal LM placed on the mesh, and its jitted steps: score, prefill, decode.
+
+:class:`CausalLM` holds a decoder's state as global arrays (each parameter sharded as its metadata
+says) and builds, once per model, one ``jax.jit(spmd.shard_map(...))`` per entry point:
+
+* ``score``: logits for every position, ``f32[batch, tokens, vocab]``;
+* ``prefill``: right-padded prompts -> the first sampled token per sequence and a new KV cache
+  (compiled once per batch / prompt-length / cache-length bucket);
+* ``decode``: one token per sequence against the cache, the cache donated (compiled once per
+  batch bucket and cache length).
+
+Sampling (greedy at temperature 0, else temperature + top-p, seeded) runs in the same jitted step,
+on the gathered logits, so a decode step is one dispatch. Sequences are split over ("dp", "ep")
+(the layout the MoE block expects), heads over "tp". ``trace_counts`` counts how often each step
+was traced (a test checks decode is traced once for a whole generation).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import spmd
+from models.config import ModelConfig
+from models.llama import KVCache
+from models.sharding import shard_state
+from spmd import DP, EP, TP
+
+__all__ = ["BATCH_AXES", "CausalLM", "sample_tokens", "shard_causal_lm"]
+
+BATCH_AXES = (DP, EP)
+
+
+def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """``f32[B, vocab] -> int32[B]``: argmax at ``temperature == 0``, else a draw from the top-p nucleus.
+
+    The nucleus keeps the most probable tokens whose cumulative probability before them is below
+    ``top_p`` (always at least one), as Hugging Face's ``TopPLogitsWarper``.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
+    pick = jax.random.categorical(key, sorted_logits, axis=-1)
+    sampled = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CausalLM:
+    """A decoder on the mesh. Build it with :func:`models.from_pretrained` or :func:`shard_causal_lm`.
+
+    Attributes:
+      config: the model's config.
+      graphdef, state, state_specs: the module split (``nnx.split``), its state placed on ``mesh``.
+      mesh: the mesh it runs on.
+      dtype: the parameters' dtype (the KV cache's too).
+      trace_counts: how many times each step (``"score"``, ``"prefill"``, ``"decode"``) was traced.
+    """
+
+    config: ModelConfig
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    state_specs: nnx.State
+    mesh: Mesh
+    dtype: Any
+    trace_counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    _steps: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def module(self) -> nnx.Module:
+        """The module around the placed state."""
+        return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def tp_size(self) -> int:
+        return self.mesh.shape[TP]
+
+    @property
+    def batch_multiple(self) -> int:
+        """Batches are padded to a multiple of this (the ("dp", "ep") devices sharing them)."""
+        return self.mesh.shape[DP] * self.mesh.shape[EP]
+
+    def cache_specs(self) -> KVCache:
+        spec = P(BATCH_AXES, TP, None, None)
+        n = self.config.num_hidden_layers
+        return KVCache((spec,) * n, (spec,) * n)
+
+    def cache_shape(self, batch: int, max_len: int) -> tuple[int, int, int, int]:
+        """One layer's key (or value) cache, global: ``[batch, kv_heads (x replicas), max_len, head_dim]``."""
+        c = self.config
+        return (batch, max(c.num_key_value_heads, self.tp_size), max_len, c.head_dim)
+
+    def _shardings(self, specs: Any) -> Any:
+        return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+    def _shard_map(self, fn, in_specs, out_specs):
+        return spmd.shard_map(
+            fn, in_specs=(self.state_specs, *in_specs), out_specs=out_specs, mesh=self.mesh, check_vma=False
+        )
+
+    # the steps (built once per model) -------------------------------------------------------------
+
+    def score_step(self):
+        """``(state, ids int32[B, T], positions int32[B, T]) -> f32[B, T, vocab]``."""
+        if "score" not in self._steps:
+            graphdef, tokens = self.graphdef, P(BATCH_AXES, None)
+            per_device = self._shard_map(
+                lambda state, ids, pos: nnx.merge(graphdef, state)(ids, pos),
+                (tokens, tokens),
+                P(BATCH_AXES, None, None),
+            )
+
+            def step(state, ids, positions):
+                self.trace_counts["score"] += 1
+                return per_device(state, ids, positions)
+
+            self._steps["score"] = jax.jit(step)
+        return self._steps["score"]
+
+    def prefill_step(self):
+        """``(state, ids int32[B, T], lengths int32[B], key, temperature, top_p, *, max_len)
+        -> (first new tokens int32[B], their positions int32[B] (the lengths), cache)``."""
+        if "prefill" not in self._steps:
+            graphdef = self.graphdef
+            cache_specs = self.cache_specs()
+
+            def step(state, ids, lengths, key, temperature, top_p, *, max_len):
+                self.trace_counts["prefill"] += 1
+                per_device = self._shard_map(
+                    lambda state, ids, lengths: nnx.merge(graphdef, state).prefill(ids, lengths, max_len),
+                    (P(BATCH_AXES, None), P(BATCH_AXES)),
+                    (P(BATCH_AXES, None), cache_specs),
+                )
+                logits, cache = per_device(state, ids, lengths)
+                return sample_tokens(logits, jax.random.fold_in(key, 0), temperature, top_p), lengths, cache
+
+            rows = self._shardings(P(BATCH_AXES))
+            self._steps["prefill"] = jax.jit(
+                step, static_argnames=("max_len",), out_shardings=(rows, rows, self._shardings(cache_specs))
+            )
+        return self._steps["prefill"]
+
+    def decode_step(self):
+        """``(state, cache, tokens int32[B], positions int32[B], key, step, temperature, top_p)
+        -> (next tokens int32[B], positions + 1, cache)``; the cache is donated."""
+        if "decode" not in self._steps:
+            graphdef = self.graphdef
+            cache_specs = self.cache_specs()
+            per_device = self._shard_map(
+                lambda state, cache, tokens, pos: nnx.merge(graphdef, state).decode(tokens, pos, cache),
+                (cache_specs, P(BATCH_AXES), P(BATCH_AXES)),
+                (P(BATCH_AXES, None), cache_specs),
+            )
+
+            def step(state, cache, tokens, positions, key, i, temperature, top_p):
+                self.trace_counts["decode"] += 1
+                logits, cache = per_device(state, cache, tokens, positions)
+                nxt = sample_tokens(logits, jax.random.fold_in(key, i), temperature, top_p)
+                return nxt, positions + 1, cache
+
+            rows = self._shardings(P(BATCH_AXES))
+            self._steps["decode"] = jax.jit(
+                step, donate_argnums=(1,), out_shardings=(rows, rows, self._shardings(cache_specs))
+            )
+        return self._steps["decode"]
+
+
+def shard_causal_lm(module: nnx.Module, *, mesh: Mesh | None = None) -> CausalLM:
+    """Place a decoder built with random (or already placed) weights on the mesh.
+
+    Args:
+      module: a :class:`~models.llama.LlamaForCausalLM` or :class:`~models.mixtral.MixtralForCausalLM`
+        built for the mesh's TP size.
+      mesh: defaults to the global mesh.
+
+    Raises:
+      ValueError: the module was built for another TP size, or its parameters do not split over
+        the mesh (e.g. experts over "ep").
+    """
+    mesh = spmd.get_mesh() if mesh is None else mesh
+    config = getattr(module, "config", None)
+    if not isinstance(config, ModelConfig):
+        raise TypeError(
+            f"shard_causal_lm: expected a LlamaForCausalLM or MixtralForCausalLM, got {type(module).__name__}."
+        )
+    config.check_parallel(mesh.shape[TP], mesh.shape[EP])
+    built_for = module.model.embed_tokens.tp_size
+    if built_for != mesh.shape[TP]:
+        raise ValueError(
+            f"shard_causal_lm: the model was built for tp={built_for}, the mesh has tp={mesh.shape[TP]}; "
+            f"build it after spmd.initialize_model_parallel(tensor_model_parallel_size={mesh.shape[TP]})."
+        )
+    graphdef, state = nnx.split(module)
+    placed, specs = shard_state(state, mesh=mesh)
+    return CausalLM(config, graphdef, placed, specs, mesh, module.dtype)

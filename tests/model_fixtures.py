@@ -1,0 +1,104 @@
+"""Tiny Llama / Mixtral configs and random checkpoints shared by the model tests (imported, not collected)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+import models
+import spmd
+from models.config import ModelConfig
+
+# llama3 RoPE whose three bands all hold a frequency at head_dim 8, theta 10000:
+# wavelengths 2*pi*[1, 10, 100, 1000] against 2048 / 4 = 512 (high) and 2048 / 1 (low)
+LLAMA3 = (
+    ("factor", 8.0),
+    ("high_freq_factor", 4.0),
+    ("low_freq_factor", 1.0),
+    ("original_max_position_embeddings", 2048),
+    ("rope_type", "llama3"),
+)
+
+
+def llama_config(**kw) -> ModelConfig:
+    base = dict(
+        architecture="LlamaForCausalLM",
+        vocab_size=250,  # padded to 256 / 512: the padding is exercised
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=8,
+        rope_theta=10000.0,
+        rope_scaling=LLAMA3,
+    )
+    return ModelConfig(**{**base, **kw})
+
+
+def mixtral_config(**kw) -> ModelConfig:
+    base = dict(
+        architecture="MixtralForCausalLM",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    return ModelConfig(**{**base, **kw})
+
+
+def init(tp: int = 1, ep: int = 1, dp: int = 1) -> None:
+    """A mesh of exactly tp x ep x dp devices."""
+    spmd.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        data_parallel_size=dp,
+        devices=jax.devices()[: tp * ep * dp],
+    )
+
+
+def usable_prefix(margins: list[float], min_margin: float = 1e-4) -> int:
+    """How many greedy steps have an unambiguous argmax (a near-tie may flip in float32)."""
+    for i, m in enumerate(margins):
+        if m < min_margin:
+            return i
+    return len(margins)
+
+
+def checkpoint_without_near_ties(config: ModelConfig, rng: np.random.Generator, lengths, new_tokens: int):
+    """Fresh random weights and prompts whose reference greedy tokens have no near-tie (a few draws at most).
+
+    Returns:
+      ``(weights, prompts, [(reference tokens, margins) per prompt])``.
+    """
+    import np_reference
+
+    hf = config.to_hf()
+    for _ in range(8):
+        weights = models.random_checkpoint(config, seed=int(rng.integers(1 << 30)))
+        prompts = random_prompts(rng, config.vocab_size, lengths)
+        greedy = [np_reference.greedy(hf, weights, p, new_tokens) for p in prompts]
+        if all(usable_prefix(m) == new_tokens for _, m in greedy):
+            return weights, prompts, greedy
+    raise AssertionError("8 random checkpoints in a row had a greedy near-tie; the test's configs need a look")
+
+
+def random_prompts(rng: np.random.Generator, vocab: int, lengths) -> list[list[int]]:
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+__all__ = [
+    "LLAMA3",
+    "checkpoint_without_near_ties",
+    "init",
+    "llama_config",
+    "mixtral_config",
+    "models",
+    "random_prompts",
+    "usable_prefix",
+]
