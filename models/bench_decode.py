@@ -200,16 +200,16 @@ def _decode_trial(setup: _Setup, tp: int, mode: str, batch: int, iters: int) -> 
     tokens, positions, cache = model.prefill_step()(model.state, ids, lengths, key, temp, top, max_len=max_len)
     decode = model.decode_step()
 
-    def step(carry):
-        tokens, positions, cache = carry
-        nxt, pos, cache = decode(model.state, cache, tokens, positions, key, jnp.int32(1), temp, top)
-        return nxt, jnp.minimum(pos, max_len - 1), cache
+    def step(carry):  # the weights ride in the carry: closed over, jit would bake them in as constants
+        state, tokens, positions, cache = carry
+        nxt, pos, cache = decode(state, cache, tokens, positions, key, jnp.int32(1), temp, top)
+        return state, nxt, jnp.minimum(pos, max_len - 1), cache
 
     fn, calls = harness.chain(step, iters)
     loop = jax.jit(fn)
-    carry = (tokens, positions, cache)
+    carry = (model.state, tokens, positions, cache)
     return harness.Trial(
-        once=lambda: np.asarray(jax.jit(step)(carry)[0]),
+        once=lambda: np.asarray(jax.jit(step)(carry)[1]),
         check=lambda t: {"ok": bool(((t >= 0) & (t < a.vocab)).all())},
         loop=loop,
         args=(carry,),
@@ -228,17 +228,18 @@ def _prefill_trial(setup: _Setup, tp: int, mode: str, tokens: int, iters: int) -
     key, temp, top = jax.random.key(0), jnp.float32(0), jnp.float32(1)
     lengths = jnp.full((1,), tokens, jnp.int32)
 
-    def step(ids):
-        first, _, _ = prefill(model.state, ids, lengths, key, temp, top, max_len=tokens)
-        return ids.at[:, 0].set(first)
+    def step(carry):  # the weights ride in the carry, as in the decode trial
+        state, ids = carry
+        first, _, _ = prefill(state, ids, lengths, key, temp, top, max_len=tokens)
+        return state, ids.at[:, 0].set(first)
 
     fn, calls = harness.chain(step, iters)
-    ids = jnp.ones((1, tokens), jnp.int32)
+    carry = (model.state, jnp.ones((1, tokens), jnp.int32))
     return harness.Trial(
-        once=lambda: np.asarray(jax.jit(step)(ids)),
+        once=lambda: np.asarray(jax.jit(step)(carry)[1]),
         check=lambda out: {"ok": bool(((out >= 0) & (out < setup.args.vocab)).all())},
         loop=jax.jit(fn),
-        args=(ids,),
+        args=(carry,),
         calls=calls,
     )
 

@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+import types
 
 __all__ = ["build_parser", "main", "tiny_config"]
 
@@ -215,6 +216,22 @@ def main(argv: list[str] | None = None) -> int:
         if tmp is not None:
             tmp.cleanup()
 
+
+class _GenerateModule(types.ModuleType):
+    """This module, callable as :func:`models.generation.generate`.
+
+    ``python -m models.generate`` is the main job, and ``models.generate(model, prompts, ...)`` the
+    function. Importing this submodule makes Python set the attribute ``models.generate`` to it,
+    hiding the function; so the module itself forwards calls to the function.
+    """
+
+    def __call__(self, *args, **kwargs):
+        from models.generation import generate
+
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _GenerateModule
 
 if __name__ == "__main__":
     sys.exit(main())

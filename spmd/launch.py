@@ -3,6 +3,7 @@
     spmd-launch --nproc-per-node 2 --cpu-devices-per-process 2 script.py [args...]
     spmd-launch --nproc-per-node 8 script.py                         # one GPU per process
     spmd-launch --nnodes 2 --node-rank 0 --coordinator 10.0.0.1:1234 --nproc-per-node 8 script.py
+    spmd-launch --backend ray --nproc 16 script.py                  # Ray actors on a Ray cluster (spmd.ray)
 
 Each process gets the ``SPMD_*`` environment that :func:`spmd.init_distributed_environment`
 reads (see :mod:`spmd.envs`) and runs under :mod:`spmd._launch_runner`, which ends it at once on
@@ -17,6 +18,11 @@ others (SIGTERM to each rank's process group, SIGKILL after 3 s). SIGINT (Ctrl-C
 SIGHUP to the launcher stop every rank (SIGTERM or SIGHUP is forwarded as is) and exit
 ``128 + signal`` (130, 143, 129); ``--timeout`` bounds the whole run (124); a script that does not
 exist, or bad arguments, exit 2 before any rank starts.
+
+``--backend ray`` runs the ranks as Ray actors through :func:`spmd.ray.run` (joining the cluster
+at ``--ray-address``, ``RAY_ADDRESS`` or the one ``ray start`` started here, else starting a local
+one) with the same exit codes; an actor that died counts as killed by SIGKILL (137), and a Ray
+cluster that cannot be joined exits 2.
 """
 
 from __future__ import annotations
@@ -27,25 +33,20 @@ import os
 import pathlib
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
 
+from spmd.net import free_port
+
 __all__ = ["free_port", "main"]
 
 _GRACE_S = 3.0  # JAX catches SIGTERM (preemption notice), so SIGKILL follows soon
 _FORWARDED = (signal.SIGTERM, signal.SIGHUP)
+_RAY_LOG_DRAIN_S = 1.0
 _RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launch_runner.py")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -53,7 +54,25 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="spmd-launch",
         description="Start N processes of a JAX SPMD job on this host, with rank-prefixed output.",
     )
-    p.add_argument("--nproc-per-node", type=int, required=True, help="processes to start on this host")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="processes to start on this host")
+    p.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="local: processes on this host (default); ray: Ray actors on a Ray cluster (see spmd.ray)",
+    )
+    p.add_argument("--nproc", type=int, default=None, help="processes in the whole job (the ray backend's size)")
+    p.add_argument(
+        "--placement",
+        choices=("pack", "strict_pack", "spread", "strict_spread"),
+        default="pack",
+        help="ray backend: Ray placement-group strategy (default pack: one node when the job fits on one)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="ray backend: the cluster to join (default: RAY_ADDRESS, else a running local cluster, else a new one)",
+    )
     p.add_argument("--nnodes", type=int, default=1, help="hosts in the job (default 1)")
     p.add_argument("--node-rank", type=int, default=0, help="this host's index, 0 <= node-rank < nnodes")
     p.add_argument(
@@ -75,6 +94,29 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("script", help="the Python script (or module with -m) each process runs")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     a = p.parse_args(argv)
+    if a.nproc is not None and a.nproc < 1:
+        p.error(f"--nproc must be a positive integer, got {a.nproc}")
+    if a.backend == "ray":
+        for flag, given in (
+            ("--nnodes", a.nnodes != 1),
+            ("--node-rank", a.node_rank),
+            ("--coordinator", a.coordinator),
+        ):
+            if given:
+                p.error(f"{flag} is for --backend local; with --backend ray, Ray places the processes (--nproc N)")
+        if a.nproc is None:
+            a.nproc = a.nproc_per_node
+        if a.nproc is None:
+            p.error("--nproc N is required with --backend ray (the processes in the whole job)")
+        a.nproc_per_node = a.nproc
+    elif a.nproc_per_node is None:
+        if a.nproc is None or a.nnodes != 1:
+            p.error("--nproc-per-node N is required (or --nproc N for a job on this host alone)")
+        a.nproc_per_node = a.nproc
+    elif a.nproc is not None and a.nproc != a.nproc_per_node * a.nnodes:
+        p.error(f"--nproc {a.nproc} is not --nproc-per-node {a.nproc_per_node} x --nnodes {a.nnodes}")
+    if a.cpu_devices_per_process is not None and a.devices_per_process is not None and a.backend == "ray":
+        p.error("--devices-per-process (GPUs) and --cpu-devices-per-process exclude each other with --backend ray")
     for name in ("nproc_per_node", "nnodes"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(a, name)}")
@@ -202,6 +244,81 @@ def _wait_for(index: int, p: subprocess.Popen, exits: queue.Queue) -> None:
     exits.put((index, p.wait()))
 
 
+def _init_ray(ray, address: str | None) -> None:
+    """Join the Ray cluster at ``address`` (or RAY_ADDRESS, or a running local one), else start one here."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address)
+        return
+    try:
+        ray.init(address="auto")
+    except ConnectionError:  # no cluster is running: a local one, for this job alone
+        ray.init(include_dashboard=False)
+
+
+def _prefixed(rank: int, text: str) -> str:
+    return "".join(f"[rank {rank}] {line}\n" for line in text.rstrip("\n").split("\n"))
+
+
+def _main_ray(a: argparse.Namespace) -> int:
+    """``--backend ray``: the job as Ray actors (:func:`spmd.ray.run`), with this launcher's exit codes."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every rank's lines, as the local backend prints them
+    try:
+        import ray
+    except ImportError:
+        _say("--backend ray needs Ray, which is not installed: pip install 'spmd-distributed[ray]'")
+        return 2
+    from spmd import ray as spmd_ray
+
+    target = a.script if a.module else os.path.abspath(a.script)
+    code = 0
+    previous: dict[int, object] = {}
+    try:
+        previous = _set_handlers(_raise_signalled, _FORWARDED)
+        try:
+            _init_ray(ray, a.ray_address)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            _say(f"could not join or start a Ray cluster ({type(e).__name__}: {e}); check --ray-address")
+            return 2
+        previous = {**_set_handlers(_raise_signalled, _FORWARDED), **previous}  # ray.init installs its own
+        spmd_ray.run(
+            spmd_ray.run_script,
+            target,
+            a.script_args,
+            module=a.module,
+            cwd=os.getcwd(),
+            num_processes=a.nproc,
+            devices_per_process=a.devices_per_process,
+            cpu_devices_per_process=a.cpu_devices_per_process,
+            placement_strategy=a.placement.upper(),
+            timeout_s=a.timeout,
+        )
+    except spmd_ray.RankError as e:
+        if e.remote_traceback:
+            sys.stdout.write(_prefixed(e.rank, e.remote_traceback))
+            sys.stdout.flush()
+        _say(str(e).split("\n", 1)[0])
+        code = 128 + signal.SIGKILL if e.exit_code is None else e.exit_code
+    except TimeoutError as e:
+        _say(str(e).removeprefix("spmd.ray.run: "))
+        code = 124
+    except KeyboardInterrupt:
+        _say("interrupted; stopped every rank")
+        code = 128 + signal.SIGINT
+    except _Signalled as e:
+        _say(f"got {signal.Signals(e.signum).name}; stopped every rank")
+        code = 128 + e.signum
+    finally:
+        previous = {**_set_handlers(signal.SIG_IGN, (signal.SIGINT, *_FORWARDED)), **previous}
+        try:
+            if ray.is_initialized():
+                time.sleep(_RAY_LOG_DRAIN_S)  # Ray forwards the actors' output asynchronously
+                ray.shutdown()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the job; returns the launcher's exit code (see the module docstring)."""
     a = _parse(argv)
@@ -209,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         _say(problem)
         return 2
+    if a.backend == "ray":
+        return _main_ray(a)
     coordinator = a.coordinator or f"127.0.0.1:{free_port()}"
     target = ["-m", a.script] if a.module else [a.script]
     cmd = [sys.executable, _RUNNER, str(os.getpid()), *target, *a.script_args]

@@ -52,3 +52,21 @@ def test_main_job_rejects_bad_flags(args, message, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(args)
     assert message in capsys.readouterr().err
+
+
+def test_importing_the_cli_module_keeps_models_generate_callable():
+    """``import models.generate`` (the CLI) must not turn ``models.generate`` into an uncallable module."""
+    import importlib
+
+    import models.generation
+
+    cli = importlib.import_module("models.generate")
+    assert callable(models.generate) and models.generate is cli
+    calls = []
+    real = models.generation.generate
+    try:
+        models.generation.generate = lambda *a, **k: calls.append((a, k)) or "ok"
+        assert models.generate("m", [[1]], 2, temperature=0.5) == "ok"
+    finally:
+        models.generation.generate = real
+    assert calls == [(("m", [[1]], 2), {"temperature": 0.5})]

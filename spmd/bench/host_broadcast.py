@@ -33,6 +33,8 @@ import time
 
 import numpy as np
 
+from spmd.net import free_port
+
 DEFAULT_SIZES = "1KiB,64KiB,1MiB,16MiB,128MiB,512MiB"
 PROG = "python -m spmd.bench.host_broadcast"
 
@@ -120,14 +122,6 @@ def _worker(kind: str, rank: int, sizes: list[int], iters: int | None, seed: int
 # Driver ------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_spmd(args: argparse.Namespace, out: str) -> None:
     cmd = [
         sys.executable,
@@ -154,7 +148,7 @@ def _worker_args(args: argparse.Namespace, out: str) -> list[str]:
 
 
 def _run_torch(args: argparse.Namespace, out: str) -> None:
-    env = {**os.environ, "BENCH_TORCH_PORT": str(_free_port())}
+    env = {**os.environ, "BENCH_TORCH_PORT": str(free_port())}
     procs = [
         subprocess.Popen(
             [

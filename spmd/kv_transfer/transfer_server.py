@@ -1,0 +1,216 @@
+"""``TransferServerKVPipe``: device to device between INDEPENDENT processes (no shared job).
+
+Each side starts a ``jax.experimental.transfer`` server (loopback by default) and a small
+:class:`TCPKVPipe` control channel joins them (HMAC with a ``secret``). At construction the two
+sides swap their transfer-server addresses and TP sizes over the control pipe and connect to
+each other, so the pipe works both ways.
+
+``send_tensor(x)``: the sender registers ``x`` (on one of its devices) under a fresh 63-bit id with
+``await_pull`` and sends ``{"id", "dtype", "shape"}`` as JSON over the control pipe; the receiver
+``pull``\\ s it with the shape and the single-device sharding it wants. ``send_kv_cache`` registers
+one piece per head group of the RECEIVER's TP size (:mod:`spmd.kv_transfer._device`), so the TP
+sizes may differ. Empty arrays never touch the transfer server (the runtime hangs on them); the
+receiver makes them.
+
+No stranded buffers: an array registered but never pulled is released by the transfer server
+after ``timeout_s`` (``await_pull``'s timeout) and, at the latest, when the pipe closes (the
+server, and everything it holds, is dropped). Failures on the control channel are
+:class:`TCPKVPipe`'s (timeouts, peer gone, garbage). Works on JAX 0.10.2 and 0.12 (CPU).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from spmd.kv_transfer import _device
+from spmd.kv_transfer.base import KVPipeBase
+from spmd.kv_transfer.tcp import TCPKVPipe, as_host_array
+
+__all__ = ["TransferServerKVPipe"]
+
+
+class TransferServerKVPipe(KVPipeBase):
+    """A two-way KV pipe between independent processes on ``jax.experimental.transfer``.
+
+    Args:
+      host, port, role, timeout_s, secret: the control channel's (see :class:`TCPKVPipe`); the
+        transfer server binds ``host`` too.
+      devices: this side's devices in TP rank order (default: all local devices).
+
+    Raises:
+      As :class:`TCPKVPipe` for the control channel; ``RuntimeError`` when this JAX has no
+      ``jax.experimental.transfer``.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        role: str = "server",
+        timeout_s: float = 30.0,
+        secret: bytes | None = None,
+        devices: Sequence[Any] | None = None,
+    ) -> None:
+        import jax
+
+        try:
+            from jax.experimental import transfer
+        except ImportError as e:  # pragma: no cover - every supported JAX has it
+            raise RuntimeError(
+                f"TransferServerKVPipe: this JAX ({jax.__version__}) has no jax.experimental.transfer."
+            ) from e
+        self.devices = list(jax.local_devices() if devices is None else devices)
+        if not self.devices:
+            raise ValueError("TransferServerKVPipe: expected at least one device.")
+        self.timeout_s = float(timeout_s)
+        self._control = TCPKVPipe(host, port, role=role, timeout_s=timeout_s, secret=secret)
+        self._server = None
+        try:
+            bind = f"[{host}]:0" if ":" in host else f"{host}:0"
+            self._server = transfer.start_transfer_server(self.devices[0].client, bind, [bind])
+            self._control.send_tensor(_device.meta_bytes({"address": self._server.address(), "tp": len(self.devices)}))
+            hello = _device.meta_from(self._control.recv_tensor(), "TransferServerKVPipe")
+            address, self.peer_tp = hello.get("address"), hello.get("tp")
+            if not isinstance(address, str) or not isinstance(self.peer_tp, int) or self.peer_tp < 1:
+                raise ValueError(f"TransferServerKVPipe: malformed hello from the peer: {hello!r:.200}")
+            self._conn = self._server.connect(address)
+        except BaseException:
+            self.close()
+            raise
+        self._next_id = int.from_bytes(os.urandom(8), "big") >> 2
+
+    # State -----------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._control.closed
+
+    def close(self) -> None:
+        """Close the control pipe and drop the transfer server (and every array it still holds); idempotent."""
+        self._control.close()
+        self._conn = None
+        self._server = None
+
+    def _live(self, op: str) -> None:
+        if self._control.closed:
+            raise ValueError(f"TransferServerKVPipe.{op}: the pipe is closed.")
+
+    # Sending ---------------------------------------------------------------------------------
+
+    def _register(self, arrays: list[Any]) -> str:
+        self._next_id += 1
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=self.timeout_s)
+        self._server.await_pull(self._next_id, arrays, timeout=deadline)
+        return str(self._next_id)
+
+    def _as_device_array(self, tensor: Any, fn: str) -> Any:
+        import jax
+
+        if not isinstance(tensor, jax.Array):
+            tensor = as_host_array(tensor, fn=fn)
+        _device.check_dtype(tensor, fn)
+        return tensor
+
+    def send_tensor(self, tensor: Any | None) -> None:
+        """Register an array (or send ``None``) for the peer to pull.
+
+        Raises:
+          TypeError: not an array, or a 64-bit dtype with ``jax_enable_x64`` off.
+          ValueError: the pipe is closed. ConnectionError / TimeoutError: the control pipe failed.
+        """
+        import jax
+
+        self._live("send_tensor")
+        if tensor is None:
+            self._control.send_tensor(None)
+            return
+        x = self._as_device_array(tensor, "TransferServerKVPipe.send_tensor")
+        meta = {"dtype": str(np.dtype(x.dtype)), "shape": list(np.shape(x)), "id": None}
+        if np.size(x):
+            meta["id"] = self._register([jax.device_put(x, self.devices[0])])
+        self._control.send_tensor(_device.meta_bytes(meta))
+
+    def _send_kv_layer(self, layer: Any, head_axis: int) -> None:
+        x = self._as_device_array(layer, "TransferServerKVPipe.send_kv_cache")
+        meta = {"dtype": str(np.dtype(x.dtype)), "shape": list(np.shape(x)), "id": None}
+        if np.size(x):
+            meta["id"] = self._register(_device.sender_pieces(x, head_axis, self.devices, self.peer_tp))
+        self._control.send_tensor(_device.meta_bytes(meta))
+
+    # Receiving -------------------------------------------------------------------------------
+
+    def _recv_meta(self, fn: str) -> dict[str, Any] | None:
+        self._live(fn)
+        raw = self._control.recv_tensor()
+        if raw is None:
+            return None
+        meta = _device.meta_from(raw, f"TransferServerKVPipe.{fn}")
+        if meta.get("id") is not None and not (isinstance(meta["id"], str) and meta["id"].isdigit()):
+            raise ValueError(f"TransferServerKVPipe.{fn}: malformed id in {meta!r:.200}")
+        return meta
+
+    def _pull(self, uid: str, specs: list[Any]) -> list[Any]:
+        return self._conn.pull(int(uid), specs)
+
+    def recv_tensor(self) -> Any | None:
+        """Pull the next array (a ``jax.Array`` on this side's first device), or ``None``.
+
+        Raises:
+          TimeoutError / ConnectionError: the control pipe's; ValueError: closed or malformed metadata.
+        """
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import SingleDeviceSharding
+
+        meta = self._recv_meta("recv_tensor")
+        if meta is None:
+            return None
+        dtype, shape = _device.array_spec(meta, "TransferServerKVPipe.recv_tensor")
+        if meta["id"] is None:
+            return jax.device_put(jnp.zeros(shape, dtype), self.devices[0])
+        (out,) = self._pull(
+            meta["id"], [jax.ShapeDtypeStruct(shape, dtype, sharding=SingleDeviceSharding(self.devices[0]))]
+        )
+        return out
+
+    def _recv_kv_layer(self, sharding: Any, devices: list[Any], num_heads: int, head_axis: int) -> Any:
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import SingleDeviceSharding
+
+        if devices != self.devices:
+            raise ValueError(
+                f"TransferServerKVPipe.recv_kv_cache: the sender cut the cache for {len(self.devices)} devices "
+                f"(this pipe's devices); receive with devices=None."
+            )
+        meta = self._recv_meta("recv_kv_cache")
+        if meta is None:
+            raise ValueError("TransferServerKVPipe.recv_kv_cache: expected a KV layer, got None.")
+        dtype, shape = _device.array_spec(meta, "TransferServerKVPipe.recv_kv_cache")
+        if len(shape) <= head_axis or shape[head_axis] != num_heads:
+            raise ValueError(
+                f"TransferServerKVPipe.recv_kv_cache: a layer of shape {list(shape)}, not {num_heads} heads."
+            )
+        if meta["id"] is None:
+            return jax.device_put(jnp.zeros(shape, dtype), sharding)
+        groups = _device.groups(num_heads, len(devices))
+        specs = [
+            jax.ShapeDtypeStruct(
+                _device.piece_shape(shape, head_axis, a, b), dtype, sharding=SingleDeviceSharding(devices[ranks[0]])
+            )
+            for a, b, ranks in groups
+        ]
+        pieces = self._pull(meta["id"], specs)
+        return _device.assemble(pieces, sharding, devices, shape, head_axis)
+
+    def recv_kv_cache(self, *, devices: Sequence[Any] | None = None, tp: int | None = None) -> list[Any]:
+        """As :meth:`KVPipeBase.recv_kv_cache`, on this pipe's ``devices`` (the sender cut the cache for them)."""
+        if devices is None and tp is None:
+            devices = self.devices
+        return super().recv_kv_cache(devices=devices, tp=tp)

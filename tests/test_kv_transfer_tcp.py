@@ -1,0 +1,435 @@
+"""TCPKVPipe: round trips, framing faults, authentication, timeouts, soak and descriptor hygiene."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from spmd.kv_transfer import KVPipeBase, TCPKVPipe
+from spmd.kv_transfer.tcp import MAX_HEADER_BYTES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pair(timeout_s=5.0, server_secret=None, client_secret=None, **kw):
+    """A connected (server, client) pair; the server is built in a thread."""
+    port = free_port()
+    box: dict = {}
+
+    def serve():
+        try:
+            box["server"] = TCPKVPipe("127.0.0.1", port, role="server", timeout_s=timeout_s, secret=server_secret, **kw)
+        except Exception as e:
+            box["error"] = e
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        client = TCPKVPipe("127.0.0.1", port, role="client", timeout_s=timeout_s, secret=client_secret, **kw)
+    finally:
+        t.join()
+    if "error" in box:
+        client.close()
+        raise box["error"]
+    return box["server"], client
+
+
+@pytest.fixture
+def pipes():
+    s, c = pair()
+    yield s, c
+    s.close()
+    c.close()
+
+
+def messages(rng):
+    base = rng.standard_normal((6, 8))
+    return [
+        base.astype(np.float32),
+        base.astype(np.float16),
+        base.astype(ml_dtypes.bfloat16),
+        rng.integers(-128, 127, (5, 3)).astype(np.int8),
+        rng.integers(-(2**31), 2**31 - 1, (4,)).astype(np.int32),
+        rng.integers(-(2**62), 2**62, (3, 2)).astype(np.int64),
+        rng.integers(0, 255, (7,)).astype(np.uint8),
+        rng.random((3, 3)) > 0.5,
+        np.float32(rng.standard_normal()),  # 0-d
+        np.array(rng.integers(0, 100)),  # 0-d int64
+        np.zeros((0, 5), np.float32),  # empty
+        None,
+        base.astype(np.float32)[::2, 1::3],  # non-contiguous
+        np.asfortranarray(base.astype(np.float32)),
+        base.astype(">f4"),  # big-endian in, native out
+        jnp.asarray(base, jnp.bfloat16),  # a JAX array
+        None,
+        rng.standard_normal(5 << 20).astype(np.float32),  # 20 MiB
+    ]
+
+
+def same(a, b):
+    if a is None:
+        assert b is None
+        return
+    a = np.asarray(a)
+    assert isinstance(b, np.ndarray)
+    assert b.shape == a.shape and b.dtype == a.dtype.newbyteorder("=")
+    np.testing.assert_array_equal(b, a)
+
+
+def test_every_dtype_and_shape_round_trips_in_order(pipes, rng):
+    server, client = pipes
+    msgs = messages(rng)
+    t = threading.Thread(target=lambda: [client.send_tensor(m) for m in msgs])
+    t.start()
+    got = [server.recv_tensor() for _ in msgs]
+    t.join()
+    for a, b in zip(msgs, got, strict=True):
+        same(a, b)
+    # Both ways on one connection.
+    server.send_tensor(msgs[0])
+    same(msgs[0], client.recv_tensor())
+
+
+def test_none_is_a_flag_not_a_value(pipes):
+    server, client = pipes
+    for m in (np.zeros(0, np.float32), None, np.array(-1), np.zeros((), np.float32)):
+        client.send_tensor(m)
+        got = server.recv_tensor()
+        assert (got is None) == (m is None)
+
+
+def test_close_is_idempotent_and_closed_pipes_refuse(pipes):
+    server, client = pipes
+    assert isinstance(client, KVPipeBase) and not client.closed
+    client.close()
+    client.close()
+    assert client.closed
+    with pytest.raises(ValueError, match="recv_tensor: the pipe is closed"):
+        client.recv_tensor()
+    with pytest.raises(ValueError, match="send_tensor: the pipe is closed"):
+        client.send_tensor(np.ones(2))
+    with pytest.raises(ConnectionError, match="peer closed the pipe"):
+        server.recv_tensor()
+    with pytest.raises(ValueError, match="closed after an earlier fault"):
+        server.recv_tensor()
+
+
+def test_send_to_a_gone_peer_raises(pipes):
+    server, client = pipes
+    server.close()
+    with pytest.raises(ConnectionError, match="send_tensor: the connection failed"):
+        for _ in range(100):  # the first sends may land in the kernel buffer
+            client.send_tensor(np.ones(1 << 20, np.float32))
+
+
+def _within(seconds: float, fn):
+    """``fn()``'s exception (or result), failing the test instead of hanging if it blocks past ``seconds``."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"blocked for more than {seconds} s: a wait without a timeout"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def test_recv_times_out_and_the_pipe_stays_usable():
+    server, client = pair(timeout_s=0.3)
+    with server, client:
+        with pytest.raises(TimeoutError, match=r"no message within 0\.3 s"):
+            _within(3, server.recv_tensor)
+        client.send_tensor(np.arange(3))
+        np.testing.assert_array_equal(server.recv_tensor(), np.arange(3))
+
+
+def test_stall_mid_message_times_out_and_closes():
+    server, client = pair(timeout_s=0.3)
+    with server, client:
+        client._sock.sendall(_frame({"none": False, "dtype": "float32", "shape": [100], "nbytes": 400}, b"\0" * 100))
+        with pytest.raises(TimeoutError, match="300 of 400 bytes missing"):
+            _within(3, server.recv_tensor)
+        assert server.closed
+
+
+def test_wrong_types_raise_before_sending(pipes):
+    server, client = pipes
+    with pytest.raises(TypeError, match="expected a numpy or JAX array"):
+        client.send_tensor([1, 2, 3])
+    with pytest.raises(TypeError, match="dtype object"):
+        client.send_tensor(np.array([object()]))
+    client.send_tensor(np.ones(2))  # nothing half-sent: the pipe still works
+    np.testing.assert_array_equal(server.recv_tensor(), np.ones(2))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="role must be"):
+        TCPKVPipe("127.0.0.1", 1, role="peer")
+    with pytest.raises(ValueError, match="timeout_s must be"):
+        TCPKVPipe("127.0.0.1", 1, timeout_s=0)
+    with pytest.raises(ValueError, match="port must be"):
+        TCPKVPipe("127.0.0.1", 70000)
+    with pytest.raises(TypeError, match="secret must be"):
+        TCPKVPipe("127.0.0.1", 1, secret="text")
+
+
+def test_client_gives_up_after_its_timeout():
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="could not connect"):
+        TCPKVPipe("127.0.0.1", free_port(), role="client", timeout_s=0.5)
+    assert time.monotonic() - t0 < 3
+
+
+def test_server_gives_up_after_its_timeout():
+    with pytest.raises(TimeoutError, match="no peer connected"):
+        TCPKVPipe("127.0.0.1", free_port(), role="server", timeout_s=0.3)
+
+
+# Framing faults -----------------------------------------------------------------------------
+
+
+def _frame(header: dict, payload: bytes = b"", *, magic=b"SKVP", length=None) -> bytes:
+    body = json.dumps(header).encode()
+    n = len(body) if length is None else length
+    return struct.pack("!4sHHI", magic, 1, 0, n) + body + payload
+
+
+@pytest.mark.parametrize(
+    "raw,match",
+    [
+        (b"GET / HTTP/1.1\r\n\r\n" + b"x" * 32, "not a KV-pipe frame"),
+        (_frame({"a": 1}, length=MAX_HEADER_BYTES + 1), "maximum is"),
+        (struct.pack("!4sHHI", b"SKVP", 1, 0, 5) + b"{bad}", "not valid JSON"),
+        (
+            _frame({"none": False, "dtype": "float32", "shape": [1 << 40, 1 << 20], "nbytes": 1 << 62}),
+            "refusing before",
+        ),
+        (_frame({"none": False, "dtype": "float32", "shape": [4], "nbytes": 17}), "header says 17"),
+        (_frame({"none": False, "dtype": "object", "shape": [1], "nbytes": 8}), "not allowed"),
+        (_frame({"none": False, "dtype": "float32", "shape": [-1], "nbytes": 4}), "bad shape"),
+        (_frame({"none": True, "dtype": "float32", "shape": None, "nbytes": 0}), "carries no array"),
+        (_frame({"none": False, "dtype": "float32", "shape": [1], "nbytes": 4, "pickle": 1}), "expected"),
+    ],
+    ids=["garbage", "huge-header", "bad-json", "absurd-size", "inconsistent", "dtype", "shape", "none", "keys"],
+)
+def test_bad_frames_raise_valueerror_and_close(raw, match):
+    server, client = pair()
+    with server, client:
+        client._sock.sendall(raw)
+        with pytest.raises(ValueError, match=match):
+            server.recv_tensor()
+        assert server.closed
+
+
+def test_absurd_size_is_refused_without_allocating(monkeypatch):
+    server, client = pair(max_message_bytes=1 << 20)
+    calls = []
+    real = np.empty
+    monkeypatch.setattr(np, "empty", lambda *a, **k: calls.append(a) or real(*a, **k))
+    with server, client:
+        client._sock.sendall(_frame({"none": False, "dtype": "uint8", "shape": [2 << 20], "nbytes": 2 << 20}))
+        with pytest.raises(ValueError, match="at most 1048576"):
+            server.recv_tensor()
+    assert calls == []
+
+
+def test_peer_gone_mid_message_says_how_much_is_missing():
+    server, client = pair()
+    with server:
+        client._sock.sendall(_frame({"none": False, "dtype": "float32", "shape": [256], "nbytes": 1024}, b"\0" * 24))
+        client.close()
+        with pytest.raises(ConnectionError, match="1000 of 1024 bytes"):
+            server.recv_tensor()
+
+
+_KILLED_SENDER = """
+import sys, numpy as np
+from spmd.kv_transfer import TCPKVPipe
+p = TCPKVPipe("127.0.0.1", int(sys.argv[1]), role="client", timeout_s=10)
+x = np.ones(64 << 20, np.uint8)
+print("connected", flush=True)
+while True:
+    p.send_tensor(x)
+"""
+
+
+def test_peer_killed_mid_transfer_raises_within_the_timeout():
+    port = free_port()
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_SENDER, str(port)], cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        server = TCPKVPipe("127.0.0.1", port, role="server", timeout_s=20)
+        with server:
+            server._sock.recv(1 << 20, socket.MSG_PEEK)  # a message has started
+            os.kill(child.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            with pytest.raises(ConnectionError):
+                while True:
+                    server.recv_tensor()
+            assert time.monotonic() - t0 < 5
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+
+
+# Authentication ------------------------------------------------------------------------------
+
+
+def test_same_secret_connects():
+    server, client = pair(server_secret=b"k" * 32, client_secret=b"k" * 32)
+    with server, client:
+        client.send_tensor(np.arange(4))
+        np.testing.assert_array_equal(server.recv_tensor(), np.arange(4))
+
+
+@pytest.mark.parametrize(
+    "server_secret,client_secret,match",
+    [
+        (b"right", b"wrong", "requires the right secret"),
+        (b"right", None, "requires a secret"),
+        (None, b"mine", "does not authenticate"),
+    ],
+    ids=["wrong", "missing", "server-without"],
+)
+def test_wrong_or_missing_secret_is_refused(server_secret, client_secret, match):
+    with pytest.raises((PermissionError, TimeoutError)) as info:
+        pair(timeout_s=1.0, server_secret=server_secret, client_secret=client_secret)
+    # The client raises PermissionError; the server keeps waiting, then times out naming the refusal.
+    assert info.type is PermissionError and info.match(match)
+
+
+def test_server_refuses_garbage_then_accepts_a_proper_peer():
+    port = free_port()
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("s", TCPKVPipe("127.0.0.1", port, timeout_s=5, secret=b"s")))
+    t.start()
+    for _ in range(100):
+        try:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=1)
+            break
+        except OSError:
+            time.sleep(0.02)
+    raw.sendall(b"\xff" * 200)
+    raw.close()
+    client = TCPKVPipe("127.0.0.1", port, role="client", timeout_s=5, secret=b"s")
+    t.join()
+    with box["s"] as server, client:
+        client.send_tensor(None)
+        assert server.recv_tensor() is None
+
+
+def test_server_timeout_names_the_refused_peer():
+    port = free_port()
+    box = {}
+
+    def serve():
+        try:
+            TCPKVPipe("127.0.0.1", port, timeout_s=1.0, secret=b"s")
+        except TimeoutError as e:
+            box["e"] = e
+
+    t = threading.Thread(target=serve)
+    t.start()
+    with pytest.raises(PermissionError):
+        TCPKVPipe("127.0.0.1", port, role="client", timeout_s=1.0, secret=b"x")
+    t.join()
+    assert "refused 1 peer(s)" in str(box["e"]) and "HMAC" in str(box["e"])
+
+
+# Soak ----------------------------------------------------------------------------------------
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_soak_1000_messages_and_50_pipes_without_fd_growth(rng):
+    server, client = pair()
+    msgs = [rng.standard_normal(int(n)).astype(np.float32) for n in rng.integers(0, 2000, 1000)]
+    with server, client:
+        t = threading.Thread(target=lambda: [client.send_tensor(m if i % 7 else None) for i, m in enumerate(msgs)])
+        t.start()
+        for i, m in enumerate(msgs):
+            got = server.recv_tensor()
+            if i % 7:
+                np.testing.assert_array_equal(got, m)
+            else:
+                assert got is None
+        t.join()
+    before = _fds()
+    for i in range(50):
+        s, c = pair(server_secret=b"k" if i % 2 else None, client_secret=b"k" if i % 2 else None)
+        c.send_tensor(np.full(3, i))
+        assert int(s.recv_tensor()[0]) == i
+        s.close()
+        c.close()
+    assert _fds() <= before + 2
+
+
+def test_kv_cache_round_trip_splits_for_the_receiver_tp(pipes, rng):
+    server, client = pipes
+    layers = [rng.standard_normal((4, 6, 8)).astype(ml_dtypes.bfloat16) for _ in range(3)]
+    client.send_kv_cache(layers)
+    got = server.recv_kv_cache(devices=jax.devices()[:8])  # 4 heads over TP 8: every head twice
+    for x, y in zip(layers, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(y), x)
+        for s in y.addressable_shards:
+            r = jax.devices().index(s.device)
+            np.testing.assert_array_equal(np.asarray(s.data), x[r // 2 : r // 2 + 1])
+    client.send_tensor(np.ones(2))
+    with pytest.raises(ValueError, match="expected the KV-cache preamble"):
+        server.recv_kv_cache()
+
+
+def test_recycled_buffers_never_alias_live_arrays(pipes, rng):
+    server, client = pipes
+    xs = [rng.integers(0, 255, 2 << 20, dtype=np.uint8) for _ in range(8)]
+    kept = []
+    for i, x in enumerate(xs):
+        client.send_tensor(x)
+        got = server.recv_tensor()
+        if i % 2 == 0:
+            kept.append((x, got))  # alive: its buffer must not be reused
+        view = memoryview(got) if i == 1 else None  # a memoryview keeps it alive too
+        del got
+    for x, got in kept:
+        np.testing.assert_array_equal(got, x)
+    assert view is None or view.nbytes == 2 << 20
+
+
+def test_benchmark_runs_and_checks(tmp_path):
+    from spmd.bench import kv_transfer
+
+    out = tmp_path / "kv.json"
+    rc = kv_transfer.main(["--sizes", "1MiB", "--transports", "naive,raw,tcp", "--repeats", "1", "--json", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["transport"] for r in rows] == ["naive", "raw", "tcp"]
+    assert all(r["ok"] and r["GBps"] > 0 for r in rows) and "ratio_raw" in rows[2]
