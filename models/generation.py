@@ -17,10 +17,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from models.runner import CausalLM
+from models.llama import KVCache
+from models.runner import BATCH_AXES, CausalLM
 
-__all__ = ["GenerationStats", "bucket", "generate", "generate_with_stats", "score"]
+__all__ = [
+    "GenerationStats",
+    "Prefill",
+    "bucket",
+    "buckets",
+    "decode_from",
+    "generate",
+    "generate_with_stats",
+    "prefill",
+    "score",
+]
 
 
 def bucket(n: int, *, minimum: int = 1, multiple: int = 1) -> int:
@@ -103,6 +116,168 @@ def _check_prompts(prompts: Any, vocab: int) -> list[list[int]]:
     return out
 
 
+def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate: expected a positive int max_new_tokens, got {max_new_tokens!r}.")
+    if not temperature >= 0:
+        raise ValueError(f"generate: expected temperature >= 0 (0: greedy), got {temperature!r}.")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"generate: expected 0 < top_p <= 1, got {top_p!r}.")
+
+
+def buckets(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[int, int, int]:
+    """The ``(batch, prompt length, cache length)`` buckets :func:`generate` uses for these prompts.
+
+    A prefill worker and a decode worker that agree on the prompts agree on these, so the decode
+    worker knows the KV cache's shape (``model.cache_shape(batch, cache_length)``) before it arrives.
+    """
+    lengths = [len(p) for p in prompts]
+    bp = bucket(len(lengths), multiple=model.batch_multiple)
+    tp = bucket(max(lengths), minimum=8)
+    return bp, tp, bucket(max(tp, max(lengths) + max_new_tokens), minimum=16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefill:
+    """What a prefill hands to decoding (:func:`prefill` -> :func:`decode_from`).
+
+    Attributes:
+      tokens: ``int32[batch]``: the first new token of each sequence (the batch padded to its bucket).
+      lengths: ``int32[batch]``: the prompt lengths, i.e. each sequence's next position (numpy or JAX).
+      cache: the KV cache, per layer keys and values ``[batch, kv_heads (x replicas), max_len, head_dim]``.
+      num_prompts: the real sequences (rows past it are padding).
+      max_new_tokens: the most new tokens per sequence, the first one included.
+    """
+
+    tokens: Any
+    lengths: Any
+    cache: KVCache
+    num_prompts: int
+    max_new_tokens: int
+
+
+def _prefill(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, key, temp, top) -> Prefill:
+    n = len(prompts)
+    bp, tp, max_len = buckets(model, prompts, max_new_tokens)
+    ids = np.zeros((bp, tp), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = p
+    lens = np.ones(bp, np.int32)
+    lens[:n] = [len(p) for p in prompts]
+    tokens, positions, cache = model.prefill_step()(model.state, ids, lens, key, temp, top, max_len=max_len)
+    return Prefill(tokens, positions, cache, n, max_new_tokens)
+
+
+def _decode_from(model: CausalLM, pre: Prefill, key, temp, top, eos: set[int]) -> tuple[list[list[int]], int]:
+    n = pre.num_prompts
+    tokens, positions, cache = pre.tokens, pre.lengths, pre.cache
+    steps: list[Any] = [tokens]
+    done = np.zeros(n, bool)
+    if eos:
+        done |= np.isin(np.asarray(tokens)[:n], list(eos))
+    decode = model.decode_step()
+    for i in range(1, pre.max_new_tokens):
+        if done.all():
+            break
+        tokens, positions, cache = decode(model.state, cache, tokens, positions, key, jnp.int32(i), temp, top)
+        steps.append(tokens)
+        if eos:
+            done |= np.isin(np.asarray(tokens)[:n], list(eos))
+    jax.block_until_ready(tokens)
+
+    table = np.stack([np.asarray(s)[:n] for s in steps], axis=1)  # [n, steps]
+    out = []
+    for row in table:
+        seq = []
+        for tok in row:
+            seq.append(int(tok))
+            if tok in eos:
+                break
+        out.append(seq)
+    return out, len(steps) - 1
+
+
+def _eos_set(eos_token_id: int | Sequence[int] | None) -> set[int]:
+    return set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+
+def prefill(
+    model: CausalLM,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> Prefill:
+    """The prefill half of :func:`generate`: the prompts' KV cache and first new tokens.
+
+    What a disaggregated prefill worker computes and sends; :func:`decode_from` continues from it
+    (on this model or on another placement of the same weights) with the tokens :func:`generate` gives.
+
+    Raises:
+      ValueError / TypeError: as :func:`generate`.
+    """
+    _check_model("prefill", model)
+    prompts = _check_prompts(prompts, model.config.vocab_size)
+    _check_sampling(max_new_tokens, temperature, top_p)
+    pre = _prefill(model, prompts, max_new_tokens, jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p))
+    jax.block_until_ready(pre.tokens)
+    return pre
+
+
+def decode_from(
+    model: CausalLM,
+    pre: Prefill,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> list[list[int]]:
+    """The decode half of :func:`generate`: continue from a :class:`Prefill` (the same sampling arguments).
+
+    The first tokens and the cache are placed on this model's mesh (a no-op when they are there
+    already); the cache is donated to the decode steps.
+
+    Returns:
+      The new token ids of each prompt, the prefill's first token included.
+
+    Raises:
+      ValueError: the cache or the tokens do not have the shapes this model's decode steps take.
+    """
+    _check_model("decode_from", model)
+    if not isinstance(pre, Prefill):
+        raise TypeError(f"decode_from: expected a models.generation.Prefill, got {type(pre).__name__}.")
+    _check_sampling(pre.max_new_tokens, temperature, top_p)
+    batch = int(np.shape(pre.lengths)[0])
+    max_len = int(np.shape(pre.cache.keys[0])[2]) if pre.cache.keys else 0
+    want = model.cache_shape(batch, max_len)
+    layers = model.config.num_hidden_layers
+    shapes = [tuple(np.shape(x)) for x in (*pre.cache.keys, *pre.cache.values)]
+    if len(pre.cache.keys) != layers or len(pre.cache.values) != layers or any(s != want for s in shapes):
+        raise ValueError(
+            f"decode_from: expected {layers} layers of keys and of values, each {list(want)}; got "
+            f"{len(pre.cache.keys)} and {len(pre.cache.values)} layers of shapes {sorted(set(shapes))}."
+        )
+    if tuple(np.shape(pre.tokens)) != (batch,) or not 0 < pre.num_prompts <= batch:
+        raise ValueError(
+            f"decode_from: expected int32[{batch}] first tokens for {pre.num_prompts} prompts, got "
+            f"{list(np.shape(pre.tokens))}."
+        )
+    rows = NamedSharding(model.mesh, P(BATCH_AXES))
+    specs = model.cache_specs()
+    cache = jax.device_put(
+        pre.cache, jax.tree.map(lambda s: NamedSharding(model.mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+    )
+    tokens, lengths = (jax.device_put(jnp.asarray(x, jnp.int32), rows) for x in (pre.tokens, pre.lengths))
+    pre = dataclasses.replace(pre, tokens=tokens, lengths=lengths, cache=cache)  # placed as the steps return them
+    out, _ = _decode_from(
+        model, pre, jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p), _eos_set(eos_token_id)
+    )
+    return out
+
+
 def generate_with_stats(
     model: CausalLM,
     prompts: list[list[int]],
@@ -116,56 +291,18 @@ def generate_with_stats(
     """:func:`generate`, also returning the wall time of the prefill and of the decode steps."""
     _check_model("generate", model)
     prompts = _check_prompts(prompts, model.config.vocab_size)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"generate: expected a positive int max_new_tokens, got {max_new_tokens!r}.")
-    if not temperature >= 0:
-        raise ValueError(f"generate: expected temperature >= 0 (0: greedy), got {temperature!r}.")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"generate: expected 0 < top_p <= 1, got {top_p!r}.")
-    eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-
-    n = len(prompts)
-    lengths = [len(p) for p in prompts]
-    bp = bucket(n, multiple=model.batch_multiple)
-    tp = bucket(max(lengths), minimum=8)
-    max_len = bucket(max(tp, max(lengths) + max_new_tokens), minimum=16)
-    ids = np.zeros((bp, tp), np.int32)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = p
-    lens = np.ones(bp, np.int32)
-    lens[:n] = lengths
+    _check_sampling(max_new_tokens, temperature, top_p)
+    eos = _eos_set(eos_token_id)
     key = jax.random.key(seed)
     temp, top = jnp.float32(temperature), jnp.float32(top_p)
 
     t0 = time.perf_counter()
-    tokens, positions, cache = model.prefill_step()(model.state, ids, lens, key, temp, top, max_len=max_len)
-    steps: list[Any] = [tokens]
-    done = np.zeros(n, bool)
-    if eos:
-        done |= np.isin(np.asarray(tokens)[:n], list(eos))
-    jax.block_until_ready(tokens)
+    pre = _prefill(model, prompts, max_new_tokens, key, temp, top)
+    jax.block_until_ready(pre.tokens)
     t1 = time.perf_counter()
-    decode = model.decode_step()
-    for i in range(1, max_new_tokens):
-        if done.all():
-            break
-        tokens, positions, cache = decode(model.state, cache, tokens, positions, key, jnp.int32(i), temp, top)
-        steps.append(tokens)
-        if eos:
-            done |= np.isin(np.asarray(tokens)[:n], list(eos))
-    jax.block_until_ready(tokens)
+    out, decode_steps = _decode_from(model, pre, key, temp, top, eos)
     t2 = time.perf_counter()
-
-    table = np.stack([np.asarray(s)[:n] for s in steps], axis=1)  # [n, steps]
-    out = []
-    for row in table:
-        seq = []
-        for tok in row:
-            seq.append(int(tok))
-            if tok in eos:
-                break
-        out.append(seq)
-    stats = GenerationStats(t1 - t0, t2 - t1, len(steps) - 1, sum(map(len, out)))
+    stats = GenerationStats(t1 - t0, t2 - t1, decode_steps, sum(map(len, out)))
     return out, stats
 
 
