@@ -52,6 +52,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from models.generate import positive_int, token_ids
+
 __all__ = ["build_parser", "kv_cache_from_layers", "kv_layers_for_transfer", "main", "tp_devices"]
 
 PROG = "python -m models.disagg"
@@ -164,16 +166,6 @@ def kv_cache_from_layers(layers: Sequence[Any], *, mesh: Any, num_kv_heads: int)
 # Arguments
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -184,27 +176,17 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,2,3, got {text!r}") from None
-    if not ids:
-        raise argparse.ArgumentTypeError(f"expected at least one token id, got {text!r}")
-    return ids
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--pipe", choices=PIPES, default="tcp", help="the KV pipe between the workers (default tcp)")
-    p.add_argument("--prefill-tp", type=_positive, default=2, help="the prefill worker's TP size (default 2)")
-    p.add_argument("--decode-tp", type=_positive, default=2, help="the decode worker's TP size (default 2)")
+    p.add_argument("--prefill-tp", type=positive_int, default=2, help="the prefill worker's TP size (default 2)")
+    p.add_argument("--decode-tp", type=positive_int, default=2, help="the decode worker's TP size (default 2)")
     p.add_argument("--checkpoint", help="a local Hugging Face LlamaForCausalLM directory (default: the random demo)")
     p.add_argument("--check", action="store_true", help="exit 1 unless the tokens equal one-device generation")
-    p.add_argument("--prompt", type=_ids, action="append", help="token ids, comma-separated (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=_positive, default=16, help="new tokens per prompt (default 16)")
+    p.add_argument("--prompt", type=token_ids, action="append", help="token ids, comma-separated (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=16, help="new tokens per prompt (default 16)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling, prompt and random-weight seed (default 0)")

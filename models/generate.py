@@ -24,7 +24,7 @@ import tempfile
 import time
 import types
 
-__all__ = ["build_parser", "main", "tiny_config"]
+__all__ = ["build_parser", "main", "positive_int", "tiny_config", "token_ids"]
 
 PROG = "python -m models.generate"
 
@@ -63,7 +63,8 @@ def tiny_config(model: str):
     return ModelConfig(architecture="LlamaForCausalLM", intermediate_size=512, **common)
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a positive int (shared with ``python -m models.disagg``)."""
     try:
         value = int(text)
     except ValueError:
@@ -73,7 +74,8 @@ def _positive(text: str) -> int:
     return value
 
 
-def _ids(text: str) -> list[int]:
+def token_ids(text: str) -> list[int]:
+    """argparse type: comma-separated token ids, at least one."""
     try:
         ids = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
@@ -92,18 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", help="a local Hugging Face directory (LlamaForCausalLM or MixtralForCausalLM)")
     p.add_argument(
-        "--tp", type=_positive, help="tensor-parallel size (default: 4 for llama, 2 for mixtral, at most the devices)"
+        "--tp",
+        type=positive_int,
+        help="tensor-parallel size (default: 4 for llama, 2 for mixtral, at most the devices)",
     )
     p.add_argument(
-        "--ep", type=_positive, help="expert-parallel size (default: mixtral: the devices left by TP; else 1)"
+        "--ep", type=positive_int, help="expert-parallel size (default: mixtral: the devices left by TP; else 1)"
     )
-    p.add_argument("--dp", type=_positive, help="data-parallel size (default: the devices left)")
+    p.add_argument("--dp", type=positive_int, help="data-parallel size (default: the devices left)")
     p.add_argument("--no-custom-all-reduce", action="store_true", help="all-reduce with XLA's psum only")
     p.add_argument(
         "--check", action="store_true", help="also run on one device; exit 1 unless the tokens are identical"
     )
-    p.add_argument("--prompt", type=_ids, action="append", help="token ids, comma-separated (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=_positive, default=16, help="new tokens per prompt (default 16)")
+    p.add_argument("--prompt", type=token_ids, action="append", help="token ids, comma-separated (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=16, help="new tokens per prompt (default 16)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling and random-weight seed (default 0)")
@@ -111,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter dtype (default float32)"
     )
     p.add_argument(
-        "--cpu-devices", type=_positive, default=8, help="CPU devices to simulate without accelerators (default 8)"
+        "--cpu-devices", type=positive_int, default=8, help="CPU devices to simulate without accelerators (default 8)"
     )
     return p
 

@@ -19,29 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from spmd.wire import ALLOWED_DTYPES
+
 __all__ = ["ALLOWED_DTYPES", "KVPipeBase"]
 
-ALLOWED_DTYPES = frozenset(
-    [
-        "bool",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "uint8",
-        "uint16",
-        "uint32",
-        "uint64",
-        "float16",
-        "bfloat16",
-        "float32",
-        "float64",
-        "complex64",
-        "complex128",
-        "float8_e4m3fn",
-        "float8_e5m2",
-    ]
-)
 
 # The KV-cache preamble: int32[_KV_MAGIC, version, num_layers, num_kv_heads, head_axis]
 # (int32, not int64: device pipes cannot hold int64 without jax_enable_x64).
