@@ -262,12 +262,7 @@ def _derive(hbm_bytes_per_s: float, layers: int):
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
-    args = p.parse_args(argv)
-    try:
-        devices = harness.start_devices(args.platform, args.cpu_devices)
-    except harness.BenchError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
+    args, devices = harness.parse_and_start(p, argv)
     kind = "cpu" if devices[0].platform == "cpu" else "accelerator"
     harness.fill_defaults(p, args, DEFAULTS[kind])
     tps = [t for t in args.tp if t <= len(devices)]

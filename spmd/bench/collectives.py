@@ -157,12 +157,7 @@ COLUMNS = [
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep; the exit status says whether every op was measured and right (see module docstring)."""
     p = build_parser()
-    args = p.parse_args(argv)
-    try:
-        devices = harness.start_devices(args.platform, args.cpu_devices)
-    except harness.BenchError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
+    args, devices = harness.parse_and_start(p, argv)
     import jax
     import numpy as np
 

@@ -233,12 +233,7 @@ def _write_tuning(path: pathlib.Path, rows, worlds, platform: str, meta: dict[st
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep; non-zero when nothing was measured or a variant was wrong or failed."""
     p = build_parser()
-    args = p.parse_args(argv)
-    try:
-        devices = harness.start_devices(args.platform, args.cpu_devices)
-    except harness.BenchError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
+    args, devices = harness.parse_and_start(p, argv)
     platform = devices[0].platform
     kind = "gpu" if platform in ("gpu", "cuda") else "tpu" if platform == "tpu" else "cpu"
     harness.fill_defaults(p, args, DEFAULTS[kind])

@@ -188,12 +188,7 @@ COLUMNS = [
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep; non-zero when nothing was measured or a row was wrong or failed."""
     p = build_parser()
-    args = p.parse_args(argv)
-    try:
-        devices = harness.start_devices(args.platform, args.cpu_devices)
-    except harness.BenchError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
+    args, devices = harness.parse_and_start(p, argv)
     ep = len(devices)
     if ep < 2:
         print(

@@ -45,6 +45,7 @@ __all__ = [
     "format_size",
     "host_memory_budget",
     "metadata",
+    "parse_and_start",
     "parse_list",
     "parse_size",
     "positive_int",
@@ -170,6 +171,18 @@ def add_timing_args(p: argparse.ArgumentParser, *, json_path: str, iters: int | 
         help="timed loops; the best is reported" + ("" if repeats is not None else " (default: per platform)"),
     )
     p.add_argument("--json", default=json_path, help="where to write the results (not written if nothing ran)")
+
+
+def parse_and_start(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, list]:
+    """Parse a benchmark's command line (``--platform``, ``--cpu-devices``) and start JAX on those devices.
+
+    Exits with status 2 and ``"<prog>: <why>"`` on stderr when JAX has no such devices here.
+    """
+    args = parser.parse_args(argv)
+    try:
+        return args, start_devices(args.platform, args.cpu_devices)
+    except BenchError as e:
+        parser.exit(2, f"{parser.prog}: {e}\n")
 
 
 def start_devices(platform: str, cpu_devices: int) -> list:
