@@ -17,6 +17,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from kernels import symmetric_memory
 from spmd import compat
 from spmd.axes import DP, EP, MESH_AXES, PP, TP, AxisName
 from spmd.communicators import make_device_communicator
@@ -70,6 +71,9 @@ _GROUP_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 def _build_groups(mesh: Mesh, *, disable_custom_all_reduce: bool) -> dict[str, GroupCoordinator]:
     platform = compat.mesh_platform(mesh)
+    if platform in ("gpu", "cuda") and not disable_custom_all_reduce and jax.process_count() == 1:
+        # The custom all-reduce's persistent peer buffers (a few MiB per GPU, kept for the process).
+        symmetric_memory.allocate(mesh)
     mesh_shape = tuple((a, int(mesh.shape[a])) for a in mesh.axis_names)
     groups = {}
     for name, axes in _GROUP_AXES:

@@ -131,7 +131,7 @@ def test_custom_all_reduce_bench_on_cpu_checks_the_kernels(tmp_path):
 @pytest.mark.parametrize(
     "args,match",
     [
-        (["--variants", "xla,handshake"], "--variants handshake: GPU-only floors"),
+        (["--variants", "xla,peer_flags,ll"], "--variants peer_flags,ll: GPU-only"),
         (["--write-tuning", "t.json"], "--write-tuning needs GPU or TPU timings"),
         (["--world-sizes", "4"], "at most the 2 devices, got [4]"),
         (["--variants", "fast"], "unknown variant 'fast'"),
@@ -154,10 +154,27 @@ def test_crossovers_from_measured_rows():
         *rows(2, 131072, xla=30.0, one_shot=40.0, two_shot=20.0),  # a win after a loss does not count
         *rows(4, 2048, xla=10.0, one_shot=11.0, two_shot=12.0),  # never wins
     ]
-    assert custom_all_reduce.crossovers(measured, 2) == (8192, 2048)
-    assert custom_all_reduce.crossovers(measured, 4) == (0, 0)
+    assert custom_all_reduce.crossovers(measured, 2) == (8192, 2048, 0)
+    assert custom_all_reduce.crossovers(measured, 4) == (0, 0, 0)
     wrong = [dict(r, ok=False) if r["variant"] == "one_shot" else r for r in measured]
-    assert custom_all_reduce.crossovers(wrong, 2) == (8192, 0)  # a wrong kernel is no candidate
+    assert custom_all_reduce.crossovers(wrong, 2) == (8192, 0, 0)  # a wrong kernel is no candidate
+
+
+def test_crossovers_read_the_gpu_protocols():
+    def rows(size, **us):
+        return [{"world": 2, "bytes": size, "variant": v, "us": t, "ok": True} for v, t in us.items()]
+
+    measured = [
+        *rows(2048, xla=12.0, ll=4.0, pull=6.0),  # ll best
+        *rows(8192, xla=12.0, ll=5.0, pull=5.5),  # ll best
+        *rows(32768, xla=12.0, ll=7.0, pull=6.5),  # pull best: the ll switch stops here
+        *rows(131072, xla=13.0, ll=6.0, pull=8.0),  # ll better again: does not count
+        *rows(524288, xla=17.0, pull=10.0),  # no ll row
+        *rows(2097152, xla=25.0, pull=26.0),  # psum wins
+    ]
+    assert custom_all_reduce.crossovers(measured, 2) == (524288, 524288, 8192)
+    bad_ll = [dict(r, ok=False) if r["variant"] == "ll" else r for r in measured]
+    assert custom_all_reduce.crossovers(bad_ll, 2) == (524288, 524288, 0)
 
 
 # ----------------------------------------------------------------------------------------------

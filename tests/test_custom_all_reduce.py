@@ -26,7 +26,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 import spmd
-from kernels.custom_all_reduce import LANES, all_reduce_kernel, make_plan, reference_all_reduce
+from kernels.custom_all_reduce import all_reduce_kernel, make_plan, reference_all_reduce
 from spmd.communicators import (
     TUNING_PATH,
     TuningEntry,
@@ -255,41 +255,33 @@ def test_kernel_entry_errors(kwargs, match):
         jax.make_jaxpr(f)(jnp.ones(64, jnp.float32))
 
 
-@pytest.mark.parametrize("algorithm", ["one_shot", "two_shot"])
-def test_gpu_lowering_traces_on_cpu(algorithm):
-    """The Mosaic GPU kernels cannot run here, but they still import and trace (peer signals and waits)."""
-    spmd.initialize_model_parallel(2)
-    f = spmd.shard_map(
-        lambda v: all_reduce_kernel(v, "tp", algorithm=algorithm, lowering="gpu"),
-        in_specs=P(),
-        out_specs=P(),
-        check_vma=False,
-    )
-    jaxpr = jax.make_jaxpr(f)(jnp.ones(1000, jnp.bfloat16))
-    text = str(jaxpr)
-    assert "semaphore_signal" in text and "semaphore_wait" in text
+def test_gpu_lowering_needs_buffers_and_one_shot():
+    """The Mosaic GPU lowering traces on CPU (tests/test_peer_all_reduce.py lowers it for CUDA)."""
+    from kernels import symmetric_memory
+
+    spmd.initialize_model_parallel(2, devices=jax.devices()[:2])
+    bufs = symmetric_memory.allocate(spmd.get_mesh())
+
+    def traced(**kw):
+        f = spmd.shard_map(
+            lambda v: all_reduce_kernel(v, "tp", lowering="gpu", **kw), in_specs=P(), out_specs=P(), check_vma=False
+        )
+        return jax.make_jaxpr(f)(jnp.ones(1000, jnp.bfloat16))
+
+    jaxpr = traced(algorithm="one_shot", buffers=bufs)
+    assert "inline_mgpu" in str(jaxpr)
     assert jaxpr.out_avals[0].shape == (1000,) and jaxpr.out_avals[0].dtype == jnp.bfloat16
-
-
-def test_gpu_benchmark_floors_trace_on_cpu():
-    from kernels.custom_all_reduce import gpu
-
-    spmd.initialize_model_parallel(2)
-
-    def floors(v):
-        plan = make_plan(v.size, v.dtype, 2)
-        x2d = jnp.pad(v, (0, plan.padded_numel - v.size)).reshape(plan.rows, LANES)
-        return gpu.handshake_gpu(x2d, "tp", plan), gpu.local_copy_gpu(x2d)
-
-    f = spmd.shard_map(floors, in_specs=P(), out_specs=P(), check_vma=False)
-    hs, copy = jax.make_jaxpr(f)(jnp.ones(256, jnp.float32)).out_avals
-    assert hs.shape == copy.shape == (16, 128)
+    with pytest.raises(ValueError, match="the GPU lowering needs the mesh's peer buffers"):
+        traced(algorithm="one_shot")
+    with pytest.raises(ValueError, match="the GPU lowering has the one-shot kernel only, got algorithm='two_shot'"):
+        traced(algorithm="two_shot", buffers=bufs)
 
 
 def test_kernels_package_imports_only_jax():
     """``kernels`` is a leaf: importing it (GPU lowering included) loads no ``spmd`` module."""
     code = (
-        "import sys, kernels.custom_all_reduce as k, kernels.custom_all_reduce.gpu, kernels.custom_all_reduce.tpu\n"
+        "import sys, kernels.custom_all_reduce as k, kernels.custom_all_reduce.peer, kernels.custom_all_reduce.tpu\n"
+        "import kernels.symmetric_memory\n"
         "bad = sorted(m for m in sys.modules if m == 'spmd' or m.startswith('spmd.'))\n"
         "assert not bad, bad\n"
     )

@@ -1,7 +1,8 @@
 """Pallas one-shot and two-shot all-reduce kernels for small tensors, and their pure-JAX reference.
 
-Two lowerings share one plan (:mod:`.planning`): Mosaic GPU (:mod:`.gpu`, NVIDIA peer stores)
-and the TPU form (:mod:`.tpu`, remote DMAs; on CPU it runs in Pallas's TPU interpret mode).
+Two lowerings: Mosaic GPU on persistent peer buffers (:mod:`.peer`, one-shot; the buffers are
+:mod:`kernels.symmetric_memory`) and the TPU form (:mod:`.tpu`, one-shot and two-shot with remote
+DMAs on the plan of :mod:`.planning`; on CPU it runs in Pallas's TPU interpret mode).
 This package imports only JAX and NumPy. Which kernel runs for a given call, and the psum
 fallback, are decided by ``spmd.communicators.dispatch``.
 """
@@ -28,10 +29,9 @@ __all__ = [
     "Plan",
     "all_reduce_kernel",
     "make_plan",
-    "one_shot_gpu",
+    "one_shot_peer",
     "one_shot_tpu",
     "reference_all_reduce",
-    "two_shot_gpu",
     "two_shot_tpu",
 ]
 
@@ -39,8 +39,8 @@ __all__ = [
 def __getattr__(name: str):
     # The Mosaic GPU lowering is imported on first use: it pulls in Mosaic GPU, which CPU-only
     # and TPU programs never need.
-    if name in ("one_shot_gpu", "two_shot_gpu"):
-        from kernels.custom_all_reduce import gpu
+    if name == "one_shot_peer":
+        from kernels.custom_all_reduce import peer
 
-        return getattr(gpu, name)
+        return peer.one_shot_peer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels.custom_all_reduce import planning
+from kernels.symmetric_memory import TILE_BYTES, SymmetricBuffers
 
 __all__ = ["LOWERINGS", "all_reduce_kernel", "reference_all_reduce"]
 
@@ -56,6 +57,8 @@ def all_reduce_kernel(
     algorithm: str,
     lowering: str,
     interpret: Any = None,
+    buffers: SymmetricBuffers | None = None,
+    protocol: str = "auto",
 ) -> jax.Array:
     """Sum ``x`` over ``axis_name`` with one Pallas kernel launch.
 
@@ -63,16 +66,22 @@ def all_reduce_kernel(
       x: ``T[...]`` with ``T`` in :data:`~.planning.SUPPORTED_DTYPES`; traced inside
         ``shard_map(..., check_vma=False)`` over ``axis_name``.
       axis_name: the mesh axis (or tuple of axes) to reduce over; its size is the world size.
-      algorithm: ``"one_shot"`` or ``"two_shot"``.
-      lowering: ``"gpu"`` (Mosaic GPU, NVIDIA only) or ``"tpu"`` (the TPU form).
+      algorithm: ``"one_shot"`` or ``"two_shot"`` (the GPU lowering has one-shot only).
+      lowering: ``"gpu"`` (Mosaic GPU on persistent peer buffers, NVIDIA only; :mod:`.peer`) or
+        ``"tpu"`` (the TPU form).
       interpret: for the TPU form, Pallas interpret parameters (e.g.
         ``pltpu.InterpretParams(detect_races=True)``) to run it on CPU; ``None`` compiles it.
+      buffers: for the GPU lowering, the peer buffers of the mesh
+        (:func:`kernels.symmetric_memory.allocate`).
+      protocol: for the GPU lowering, ``"ll"``, ``"pull"`` or ``"auto"`` (see
+        :func:`~kernels.custom_all_reduce.peer.one_shot_peer`).
 
     Returns:
       ``T[...]``: the sum, bitwise equal to :func:`reference_all_reduce` on every rank.
 
     Raises:
-      ValueError: an unknown algorithm or lowering, or ``interpret`` with the GPU lowering.
+      ValueError: an unknown algorithm or lowering, ``interpret`` with the GPU lowering, the
+        GPU lowering without ``buffers``, with ``"two_shot"`` or with more bytes than they stage.
     """
     if algorithm not in planning.KERNEL_ALGORITHMS:
         raise ValueError(f"all_reduce_kernel: expected algorithm in {planning.KERNEL_ALGORITHMS}, got {algorithm!r}.")
@@ -85,16 +94,44 @@ def all_reduce_kernel(
         )
     n = _axis_size(axis_name)
     flat = x.reshape(-1)
+    if lowering == "gpu":
+        return _gpu(flat, axis_name, n, algorithm, buffers, protocol).reshape(x.shape)
     plan = planning.make_plan(flat.size, flat.dtype, n)
     padded = jnp.pad(flat, (0, plan.padded_numel - flat.size)).reshape(plan.rows, planning.LANES)
-    if lowering == "gpu":
-        from kernels.custom_all_reduce import gpu
+    from kernels.custom_all_reduce import tpu
 
-        fn = gpu.one_shot_gpu if algorithm == "one_shot" else gpu.two_shot_gpu
-        out = fn(padded, axis_name, plan)
-    else:
-        from kernels.custom_all_reduce import tpu
-
-        fn = tpu.one_shot_tpu if algorithm == "one_shot" else tpu.two_shot_tpu
-        out = fn(padded, axis_name, plan, interpret=interpret)
+    fn = tpu.one_shot_tpu if algorithm == "one_shot" else tpu.two_shot_tpu
+    out = fn(padded, axis_name, plan, interpret=interpret)
     return out.reshape(-1)[: flat.size].reshape(x.shape)
+
+
+def _gpu(
+    flat: jax.Array, axis_name: Any, n: int, algorithm: str, buffers: SymmetricBuffers | None, protocol: str
+) -> jax.Array:
+    if buffers is None:
+        raise ValueError(
+            "all_reduce_kernel: the GPU lowering needs the mesh's peer buffers; pass "
+            "buffers=kernels.symmetric_memory.allocate(mesh)."
+        )
+    if algorithm != "one_shot":
+        raise ValueError(
+            f"all_reduce_kernel: the GPU lowering has the one-shot kernel only, got algorithm={algorithm!r} "
+            f"(one-shot takes up to {buffers.layout.max_message_bytes} bytes per device)."
+        )
+    from kernels.custom_all_reduce import peer
+
+    itemsize = flat.dtype.itemsize
+    padded_numel = -(-flat.size * itemsize // TILE_BYTES) * TILE_BYTES // itemsize
+    nbytes = padded_numel * itemsize
+    if nbytes > buffers.layout.max_message_bytes:
+        raise ValueError(
+            f"all_reduce_kernel: {nbytes} bytes per device is more than the peer buffers stage "
+            f"({buffers.layout.max_message_bytes} bytes); use psum for it."
+        )
+    if protocol == "ll" and peer.plan_peer(nbytes, buffers.layout, protocol="ll") is None:
+        protocol = "pull"  # a tile count the low-latency protocol cannot split over its blocks
+    padded = flat if padded_numel == flat.size else jnp.pad(flat, (0, padded_numel - flat.size))
+    out = peer.one_shot_peer(
+        padded, buffers.peer_table(axis_name), world_size=n, layout=buffers.layout, protocol=protocol
+    )
+    return out if padded_numel == flat.size else out[: flat.size]

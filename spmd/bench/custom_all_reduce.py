@@ -4,16 +4,21 @@
     python -m spmd.bench.custom_all_reduce --write-tuning tuning.json   # then ship it as
         # spmd/communicators/custom_all_reduce_tuning.json
 
-On GPUs the Mosaic GPU kernels run; on TPUs the TPU form; on CPU (``--platform cpu``) the TPU
-form in Pallas's interpret mode, which checks the algorithm and the harness but times nothing
-useful. Two GPU-only floors can be timed beside the all-reduces: ``handshake`` (one signal round
-trip through a peer kernel) and ``local_copy`` (a Mosaic GPU kernel that touches no peer).
+On GPUs the Mosaic GPU one-shot on persistent peer buffers runs (``kernels.custom_all_reduce.peer``;
+there is no GPU two-shot); on TPUs the TPU form; on CPU (``--platform cpu``) the TPU form in
+Pallas's interpret mode, which checks the algorithm and the harness but times nothing useful. Two
+GPU-only floors of the same kernel can be timed beside the all-reduces, to show what limits it:
+``peer_flags`` (the per-call flag exchange with the peers, no data staged or read) and
+``peer_copy`` (one launch copying the input, no peers); and the GPU one-shot's two protocols
+forced, ``ll`` (data pushed with an epoch beside every word) and ``pull`` (staged, one flag round,
+peers read), from which ``--write-tuning`` takes the ``ll_max_bytes`` switch.
 
 For each world size (the first N devices) and each size (bytes per device, bf16), every variant
 is checked once (kernels bitwise against the rank-ordered float32 reference and identical on every
-rank; psum within bf16 tolerance), then timed as ``--iters`` chained calls in one jitted
-``lax.fori_loop`` whose body holds ``--unroll`` calls written out, best of ``--repeats``
-(:mod:`spmd.bench.harness`). The table gives microseconds per call and the ratio to psum.
+rank; psum within bf16 tolerance), then timed as ``--iters`` chained calls (each call's output
+is the next call's input, nothing else in between) in one jitted ``lax.fori_loop`` whose body
+holds ``--unroll`` calls written out, best of ``--repeats`` (:mod:`spmd.bench.harness`). The
+table gives microseconds per call and the ratio to psum.
 
 With ``--write-tuning PATH`` the measured crossovers become this platform's rows of the tuning
 table written to ``PATH`` (starting from ``PATH`` if it exists, else the shipped table), and
@@ -34,13 +39,15 @@ from spmd.bench import harness
 __all__ = ["DEFAULTS", "build_parser", "crossovers", "main"]
 
 PROG = "python -m spmd.bench.custom_all_reduce"
-VARIANTS = ("xla", "one_shot", "two_shot", "auto", "handshake", "local_copy")
-GPU_ONLY = ("handshake", "local_copy")
+VARIANTS = ("xla", "one_shot", "two_shot", "auto", "ll", "pull", "peer_flags", "peer_copy")
+GPU_ONLY = ("ll", "pull", "peer_flags", "peer_copy")
+FLOORS = ("peer_flags", "peer_copy")
 FLOOR_MAX_BYTES = 32 * 1024  # the floors are latency probes: larger sizes add nothing
+LL_MAX_BYTES = 512 * 1024  # what the low-latency protocol's inbox takes (kernels.symmetric_memory.Layout)
 DEFAULTS = {
     "gpu": {
-        "sizes": "2KiB,8KiB,32KiB,128KiB,512KiB,2MiB,8MiB,32MiB",
-        "variants": ",".join(VARIANTS),
+        "sizes": "2KiB,8KiB,32KiB,128KiB,512KiB,1MiB,2MiB,8MiB",
+        "variants": "xla,one_shot,auto,ll,pull,peer_flags,peer_copy",
         "iters": 200,
         "repeats": 5,
         "unroll": 20,
@@ -84,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         type=lambda s: harness.parse_list(s, _variant, what="variants"),
         default=None,
-        help=f"what to time; {','.join(GPU_ONLY)} are GPU-only floors (default: {gpu['variants']}; "
-        f"CPU/TPU without the floors)",
+        help=f"what to time; {','.join(GPU_ONLY)} are GPU-only (default: {gpu['variants']}; CPU/TPU without them)",
     )
     p.add_argument(
         "--unroll",
@@ -108,13 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def crossovers(rows: Sequence[dict[str, Any]], world: int) -> tuple[int, int]:
-    """``(max_bytes, one_shot_max_bytes)`` for one world size, from measured rows.
+def crossovers(rows: Sequence[dict[str, Any]], world: int) -> tuple[int, int, int]:
+    """``(max_bytes, one_shot_max_bytes, ll_max_bytes)`` for one world size, from measured rows.
 
     ``max_bytes`` is the largest size below which the best correct kernel beats psum at every
     measured size (``auto`` must never be slower than psum: the sweep stops at the first size
-    where no kernel wins); ``one_shot_max_bytes`` the largest such size where one-shot is the
-    best kernel.
+    where no kernel wins); ``one_shot_max_bytes`` the largest such size where one-shot (either
+    GPU protocol counts as one-shot) is the best kernel; ``ll_max_bytes`` the largest size up to
+    which the GPU one-shot's ``ll`` protocol beat ``pull`` at every size where both were timed.
 
     Args:
       rows: harness rows with ``world``, ``bytes``, ``variant``, ``us`` and ``ok``.
@@ -124,17 +131,24 @@ def crossovers(rows: Sequence[dict[str, Any]], world: int) -> tuple[int, int]:
     for r in rows:
         if r.get("world") == world and "us" in r:
             by_size.setdefault(r["bytes"], {})[r["variant"]] = r
-    max_bytes, one_shot_max = 0, 0
+    max_bytes, one_shot_max, ll_max = 0, 0, 0
     for size in sorted(by_size):
         cells = by_size[size]
         psum = cells.get("xla", {}).get("us")
-        cands = {v: cells[v]["us"] for v in ("one_shot", "two_shot") if v in cells and cells[v].get("ok")}
+        cands = {v: cells[v]["us"] for v in ("one_shot", "two_shot", "ll", "pull") if v in cells and cells[v].get("ok")}
         if not psum or not cands or min(cands.values()) >= psum:
             break
         max_bytes = size
-        if min(cands, key=cands.get) == "one_shot":
+        if min(cands, key=cands.get) != "two_shot":
             one_shot_max = size
-    return max_bytes, one_shot_max
+    for size in sorted(by_size):
+        ll, pull = (by_size[size].get(v, {}) for v in ("ll", "pull"))
+        if not (ll.get("ok") and pull.get("ok")):
+            continue
+        if ll["us"] >= pull["us"]:
+            break
+        ll_max = size
+    return max_bytes, one_shot_max, ll_max
 
 
 def _case(variant: str, n: int, size: int, args: argparse.Namespace, platform: str, rng, tuning=None) -> harness.Case:
@@ -149,7 +163,7 @@ def _case(variant: str, n: int, size: int, args: argparse.Namespace, platform: s
         from jax.sharding import PartitionSpec as P
 
         import spmd
-        from kernels.custom_all_reduce import LANES, make_plan, reference_all_reduce
+        from kernels.custom_all_reduce import reference_all_reduce
         from spmd.communicators import custom_all_reduce, select_algorithm
 
         elems = size // 2
@@ -157,32 +171,36 @@ def _case(variant: str, n: int, size: int, args: argparse.Namespace, platform: s
         if variant == "xla":
             op = lambda v: spmd.all_reduce(v, "tp")
         elif variant in GPU_ONLY:
-            from kernels.custom_all_reduce import gpu as gpu_kernels
+            from kernels import symmetric_memory
+            from kernels.custom_all_reduce.peer import one_shot_peer
+
+            bufs = symmetric_memory.allocate(spmd.get_mesh())
+            mode = variant.removeprefix("peer_") if variant in FLOORS else "full"
+            protocol = "pull" if variant in FLOORS else variant
 
             def op(v):
-                plan = make_plan(v.size, v.dtype, n)
-                x2d = jnp.pad(v, (0, plan.padded_numel - v.size)).reshape(plan.rows, LANES)
-                out = (
-                    gpu_kernels.local_copy_gpu(x2d)
-                    if variant == "local_copy"
-                    else gpu_kernels.handshake_gpu(x2d, "tp", plan)
+                pad = -(-v.size // 1024) * 1024 - v.size  # whole 2 KiB tiles of bf16
+                table = bufs.peer_table("tp")
+                out = one_shot_peer(
+                    jnp.pad(v, (0, pad)), table, world_size=n, layout=bufs.layout, mode=mode, protocol=protocol
                 )
-                return out.reshape(-1)[: v.size]
+                return out[: v.size]
         else:
             op = lambda v: custom_all_reduce(v, "tp", algorithm=variant, tuning=tuning)
         x = rng.standard_normal((n, elems)).astype(np.float32).astype(jnp.bfloat16)
         xd = jax.device_put(x, NamedSharding(spmd.get_mesh(), spec))
         per_device = lambda f: jax.jit(spmd.shard_map(f, in_specs=spec, out_specs=spec, check_vma=False))
         once = per_device(lambda v: (op(v[0])[None], reference_all_reduce(v[0], "tp")[None]))
-        scale = 1.0 / n
-        chained, calls = harness.chain(lambda c: (op(c) * scale).astype(c.dtype), args.iters, unroll=args.unroll)
+        # Nothing between calls (the values overflow; the timing does not care): an elementwise
+        # rescale would add a kernel launch per call to every variant.
+        chained, calls = harness.chain(op, args.iters, unroll=args.unroll)
         loop = per_device(lambda v: chained(v[0])[None])
         to_psum = variant == "auto" and select_algorithm((elems,), jnp.bfloat16, n, platform, tuning=tuning) == "xla"
 
         def check(outputs):
             out, want = (np.asarray(a).astype(np.float32) for a in outputs)
             same = all(np.array_equal(out[0], out[r]) for r in range(n))
-            if variant in GPU_ONLY:
+            if variant in FLOORS:
                 return {"ok": True, "identical_on_ranks": same}  # floors are not all-reduces
             if variant == "xla" or to_psum:
                 dense = x.astype(np.float64).sum(0)
@@ -220,10 +238,11 @@ def _write_tuning(path: pathlib.Path, rows, worlds, platform: str, meta: dict[st
     table = json.loads((path if path.exists() else TUNING_PATH).read_text())
     stamp = f"{meta['device_kind']}, {meta['date'][:10]}, {meta['command']}"
     for n in worlds:
-        max_bytes, one_shot_max = crossovers(rows, n)
+        max_bytes, one_shot_max, ll_max = crossovers(rows, n)
         table.setdefault("platforms", {}).setdefault(platform, {})[str(n)] = {
             "max_bytes": max_bytes,
             "one_shot_max_bytes": one_shot_max,
+            "ll_max_bytes": ll_max,
             "source": stamp,
         }
     path.write_text(json.dumps(table, indent=2) + "\n")
@@ -240,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if kind != "gpu":
         bad = [v for v in args.variants if v in GPU_ONLY]
         if bad:
-            p.error(f"--variants {','.join(bad)}: GPU-only floors, and this machine runs on {platform}")
+            p.error(f"--variants {','.join(bad)}: GPU-only, and this machine runs on {platform}")
     if args.write_tuning and kind == "cpu":
         p.error("--write-tuning needs GPU or TPU timings; interpret-mode times on CPU measure the interpreter")
     worlds = args.world_sizes or [w for w in (2, 4, 8) if w <= len(devices)]
@@ -276,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 _case(v, n, size, args, kind, rng, tuning)
                 for size in sizes
                 for v in variants
-                if not (v in GPU_ONLY and size > FLOOR_MAX_BYTES)
+                if not (v in FLOORS and size > FLOOR_MAX_BYTES) and not (v == "ll" and size > LL_MAX_BYTES)
             ]
             rows += harness.run_cases(cases, COLUMNS, devices=devices[:n], repeats=args.repeats, derive=_vs_psum)
         return rows

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import symmetric_memory
 from kernels.custom_all_reduce import ALIGN_BYTES, SUPPORTED_DTYPES, SUPPORTED_WORLD_SIZES, all_reduce_kernel
 from spmd import collectives, compat
 from spmd.axes import AxisName
@@ -64,11 +65,14 @@ class TuningEntry:
       max_bytes: largest bytes per device handed to the custom kernel (0: never).
       one_shot_max_bytes: up to this size one-shot, above it (up to ``max_bytes``) two-shot.
       source: where the numbers came from (card, date, command).
+      ll_max_bytes: GPU one-shot: up to this size the low-latency protocol (data pushed with an
+        epoch beside every word), above it the pull protocol (staged, one flag round).
     """
 
     max_bytes: int
     one_shot_max_bytes: int
     source: str = ""
+    ll_max_bytes: int = 0
 
     def __post_init__(self):
         if not 0 <= self.one_shot_max_bytes <= self.max_bytes:
@@ -76,6 +80,8 @@ class TuningEntry:
                 f"TuningEntry: expected 0 <= one_shot_max_bytes <= max_bytes, got "
                 f"one_shot_max_bytes={self.one_shot_max_bytes}, max_bytes={self.max_bytes}."
             )
+        if self.ll_max_bytes < 0:
+            raise ValueError(f"TuningEntry: expected ll_max_bytes >= 0, got {self.ll_max_bytes}.")
 
 
 def tuning_table(path: PathLike | None = None) -> dict[tuple[str, int], TuningEntry]:
@@ -107,6 +113,7 @@ def _load_table(path: str) -> tuple[tuple[tuple[str, int], TuningEntry], ...]:
                     max_bytes=int(entry["max_bytes"]),
                     one_shot_max_bytes=int(entry["one_shot_max_bytes"]),
                     source=str(entry.get("source", "")),
+                    ll_max_bytes=int(entry.get("ll_max_bytes", 0)),
                 )
                 rows.append((key, value))
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
@@ -153,10 +160,14 @@ def ineligibility(shape: tuple[int, ...], dtype: Any, world_size: int, platform:
         return f"{nbytes} bytes is not a multiple of {ALIGN_BYTES}"
     if platform not in _KERNEL_PLATFORMS:
         return f"platform {platform!r} has no custom all-reduce kernel"
-    if platform in ("gpu", "cuda") and _process_count() > 1:
-        # Across processes XLA maps peer buffers through NCCL windows, which failed on the lent
-        # H200 machines (ncclGetPeerDevicePointer: unhandled system error, 2026-11-28).
-        return "the Mosaic GPU kernels need one process driving every GPU of the group"
+    if platform in ("gpu", "cuda"):
+        if _process_count() > 1:
+            # The peer buffers are addressed by raw pointers, which only mean something inside
+            # one process (across processes they would need CUDA IPC; docs/custom_all_reduce.md).
+            return "the Mosaic GPU kernel needs one process driving every GPU of the group"
+        limit = symmetric_memory.Layout().max_message_bytes
+        if nbytes > limit:
+            return f"{nbytes} bytes per device is more than the peer buffers stage ({limit} bytes)"
     return None
 
 
@@ -219,7 +230,48 @@ def _lowering(device_platform: str, interpret: Any) -> tuple[str, Any]:
     return "tpu", pltpu.InterpretParams()
 
 
-def _plan_groups(leaves: list[jax.Array], n: int, algorithm: str, platform: str | None, tuning: PathLike | None):
+_NO_BUFFERS = (
+    "no peer buffers were allocated for this mesh (spmd.initialize_model_parallel allocates them on "
+    "GPU; or call kernels.symmetric_memory.allocate(mesh))"
+)
+
+
+def _peer_buffers(x: jax.Array) -> symmetric_memory.SymmetricBuffers | None:
+    """The peer buffers of the mesh ``x`` is traced over (looked up by its axes and shape)."""
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if mesh is None or not getattr(mesh, "axis_names", None):
+        return None
+    return symmetric_memory.lookup(mesh.axis_names, tuple(mesh.axis_sizes))
+
+
+def _gpu_why_not(v: jax.Array, algorithm: str, interpret: Any) -> str | None:
+    """What stops the GPU lowering (the devices are GPUs and nothing forces interpretation)."""
+    if interpret is not None or _device_platform(v) not in ("gpu", "cuda"):
+        return None
+    if algorithm == "two_shot":
+        return "the GPU lowering has the one-shot kernel only"
+    if _peer_buffers(v) is None:
+        return _NO_BUFFERS
+    return None
+
+
+def _protocol(flat: jax.Array, n: int, tuning: PathLike | None) -> str:
+    """The GPU one-shot's protocol for this message: ``"ll"`` up to the tuning row's ``ll_max_bytes``."""
+    entry = tuning_table(tuning).get(("gpu", n))
+    nbytes = _nbytes(tuple(flat.shape), flat.dtype)
+    if entry is None:
+        return "auto"
+    return "ll" if nbytes <= entry.ll_max_bytes else "pull"
+
+
+def _plan_groups(
+    leaves: list[jax.Array],
+    n: int,
+    algorithm: str,
+    platform: str | None,
+    tuning: PathLike | None,
+    interpret: Any = None,
+):
     """``(leaf indices, algorithm, platform)`` per dtype: the leaves of one dtype travel packed.
 
     Raises ``ValueError`` when a forced algorithm cannot take a group.
@@ -234,10 +286,14 @@ def _plan_groups(leaves: list[jax.Array], n: int, algorithm: str, platform: str 
         typed = any(_varying_axes(leaves[i]) for i in idx)
         if algorithm == "auto":
             algo = "xla" if typed else select_algorithm((numel,), dtype, n, plat, tuning=tuning)
+            if algo != "xla" and _gpu_why_not(leaves[idx[0]], algo, interpret) is not None:
+                algo = "xla"
         else:
             why = ineligibility((numel,), dtype, n, plat)
             if why is None and typed:
                 why = _CHECK_VMA
+            if why is None:
+                why = _gpu_why_not(leaves[idx[0]], algorithm, interpret)
             if why is not None:
                 raise ValueError(
                     f"custom_all_reduce: algorithm={algorithm!r} cannot take {numel} elements of {jnp.dtype(dtype)} "
@@ -300,7 +356,7 @@ def custom_all_reduce(
     if n == 1 or algorithm == "xla" or not leaves:
         return collectives.all_reduce(x, axis_name)
     out: list[jax.Array | None] = [None] * len(leaves)
-    for idx, algo, _ in _plan_groups(leaves, n, algorithm, platform, tuning):
+    for idx, algo, _ in _plan_groups(leaves, n, algorithm, platform, tuning, interpret):
         if algo == "xla":
             for i in idx:
                 out[i] = collectives.all_reduce(leaves[i], axis_name)
@@ -308,7 +364,10 @@ def custom_all_reduce(
         flat = jnp.concatenate([leaves[i].reshape(-1) for i in idx]) if len(idx) > 1 else leaves[idx[0]].reshape(-1)
         lowering, interp = _lowering(_device_platform(flat), interpret)
         with jax.named_scope(f"custom_all_reduce_{algo}"):
-            reduced = all_reduce_kernel(flat, axis_name, algorithm=algo, lowering=lowering, interpret=interp)
+            kw = {}
+            if lowering == "gpu":
+                kw = {"buffers": _peer_buffers(flat), "protocol": _protocol(flat, n, tuning)}
+            reduced = all_reduce_kernel(flat, axis_name, algorithm=algo, lowering=lowering, interpret=interp, **kw)
         offset = 0
         for i in idx:
             size = leaves[i].size

@@ -3,10 +3,11 @@
 ``all_reduce`` first offers the input to :meth:`PallasCommunicator.custom_all_reduce` (vLLM's
 ``CustomAllreduce``): when the planner takes it (supported dtype, packed size within the tuning
 table's entry for this platform and world size, one process, ``check_vma=False``) the Pallas
-one-shot / two-shot kernel runs; when it declines (returns ``None``), or ``disable_custom_all_reduce``
-is set, the XLA all-reduce of :class:`~spmd.communicators.xla.XlaCommunicator` runs.
+kernel runs (on GPUs the one-shot on persistent peer buffers, on TPUs one-shot / two-shot); when
+it declines (returns ``None``), or ``disable_custom_all_reduce`` is set, the XLA all-reduce of
+:class:`~spmd.communicators.xla.XlaCommunicator` runs.
 
-The same class serves NVIDIA GPUs (Mosaic GPU kernels over NVLink) and TPUs (the TPU-form kernels
+The same class serves NVIDIA GPUs (Mosaic GPU kernel over NVLink) and TPUs (the TPU-form kernels
 over ICI): the platform picks the tuning row, the devices pick the lowering. Constructed with
 ``platform="gpu"`` or ``"tpu"`` on CPU devices it runs the TPU form in Pallas's interpret mode,
 which is how the CPU tests drive this path.

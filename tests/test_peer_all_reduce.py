@@ -1,0 +1,334 @@
+"""The raw-pointer one-shot all-reduce (kernels.custom_all_reduce.peer) and its peer buffers, on CPU.
+
+The kernel itself runs only on NVIDIA GPUs (tests/test_gpu.py); here: its plan, the buffer layout
+and address table (against numpy), its lowering for CUDA (the Mosaic GPU module is built), the
+dispatch rules, and the flag protocol itself, emulated step by step under random interleavings
+of ranks and blocks (which catches a reused epoch, a missing double buffer, a signal before the
+data is staged, and an equality test that misses a fast peer).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+import spmd
+from kernels import symmetric_memory
+from kernels.custom_all_reduce import peer
+from kernels.symmetric_memory import TILE_BYTES, Layout
+from spmd.communicators import custom_all_reduce, dispatch
+
+
+def _mesh(shape, names):
+    n = int(np.prod(shape))
+    return jax.make_mesh(shape, names, devices=jax.devices()[:n], axis_types=(AxisType.Explicit,) * len(shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan and layout
+
+
+@pytest.mark.parametrize(
+    "nbytes,kwargs,want",
+    [
+        (2048, {}, (1, 1)),
+        (8192, {}, (4, 1)),
+        (128 * 2048, {}, (128, 1)),
+        (256 * 2048, {}, (128, 2)),
+        (1024 * 2048, {}, (128, 8)),
+        (3 * 2048, {}, (3, 1)),
+        (8192, {"tiles_per_block": 4}, (1, 4)),
+        (8192, {"tiles_per_block": 3}, None),
+        (1025 * 2048, {}, None),  # more than 128 blocks x 8 tiles
+        (2048 + 16, {}, None),  # not whole tiles
+        (0, {}, None),
+        (256 * 2048, {"protocol": "ll"}, (128, 2)),
+        (129 * 2048, {"protocol": "ll"}, None),  # 129 tiles: neither 1 nor 2 per block fits 128 blocks
+        (129 * 2048, {}, (43, 3)),
+        (8192, {"protocol": "ll", "tiles_per_block": 4}, None),
+    ],
+)
+def test_plan_peer(nbytes, kwargs, want):
+    got = peer.plan_peer(nbytes, Layout(), **kwargs)
+    assert (None if got is None else (got.blocks, got.tiles_per_block)) == want
+
+
+def test_layout_offsets_and_errors():
+    lay = Layout(max_blocks=4, tiles_per_block_max=2, max_ranks=8)
+    assert lay.slot_bytes == 2 * TILE_BYTES
+    assert lay.max_message_bytes == 4 * 2 * TILE_BYTES
+    assert lay.flags_offset == 2 * 4 * 2 * TILE_BYTES
+    assert lay.counters_offset == lay.flags_offset + 4 * 4 * 8
+    assert lay.inbox_offset == 4096 * -(-(lay.counters_offset + 4 * 4) // 4096)
+    assert lay.inbox_slot_bytes == 2 * 2 * TILE_BYTES
+    assert lay.nbytes == lay.inbox_offset + 2 * 4 * 8 * lay.inbox_slot_bytes
+    assert lay.ll_max_message_bytes == 4 * 2 * TILE_BYTES
+    assert Layout().max_message_bytes == 2 * 1024 * 1024
+    assert Layout().ll_max_message_bytes == 512 * 1024
+    for bad in ({"max_blocks": 0}, {"tiles_per_block_max": -1}, {"max_ranks": True}, {"max_blocks": 2.0}):
+        with pytest.raises(ValueError, match=r"expected .* to be a positive int"):
+            Layout(**bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Buffers and the address table
+
+
+def _table(bufs, mesh, axis):
+    f = jax.jit(
+        jax.shard_map(lambda: bufs.peer_table(axis)[None], mesh=mesh, in_specs=(), out_specs=P(mesh.axis_names))
+    )
+    return np.asarray(f())
+
+
+@pytest.mark.parametrize(
+    "shape,names,axis", [((2, 2), ("dp", "tp"), "tp"), ((2, 2), ("dp", "tp"), "dp"), ((1, 4), ("dp", "tp"), "tp"),
+                         ((2, 2), ("dp", "tp"), ("dp", "tp")), ((4,), ("tp",), "tp")],
+)  # fmt: skip
+def test_peer_table_holds_rank_and_group_addresses(shape, names, axis):
+    mesh = _mesh(shape, names)
+    bufs = symmetric_memory.allocate(mesh)
+    assert symmetric_memory.allocate(mesh) is bufs  # made once, then reused
+    assert len(set(bufs.addresses)) == mesh.size and all(a > 0 for a in bufs.addresses)
+    got = _table(bufs, mesh, axis)
+    group = (axis,) if isinstance(axis, str) else axis
+    ids = np.arange(mesh.size).reshape(shape)  # device positions, mesh.devices.flat order
+    gaxes = [names.index(a) for a in group]
+    for pos in np.ndindex(*shape):
+        row = got[ids[pos]]
+        members = []  # the group's devices in rank order: vary the group axes, row-major
+        for sub in np.ndindex(*[shape[a] for a in gaxes]):
+            q = list(pos)
+            for a, v in zip(gaxes, sub, strict=True):
+                q[a] = v
+            members.append(ids[tuple(q)])
+        rank = members.index(ids[pos])
+        want = [rank]
+        for m in members:
+            addr = bufs.addresses[m]
+            want += [np.uint32(addr & 0xFFFFFFFF).view(np.int32), np.uint32(addr >> 32).view(np.int32)]
+        np.testing.assert_array_equal(row, np.array(want, np.int32))
+
+
+def test_peer_table_errors_and_lookup():
+    mesh = _mesh((2,), ("tp",))
+    bufs = symmetric_memory.allocate(mesh)
+    assert symmetric_memory.lookup(("tp",), (2,)) is bufs
+    assert symmetric_memory.lookup(("tp",), (3,)) is None
+    assert symmetric_memory.lookup(("ep",), (2,)) is None
+    with pytest.raises(ValueError, match="axis 'ep' is not one of the mesh's axes"):
+        _table(bufs, mesh, "ep")
+    small = symmetric_memory.allocate(_mesh((4,), ("x",)), Layout(max_ranks=2))
+    with pytest.raises(ValueError, match=r"a group of 4 ranks is larger than layout\.max_ranks=2"):
+        _table(small, small.mesh, "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel: errors, and the Mosaic GPU module built for CUDA (it runs only on GPUs)
+
+
+def _peer_fn(bufs, n, **kw):
+    return lambda x: peer.one_shot_peer(x, bufs.peer_table("tp"), world_size=n, layout=bufs.layout, **kw)
+
+
+@pytest.mark.parametrize(
+    "mode,protocol", [("full", "ll"), ("full", "pull"), ("flags", "pull"), ("copy", "pull"), ("full", "auto")]
+)
+@pytest.mark.parametrize("dtype,numel", [(jnp.bfloat16, 8192), (jnp.float32, 1024), (jnp.float16, 3 * 1024)])
+def test_kernel_lowers_for_cuda(mode, protocol, dtype, numel):
+    mesh = _mesh((2, 2), ("dp", "tp"))
+    bufs = symmetric_memory.allocate(mesh)
+    spec = P(("dp", "tp"))
+    fn = _peer_fn(bufs, 2, mode=mode, protocol=protocol)
+    f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+    x = jax.ShapeDtypeStruct((4 * numel,), dtype, sharding=jax.NamedSharding(mesh, spec))
+    text = f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    # A local kernel to XLA: no collective, no cross-device barrier, one custom call.
+    assert "uses_xla_collective_metadata = false" in text
+    assert not any(f"stablehlo.{op}" in text for op in ("all_reduce", "all_gather", "collective_permute", "all_to_all"))
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda t: (jnp.ones((2, 1024), jnp.float32), t, {}), r"expected a 1-D input, got shape \(2, 1024\)"),
+        (lambda t: (jnp.ones(1024, jnp.float32), t[:3], {}), r"expected table int32\[5\], got int32\[3\]"),
+        (lambda t: (jnp.ones(1000, jnp.float32), t, {}), "4000 bytes cannot be staged"),
+        (lambda t: (jnp.ones(1024, jnp.float32), t, {"mode": "fast"}), "expected mode in"),
+        (lambda t: (jnp.ones(2**20, jnp.float32), t, {}), "4194304 bytes cannot be staged by the pull protocol"),
+        (lambda t: (jnp.ones(1024, jnp.float32), t, {"protocol": "ring"}), "expected protocol in"),
+        (lambda t: (jnp.ones(1024, jnp.float32), t, {"protocol": "ll", "mode": "copy"}), "measures the pull protocol"),
+        (lambda t: (jnp.ones(2**18 + 512, jnp.float32), t, {"protocol": "ll"}), "cannot be staged by the ll protocol"),
+    ],
+)
+def test_kernel_errors(make, match):
+    mesh = _mesh((2,), ("tp",))
+    bufs = symmetric_memory.allocate(mesh)
+
+    def f():
+        x, t, kw = make(bufs.peer_table("tp"))
+        return peer.one_shot_peer(x, t, world_size=2, layout=bufs.layout, **kw)
+
+    with pytest.raises(ValueError, match=match):
+        jax.make_jaxpr(jax.shard_map(f, mesh=mesh, in_specs=(), out_specs=P(), check_vma=False))()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch on GPU devices (the device platform is faked: the kernels are only traced)
+
+
+@pytest.fixture
+def on_gpu(monkeypatch):
+    monkeypatch.setattr(dispatch, "_device_platform", lambda x: "gpu")
+    spmd.initialize_model_parallel(2, devices=jax.devices()[:2])  # CPU mesh: no buffers allocated off GPU
+
+
+def test_dispatch_gpu_needs_buffers_then_uses_the_peer_kernel(on_gpu):
+    spec = P(spmd.MESH_AXES)
+    x = jnp.ones((2, 4096), jnp.bfloat16)
+
+    def traced(**kw):
+        return jax.make_jaxpr(spmd.shard_map(lambda v: custom_all_reduce(v[0], "tp", **kw)[None], in_specs=spec,
+                                             out_specs=spec, check_vma=False))(x)  # fmt: skip
+
+    mesh = spmd.get_mesh()
+    if symmetric_memory.lookup(mesh.axis_names, mesh.devices.shape) is None:
+        with pytest.raises(ValueError, match="no peer buffers were allocated for this mesh"):
+            traced(algorithm="one_shot", platform="gpu")
+        assert "inline_mgpu" not in str(traced(algorithm="auto", platform="gpu"))  # psum instead
+    symmetric_memory.allocate(mesh)
+    assert "inline_mgpu" in str(traced(algorithm="one_shot", platform="gpu"))
+    with pytest.raises(ValueError, match="the GPU lowering has the one-shot kernel only"):
+        traced(algorithm="two_shot", platform="gpu")
+    big = jnp.ones((2, 2**19 + 8), jnp.float32)
+    with pytest.raises(ValueError, match="more than the peer buffers stage"):
+        jax.make_jaxpr(
+            spmd.shard_map(
+                lambda v: custom_all_reduce(v[0], "tp", algorithm="one_shot", platform="gpu")[None],
+                in_specs=spec,
+                out_specs=spec,
+                check_vma=False,
+            )
+        )(big)
+
+
+# ---------------------------------------------------------------------------------------------
+# The flag protocol, emulated: every step of every block of every rank is one atomic action, and
+# a random scheduler interleaves them (kernels on one GPU run in order, blocks of one kernel in
+# any order, GPUs independently). Data are integers, so sums are exact.
+
+
+def _emulate(n, calls, *, seed, bug=None, max_blocks=4):
+    rnd = random.Random(seed)
+    stage = {}  # (rank, parity, block) -> values
+    flags = {(r, b, s): 0 for r in range(n) for b in range(max_blocks) for s in range(n)}
+    counters = {(r, b): 0 for r in range(n) for b in range(max_blocks)}
+    results = {}
+
+    def block_steps(r, k, b, x):
+        epoch = counters[(r, b)] + 1
+        parity = 0 if bug == "single_buffer" else epoch % 2
+        if bug == "reused_epoch":
+            epoch = 1
+        if bug != "signal_first":
+            stage[(r, parity, b)] = list(x)
+            yield
+        for s in range(n):
+            flags[(s, b, r)] = epoch
+            yield
+        if bug == "signal_first":
+            stage[(r, parity, b)] = list(x)
+            yield
+        for s in range(n):
+            while not (flags[(r, b, s)] == epoch if bug == "equality" else flags[(r, b, s)] - epoch >= 0):
+                yield "spin"
+        out = [0] * len(x)
+        for j in range(n):
+            vals = stage.get((j, parity, b), [10**9] * len(x))  # never staged: garbage
+            yield
+            out = [o + v for o, v in zip(out, vals, strict=True)]
+        results[(r, k, b)] = out
+        counters[(r, b)] = epoch
+
+    def rank_program(r):
+        for k, (blocks, data) in enumerate(calls):
+            running = [block_steps(r, k, b, data[r][b]) for b in range(blocks)]
+            while running:  # one kernel: its blocks interleave; the next starts when all are done
+                g = rnd.choice(running)
+                try:
+                    yield next(g)
+                except StopIteration:
+                    running.remove(g)
+
+    progs = {r: rank_program(r) for r in range(n)}
+    spins = 0
+    while progs:
+        r = rnd.choice(list(progs))
+        try:
+            if next(progs[r]) == "spin":
+                spins += 1
+                if spins > 100_000:
+                    return "hang", results
+        except StopIteration:
+            del progs[r]
+    return "done", results
+
+
+def _calls(n, count, rng):
+    calls = []
+    for _ in range(count):
+        blocks = rng.integers(1, 5)
+        calls.append((blocks, rng.integers(-50, 50, size=(n, blocks, 3)).tolist()))
+    return calls
+
+
+def _wrong(n, calls, results):
+    bad = 0
+    for k, (blocks, data) in enumerate(calls):
+        for b in range(blocks):
+            want = np.sum(np.array([data[r][b] for r in range(n)]), axis=0).tolist()
+            bad += sum(results.get((r, k, b)) != want for r in range(n))
+    return bad
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_flag_protocol_emulated_is_exact_under_random_interleavings(n, rng):
+    for seed in range(30):
+        calls = _calls(n, 12, rng)
+        state, results = _emulate(n, calls, seed=seed)
+        assert state == "done"
+        assert _wrong(n, calls, results) == 0
+
+
+@pytest.mark.parametrize("bug", ["single_buffer", "reused_epoch", "signal_first", "equality"])
+def test_flag_protocol_emulation_catches_broken_variants(bug, rng):
+    """Each deliberate break of the protocol gives a wrong sum or a hang under some interleaving."""
+    caught = 0
+    for seed in range(60):
+        calls = _calls(2, 12, rng)
+        state, results = _emulate(2, calls, seed=seed, bug=bug)
+        caught += state == "hang" or _wrong(2, calls, results) > 0
+    assert caught > 0, f"no interleaving exposed the {bug} variant"
+
+
+def test_dispatch_protocol_follows_the_tuning_row(tmp_path):
+    table = {"platforms": {"gpu": {"2": {"max_bytes": 1 << 21, "one_shot_max_bytes": 1 << 21, "ll_max_bytes": 8192}}}}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table))
+    assert dispatch._protocol(jnp.ones(4096, jnp.bfloat16), 2, str(path)) == "ll"  # 8 KiB
+    assert dispatch._protocol(jnp.ones(4097, jnp.bfloat16), 2, str(path)) == "pull"
+    assert dispatch._protocol(jnp.ones(16, jnp.bfloat16), 4, str(path)) == "auto"  # no row: the kernel picks
+    row = table["platforms"]["gpu"]["2"]
+    row["ll_max_bytes"] = -1
+    bad = tmp_path / "bad.json"  # tables are read once per path
+    bad.write_text(json.dumps(table))
+    with pytest.raises(ValueError, match="expected ll_max_bytes >= 0, got -1"):
+        dispatch.tuning_table(str(bad))
