@@ -153,7 +153,7 @@ def _cli(env, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
-CASES = [("tcp", 2, 2), ("tcp", 4, 2), ("tcp", 2, 4), ("device_put", 2, 2), ("transfer", 2, 2)]
+CASES = [(pipe, p, d) for pipe in ("tcp", "device_put", "transfer") for p, d in ((2, 2), (4, 2), (2, 4))]
 
 
 @pytest.mark.multiprocess

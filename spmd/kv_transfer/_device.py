@@ -10,6 +10,7 @@ only the layer's dtype and shape need to travel.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -31,6 +32,12 @@ def check_dtype(a: Any, fn: str) -> None:
             f"{fn}: a {name} array would be truncated to 32 bits on the device (jax_enable_x64 is off); "
             f"enable jax_enable_x64 or send it through TCPKVPipe."
         )
+
+
+@functools.lru_cache(maxsize=64)
+def dtype_name(dtype: Any) -> str:
+    """``np.dtype(dtype)``'s name (``"bfloat16"`` for ml_dtypes' types), remembered per dtype."""
+    return str(np.dtype(dtype))
 
 
 def meta_bytes(meta: dict[str, Any]) -> np.ndarray:

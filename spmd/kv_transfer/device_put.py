@@ -1,20 +1,29 @@
 """``DevicePutKVPipe``: device to device between the prefill and decode process meshes of ONE job.
 
 Both sides run in one ``jax.distributed`` job, on disjoint sets of processes (here: one process
-each, with any number of devices). An array moves with a cross-process ``jax.device_put``: the
-sender and the receiver both call it on the same global array, and the runtime copies the bytes
-device to device. JAX requires the source and target shardings to be the same (same HLO
-sharding, different devices), so every transfer here is single device to single device:
+each, with any number of devices). Arrays move with cross-process ``jax.device_put``: the sender
+and the receiver both call it on the same global array, and the runtime copies the bytes device
+to device. JAX requires the source and target shardings to be the same (same HLO sharding,
+different devices), so every transfer here is single device to single device.
 
-* ``send_tensor(x)``: ``x`` is gathered onto the sender's first device and lands on the
-  receiver's first device;
-* ``send_kv_cache(layers)``: each layer is cut by KV heads into one piece per head group of the
-  RECEIVER's TP size (see :mod:`spmd.kv_transfer._device`), so the TP sizes may differ, and
-  ``recv_kv_cache`` reassembles the pieces into a head-sharded array (replicated heads included).
+Each message is ONE metadata record (JSON, through the coordination service's key-value store,
+with a timeout) and then its transfers; the sender publishes and starts its half without waiting,
+the receiver starts its half as soon as the record arrives and never waits between transfers:
 
-Dtype and shape go first, as JSON, through the coordination service's key-value store, with a
-timeout; the receiver starts its half of the transfer only when they have arrived. On CPU the
-runtime needs its socket transfer switched on BEFORE JAX starts:
+* ``send_tensor(x)``: up to 16 KiB travels inside the record (no device transfer); a larger ``x``
+  is gathered onto the sender's first device and lands on the receiver's first device;
+* ``send_kv_cache(layers)``: ONE record for the whole cache (every layer's dtype and shape), then
+  ONE transfer per (sender device, receiver device) pair, whatever the number of layers: each
+  layer is cut by KV heads into the pieces each receiver head group needs (see
+  :mod:`spmd.kv_transfer._route`; the TP sizes may differ, replicated heads included), and a
+  pair's pieces travel packed into one buffer (``pack=True``; by default for many small pieces)
+  or as one batched ``device_put`` (``pack=False``). ``recv_kv_cache`` reassembles a
+  head-sharded array per layer.
+
+Never one batched ``device_put`` across several device pairs: JAX issues such a batch's pairs in
+a hash map's order, which differs between processes, and swaps their contents (``_route``).
+
+On CPU the runtime needs its socket transfer switched on BEFORE JAX starts:
 :meth:`DevicePutKVPipe.enable_transfers` (``jax_cross_host_transfer_socket_address``, transport
 addresses and the transfer timeout). Works on JAX 0.10.2 and 0.12 (CPU).
 
@@ -25,6 +34,9 @@ Use :class:`TransferServerKVPipe` between independent processes when the two sid
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -32,11 +44,20 @@ from typing import Any
 import numpy as np
 
 from spmd import compat
-from spmd.kv_transfer import _device
-from spmd.kv_transfer.base import KVPipeBase
+from spmd.kv_transfer import _device, _route
+from spmd.kv_transfer.base import KVPipeBase, _num_heads
+from spmd.kv_transfer.heads import kv_head_ranges, kv_head_sharding
 from spmd.kv_transfer.tcp import as_host_array
 
 __all__ = ["DevicePutKVPipe"]
+
+INLINE_BYTES = 16 << 10  # arrays up to this many bytes travel inside their metadata record
+_ROUTES_KEPT = 16  # a receiver keeps the checked routes of this many distinct KV records
+# pack=None packs a KV cache when its device pairs carry at least PACK_MIN_PIECES pieces each, of
+# fewer than PACK_BELOW_BYTES on average: there one transfer per pair beats one per piece, and the
+# jitted (un)packing, compiled once per shape and device, pays for itself.
+PACK_BELOW_BYTES = 1 << 20
+PACK_MIN_PIECES = 16
 
 
 class DevicePutKVPipe(KVPipeBase):
@@ -50,6 +71,11 @@ class DevicePutKVPipe(KVPipeBase):
       dst_devices: the decode worker's devices, in TP rank order (all of one other process).
       timeout_s: how long a receiver waits for the next message's metadata.
       name: tells pipes apart in the key-value store (two pipes at once need two names).
+      pack: (sender) how a KV cache's pieces travel between each pair of devices: ``True``, as one
+        packed buffer (one transfer per pair; a copy on each side); ``False``, as themselves, in
+        one batched ``device_put`` per pair; ``None`` (default): packed when each pair carries at
+        least :data:`PACK_MIN_PIECES` (16) pieces averaging under :data:`PACK_BELOW_BYTES` (1 MiB),
+        where the pieces' own costs dominate. The receiver follows what the sender's metadata says.
 
     Raises:
       RuntimeError: not in a multi-process job (call ``spmd.init_distributed_environment`` first).
@@ -63,6 +89,7 @@ class DevicePutKVPipe(KVPipeBase):
         *,
         timeout_s: float = 60.0,
         name: str = "kv",
+        pack: bool | None = None,
     ) -> None:
         import jax
 
@@ -77,6 +104,8 @@ class DevicePutKVPipe(KVPipeBase):
                 f"DevicePutKVPipe: each side must be the devices of one process, and the two processes must "
                 f"differ; got processes {sorted(procs[0])} -> {sorted(procs[1])}."
             )
+        if pack is not None and not isinstance(pack, bool):
+            raise TypeError(f"DevicePutKVPipe: pack must be True, False or None, got {pack!r}.")
         if jax.process_count() < 2 or compat.distributed_client() is None:
             raise RuntimeError(
                 "DevicePutKVPipe needs a multi-process jax.distributed job; call "
@@ -87,9 +116,11 @@ class DevicePutKVPipe(KVPipeBase):
         if me not in (self.src_process, self.dst_process):
             raise ValueError(f"DevicePutKVPipe: process {me} owns neither side's devices.")
         self.role = "sender" if me == self.src_process else "receiver"
-        self.timeout_s, self.name = float(timeout_s), name
+        self.timeout_s, self.name, self.pack = float(timeout_s), name, pack
         self._seq = 0
         self._closed = False
+        self._fault: str | None = None
+        self._routes: dict[str, tuple[_route.KVRoute, bool]] = {}  # raw KV record -> its checked route
 
     @staticmethod
     def enable_transfers(host: str = "127.0.0.1", port: int | None = None, *, timeout_s: int = 60) -> str:
@@ -139,12 +170,18 @@ class DevicePutKVPipe(KVPipeBase):
 
     def _check(self, op: str, role: str) -> None:
         if self._closed:
-            raise ValueError(f"DevicePutKVPipe.{op}: the pipe is closed.")
+            why = f" ({self._fault})" if self._fault else ""
+            raise ValueError(f"DevicePutKVPipe.{op}: the pipe is closed{why}.")
         if self.role != role:
             raise RuntimeError(
                 f"DevicePutKVPipe.{op}: this process is the {self.role} (process "
                 f"{self.src_process} -> {self.dst_process}); only the {role} may call it."
             )
+
+    def _break(self, message: str) -> ValueError:
+        """Close the pipe after metadata it cannot follow (the two sides' transfers would no longer pair up)."""
+        self._fault, self._closed = message, True
+        return ValueError(message + " The pipe is closed: the two sides can no longer pair their transfers.")
 
     # Metadata ------------------------------------------------------------------------------
 
@@ -153,14 +190,16 @@ class DevicePutKVPipe(KVPipeBase):
         return f"spmd/kv_transfer/{self.name}/{self._seq}"
 
     def _put_meta(self, meta: dict[str, Any]) -> None:
-        compat.distributed_client().key_value_set(self._key(), json.dumps(meta))
+        compat.distributed_client().key_value_set(self._key(), json.dumps(meta, separators=(",", ":")))
 
-    def _get_meta(self, op: str) -> dict[str, Any]:
+    def _get_raw(self, op: str) -> str:
+        """The next message's metadata record, as sent."""
         key = self._key()
         client = compat.distributed_client()
         try:
             raw = client.blocking_key_value_get(key, int(self.timeout_s * 1000))
         except Exception as e:  # the runtime raises its own type on deadline
+            self._seq -= 1  # nothing consumed: the next call waits for the same message
             raise TimeoutError(
                 f"DevicePutKVPipe.{op}: no message from process {self.src_process} within {self.timeout_s:g} s "
                 f"({type(e).__name__}: {str(e)[:200]})."
@@ -169,32 +208,33 @@ class DevicePutKVPipe(KVPipeBase):
             client.key_value_delete(key)
         except Exception:  # deleting is housekeeping; the message arrived
             pass
+        return raw
+
+    def _meta(self, raw: str, op: str) -> dict[str, Any]:
         return _device.meta_from(np.frombuffer(raw.encode(), np.uint8), f"DevicePutKVPipe.{op}")
 
     # Transfer --------------------------------------------------------------------------------
 
-    def _move(self, pieces: list[Any] | None, specs: list[tuple[Any, tuple[int, ...], Any]], dst: list[Any]) -> list:
-        """The collective ``device_put`` of single-device pieces (sender: ``pieces``; receiver: ``None``)."""
+    def _move(self, src: Any, dst: Any, arrays: list[Any]) -> list[Any]:
+        """ONE collective ``device_put`` of single-device arrays from device ``src`` to device ``dst``.
+
+        The sender passes its arrays (all on ``src``), the receiver their ``(dtype, shape)``. All
+        arrays of a call share one device pair: JAX pairs them up by position only within a pair.
+        """
         import jax
         from jax.sharding import SingleDeviceSharding
 
-        if pieces is None:
-            pieces = [
-                jax.make_array_from_single_device_arrays(shape, SingleDeviceSharding(dev), [], dtype=dtype)
-                for dtype, shape, dev in specs
+        if self.role == "receiver":
+            arrays = [
+                jax.make_array_from_single_device_arrays(shape, SingleDeviceSharding(src), [], dtype=dtype)
+                for dtype, shape in arrays
             ]
-        out = []
-        for piece, d in zip(pieces, dst, strict=True):
-            # One transfer at a time, each finished before the next starts: a batched device_put
-            # of several cross-process pieces can pair them up wrongly (seen on JAX 0.10.2, CPU).
-            moved = jax.device_put(piece, SingleDeviceSharding(d))
-            if moved.is_fully_addressable:
-                moved.block_until_ready()
-            out.append(moved)
-        return out
+        elif any(x.sharding.device_set != {src} for x in arrays):  # pragma: no cover - an internal invariant
+            raise RuntimeError("DevicePutKVPipe: a batched transfer mixes device pairs.")
+        return jax.device_put(arrays, [SingleDeviceSharding(dst)] * len(arrays))
 
     def send_tensor(self, tensor: Any | None) -> None:
-        """Send an array (numpy or JAX) or ``None`` to the decode process.
+        """Send an array (numpy or JAX) or ``None`` to the decode process; returns without waiting for it.
 
         Raises:
           TypeError: not an array, or a 64-bit dtype with ``jax_enable_x64`` off.
@@ -209,75 +249,206 @@ class DevicePutKVPipe(KVPipeBase):
         if not isinstance(tensor, jax.Array):
             tensor = as_host_array(tensor, fn="DevicePutKVPipe.send_tensor")
         _device.check_dtype(tensor, "DevicePutKVPipe.send_tensor")
-        meta = {"none": False, "dtype": str(np.dtype(tensor.dtype)), "shape": list(np.shape(tensor))}
+        meta: dict[str, Any] = {"none": False, "dtype": str(np.dtype(tensor.dtype)), "shape": list(np.shape(tensor))}
+        if np.size(tensor) * np.dtype(tensor.dtype).itemsize <= INLINE_BYTES:
+            host = as_host_array(tensor, fn="DevicePutKVPipe.send_tensor")
+            meta["data"] = base64.b64encode(host.tobytes()).decode("ascii")
+            self._put_meta(meta)
+            return
         self._put_meta(meta)
-        if np.size(tensor):
-            self._move([jax.device_put(tensor, self.src_devices[0])], [], [self.dst_devices[0]])
+        self._move(self.src_devices[0], self.dst_devices[0], [jax.device_put(tensor, self.src_devices[0])])
 
     def recv_tensor(self) -> Any | None:
-        """The next array (a ``jax.Array`` on the first decode device) or ``None``.
+        """The next array (a ``jax.Array`` on the first decode device, maybe still arriving) or ``None``.
 
         Raises:
           TimeoutError: no message within ``timeout_s``.
-          ValueError: the pipe is closed, or malformed metadata.
+          ValueError: the pipe is closed, malformed metadata, or the message is a KV cache (it is
+            received and dropped, so the pipe stays usable).
         """
-        import jax.numpy as jnp
-
         self._check("recv_tensor", "receiver")
-        meta = self._get_meta("recv_tensor")
+        raw = self._get_raw("recv_tensor")
+        if raw in self._routes:  # a KV cache of a shape seen before
+            self._recv_kv(raw, "recv_tensor")  # drained: both sides' transfers stay paired
+            raise ValueError(
+                "DevicePutKVPipe.recv_tensor: the sender sent a KV cache (send_kv_cache); receive it with "
+                "recv_kv_cache. It was dropped."
+            )
+        meta = self._meta(raw, "recv_tensor")
         if meta.get("none") is True:
             return None
-        dtype, shape = _device.array_spec(meta, "DevicePutKVPipe.recv_tensor")
-        if not int(np.prod(shape)):
-            import jax
-
-            return jax.device_put(jnp.zeros(shape, dtype), self.dst_devices[0])
-        (out,) = self._move(None, [(dtype, shape, self.src_devices[0])], [self.dst_devices[0]])
-        return out
-
-    # KV caches: one piece per receiver head group -------------------------------------------
-
-    def _send_kv_layer(self, layer: Any, head_axis: int) -> None:
-        import jax
-
-        if not isinstance(layer, jax.Array):
-            layer = as_host_array(layer, fn="DevicePutKVPipe.send_kv_cache")
-        _device.check_dtype(layer, "DevicePutKVPipe.send_kv_cache")
-        self._put_meta({"none": False, "dtype": str(np.dtype(layer.dtype)), "shape": list(np.shape(layer))})
-        if not np.size(layer):
-            return
-        heads = int(np.shape(layer)[head_axis])
-        pieces = _device.sender_pieces(layer, head_axis, self.src_devices, len(self.dst_devices))
-        dst = [self.dst_devices[ranks[0]] for _, _, ranks in _device.groups(heads, len(self.dst_devices))]
-        self._move(pieces, [], dst)
-
-    def _recv_kv_layer(self, sharding: Any, devices: list[Any], num_heads: int, head_axis: int) -> Any:
-        import jax
-        import jax.numpy as jnp
-
-        if devices != self.dst_devices:
-            raise ValueError("DevicePutKVPipe.recv_kv_cache: receive on the pipe's dst_devices (pass devices=None).")
-        meta = self._get_meta("recv_kv_cache")
-        dtype, shape = _device.array_spec(meta, "DevicePutKVPipe.recv_kv_cache")
-        if len(shape) <= head_axis or shape[head_axis] != num_heads:
-            raise ValueError(f"DevicePutKVPipe.recv_kv_cache: a layer of shape {list(shape)}, not {num_heads} heads.")
-        if not int(np.prod(shape)):
-            return jax.device_put(jnp.zeros(shape, dtype), sharding)
-        tp, src_tp = len(devices), len(self.src_devices)
-        specs = [
-            (
-                dtype,
-                _device.piece_shape(shape, head_axis, a, b),
-                self.src_devices[_device.source_rank(num_heads, src_tp, tp, ranks[0])],
+        if "kv" in meta:
+            self._recv_kv(raw, "recv_tensor", meta)  # drained: both sides' transfers stay paired
+            raise ValueError(
+                "DevicePutKVPipe.recv_tensor: the sender sent a KV cache (send_kv_cache); receive it with "
+                "recv_kv_cache. It was dropped."
             )
-            for a, b, ranks in _device.groups(num_heads, tp)
-        ]
-        dst = [devices[ranks[0]] for _, _, ranks in _device.groups(num_heads, tp)]
-        pieces = self._move(None, specs, dst)
-        return _device.assemble(pieces, sharding, devices, shape, head_axis)
+        return self._recv_array(meta, "recv_tensor")
+
+    def _recv_array(self, meta: dict[str, Any], op: str) -> Any:
+        import jax
+
+        fn = f"DevicePutKVPipe.{op}"
+        try:
+            dtype, shape = _device.array_spec(meta, fn)
+        except ValueError as e:
+            raise self._break(str(e)) from None
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if "data" not in meta and nbytes:
+            (out,) = self._move(self.src_devices[0], self.dst_devices[0], [(dtype, shape)])
+            return out
+        try:
+            raw = base64.b64decode(meta.get("data", ""), validate=True)
+        except (TypeError, ValueError, binascii.Error) as e:
+            raise ValueError(f"{fn}: malformed inline data from the peer: {e}") from None
+        if len(raw) != nbytes:
+            raise ValueError(f"{fn}: {len(raw)} inline bytes for {dtype}{list(shape)}; expected {nbytes}.")
+        return jax.device_put(np.frombuffer(raw, dtype).reshape(shape), self.dst_devices[0])
+
+    # KV caches: one metadata record, one transfer per device pair ------------------------------
+
+    def send_kv_cache(self, layers: Sequence[Any], *, head_axis: int = 0) -> None:
+        """Send a KV cache (see :meth:`KVPipeBase.send_kv_cache`): one record, one transfer per device pair.
+
+        Returns once every transfer is issued (the runtime keeps the buffers it sends alive).
+
+        Raises:
+          ValueError: no layers, layers that disagree on the KV heads, a bad ``head_axis``, or a TP
+            size (either side's) that does not fit the heads.
+          TypeError: a layer that is not an array, or a 64-bit dtype with ``jax_enable_x64`` off.
+        """
+        import jax
+
+        self._check("send_kv_cache", "sender")
+        layers = list(layers)
+        if not layers:
+            raise ValueError("send_kv_cache: expected at least one layer, got none.")
+        heads = _num_heads(layers, head_axis)
+        fn = "DevicePutKVPipe.send_kv_cache"
+        layers = [x if isinstance(x, jax.Array) else as_host_array(x, fn=fn) for x in layers]
+        for x in {x.dtype: x for x in layers}.values():  # one layer of each dtype
+            _device.check_dtype(x, fn)
+        src_tp, dst_tp = len(self.src_devices), len(self.dst_devices)
+        kv_head_ranges(heads, src_tp)
+        kv_head_ranges(heads, dst_tp)
+        specs = tuple((_device.dtype_name(x.dtype), tuple(x.shape)) for x in layers)
+        route = _route.kv_route(heads, src_tp, dst_tp, head_axis, specs)
+        sharding, src = _sharding(tuple(self.src_devices), heads, head_axis), self.src_devices
+        live = set(route.live)
+        shards = [_route.local_shards(x, sharding, src) if i in live else None for i, x in enumerate(layers)]
+        pack = self.pack
+        if pack is None:
+            pack = route.pieces_per_pair() >= PACK_MIN_PIECES and route.mean_piece_bytes() < PACK_BELOW_BYTES
+        compat.distributed_client().key_value_set(self._key(), _kv_record(route, pack))
+        for s, g in route.pairs:
+            arrays = _route.sender_arrays(route, shards, s, g, pack)
+            self._move(self.src_devices[s], self.dst_devices[g], arrays)
 
     def recv_kv_cache(self, *, devices: Sequence[Any] | None = None, tp: int | None = None) -> list[Any]:
-        """As :meth:`KVPipeBase.recv_kv_cache`, on this pipe's ``dst_devices``."""
-        if devices is None and tp is None:
-            devices = self.dst_devices
-        return super().recv_kv_cache(devices=devices, tp=tp)
+        """As :meth:`KVPipeBase.recv_kv_cache`, on this pipe's ``dst_devices``.
+
+        Raises:
+          ValueError: ``devices`` / ``tp`` other than the pipe's ``dst_devices``; the message is not
+            a KV cache (a tensor is received and dropped, so the pipe stays usable); malformed metadata.
+          TimeoutError: no message within ``timeout_s``.
+        """
+        import jax
+
+        self._check("recv_kv_cache", "receiver")
+        if devices is None and tp is not None:
+            devices = jax.local_devices()[: max(int(tp), 0)]
+        if devices is not None and list(devices) != self.dst_devices:
+            raise ValueError("DevicePutKVPipe.recv_kv_cache: receive on the pipe's dst_devices (pass devices=None).")
+        raw = self._get_raw("recv_kv_cache")
+        if raw in self._routes:  # the same shapes as a KV cache before: checked then
+            return self._recv_kv(raw, "recv_kv_cache")
+        meta = self._meta(raw, "recv_kv_cache")
+        if "kv" not in meta:
+            got = "None"
+            if meta.get("none") is not True:
+                x = self._recv_array(meta, "recv_kv_cache")  # drained: both sides' transfers stay paired
+                got = f"a tensor {x.dtype}{list(x.shape)}"
+            raise ValueError(
+                f"recv_kv_cache: expected the KV cache sent by send_kv_cache, got {got}; both sides must call "
+                f"send_kv_cache / recv_kv_cache in the same order."
+            )
+        return self._recv_kv(raw, "recv_kv_cache", meta)
+
+    def _kv_route(self, kv: Any, fn: str) -> tuple[_route.KVRoute, bool]:
+        """The route (and ``pack``) a KV record names, after checking it against this pipe."""
+        if not isinstance(kv, dict) or not isinstance(kv.get("layers"), list) or not kv["layers"]:
+            raise self._break(f"{fn}: malformed KV-cache metadata {kv!r:.200}.")
+        heads, axis, pack = kv.get("heads"), kv.get("head_axis"), kv.get("pack")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (heads, axis)) or heads < 1 or axis < 0:
+            raise self._break(f"{fn}: malformed KV-cache metadata (heads={heads!r}, head_axis={axis!r}).")
+        if not isinstance(pack, bool):
+            raise self._break(f"{fn}: malformed KV-cache metadata (pack={pack!r}).")
+        tps = (kv.get("src_tp"), kv.get("dst_tp"))
+        if tps != (len(self.src_devices), len(self.dst_devices)):
+            raise self._break(
+                f"{fn}: the sender cut the cache for TP {tps[0]} -> {tps[1]}, but this pipe is TP "
+                f"{len(self.src_devices)} -> {len(self.dst_devices)}; both sides must build the pipe alike."
+            )
+        specs = []
+        for i, entry in enumerate(kv["layers"]):
+            if not (isinstance(entry, list) and len(entry) == 2):
+                raise self._break(f"{fn}: malformed metadata for layer {i}: {entry!r:.100}.")
+            try:
+                dtype, shape = _device.array_spec({"dtype": entry[0], "shape": entry[1]}, fn)
+            except ValueError as e:
+                raise self._break(str(e)) from None
+            if len(shape) <= axis or shape[axis] != heads:
+                raise self._break(f"{fn}: layer {i} has shape {list(shape)}, not {heads} heads on axis {axis}.")
+            specs.append((str(dtype), shape))
+        try:
+            kv_head_ranges(heads, len(self.src_devices))
+            kv_head_ranges(heads, len(self.dst_devices))
+        except ValueError as e:
+            raise self._break(f"{fn}: {e}") from None
+        return _route.kv_route(heads, len(self.src_devices), len(self.dst_devices), axis, tuple(specs)), pack
+
+    def _recv_kv(self, raw: str, op: str, meta: dict[str, Any] | None = None) -> list[Any]:
+        """Receive the KV cache of record ``raw`` (``meta``: the record parsed, unless its route is known)."""
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import SingleDeviceSharding
+
+        if raw not in self._routes:
+            if len(self._routes) >= _ROUTES_KEPT:
+                self._routes.clear()
+            self._routes[raw] = self._kv_route(meta["kv"], f"DevicePutKVPipe.{op}")
+        route, pack = self._routes[raw]
+        devices = self.dst_devices
+        arrived = {
+            (s, g): self._move(self.src_devices[s], devices[g], route.buffer_specs(s, g, pack)) for s, g in route.pairs
+        }
+        by_rank: dict[int, list[Any]] = {}
+        for _, _, ranks in route.groups:
+            shards = _route.receiver_shards(route, arrived, ranks[0], pack)
+            by_rank[ranks[0]] = shards
+            for r in ranks[1:]:  # replicated heads: local copies, one batched call per replica device
+                by_rank[r] = jax.device_put(shards, [SingleDeviceSharding(devices[r])] * len(shards))
+        sharding = _sharding(tuple(devices), route.num_heads, route.head_axis)
+        out, live = [], {i: j for j, i in enumerate(route.live)}
+        for i, (dtype, shape) in enumerate(route.layers):
+            j = live.get(i)
+            if j is None:
+                out.append(jax.device_put(jnp.zeros(shape, dtype), sharding))
+                continue
+            out.append(
+                jax.make_array_from_single_device_arrays(shape, sharding, [by_rank[r][j] for r in range(len(devices))])
+            )
+        return out
+
+
+@functools.lru_cache(maxsize=64)
+def _sharding(devices: tuple[Any, ...], num_heads: int, head_axis: int) -> Any:
+    return kv_head_sharding(devices, num_heads, head_axis=head_axis)
+
+
+@functools.lru_cache(maxsize=64)
+def _kv_record(route: _route.KVRoute, pack: bool) -> str:
+    """The metadata record of a KV cache: the same bytes for the same shapes (the receiver keeps its route by them)."""
+    kv = {"heads": route.num_heads, "head_axis": route.head_axis, "src_tp": route.src_tp, "dst_tp": route.dst_tp}
+    kv.update(pack=pack, layers=[[d, list(s)] for d, s in route.layers])
+    return json.dumps({"none": False, "kv": kv}, separators=(",", ":"))
