@@ -71,14 +71,16 @@ _GROUP_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 def _build_groups(mesh: Mesh, *, disable_custom_all_reduce: bool) -> dict[str, GroupCoordinator]:
     platform = compat.mesh_platform(mesh)
-    if platform in ("gpu", "cuda") and not disable_custom_all_reduce and jax.process_count() == 1:
-        # The custom all-reduce's persistent peer buffers (a few MiB per GPU, kept for the process).
-        symmetric_memory.allocate(mesh)
+    peer_buffers = platform in ("gpu", "cuda") and not disable_custom_all_reduce and jax.process_count() == 1
     mesh_shape = tuple((a, int(mesh.shape[a])) for a in mesh.axis_names)
     groups = {}
     for name, axes in _GROUP_AXES:
         axis_name: AxisName = axes if len(axes) > 1 else axes[0]
         size = math.prod(mesh.shape[a] for a in axes)
+        if peer_buffers and 1 < size <= symmetric_memory.Layout.max_ranks:
+            # The custom all-reduce's persistent peer buffers: per group, a few MiB per GPU, kept
+            # for the life of the process.
+            symmetric_memory.allocate(mesh, axis_name)
         groups[name] = GroupCoordinator(
             axis_name=axis_name,
             world_size=size,

@@ -260,7 +260,7 @@ def test_gpu_lowering_needs_buffers_and_one_shot():
     from kernels import symmetric_memory
 
     spmd.initialize_model_parallel(2, devices=jax.devices()[:2])
-    bufs = symmetric_memory.allocate(spmd.get_mesh())
+    bufs = symmetric_memory.allocate(spmd.get_mesh(), "tp")
 
     def traced(**kw):
         f = spmd.shard_map(

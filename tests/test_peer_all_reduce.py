@@ -94,8 +94,8 @@ def _table(bufs, mesh, axis):
 )  # fmt: skip
 def test_peer_table_holds_rank_and_group_addresses(shape, names, axis):
     mesh = _mesh(shape, names)
-    bufs = symmetric_memory.allocate(mesh)
-    assert symmetric_memory.allocate(mesh) is bufs  # made once, then reused
+    bufs = symmetric_memory.allocate(mesh, axis)
+    assert symmetric_memory.allocate(mesh, axis) is bufs  # made once, then reused
     assert len(set(bufs.addresses)) == mesh.size and all(a > 0 for a in bufs.addresses)
     got = _table(bufs, mesh, axis)
     group = (axis,) if isinstance(axis, str) else axis
@@ -117,17 +117,32 @@ def test_peer_table_holds_rank_and_group_addresses(shape, names, axis):
         np.testing.assert_array_equal(row, np.array(want, np.int32))
 
 
-def test_peer_table_errors_and_lookup():
-    mesh = _mesh((2,), ("tp",))
-    bufs = symmetric_memory.allocate(mesh)
-    assert symmetric_memory.lookup(("tp",), (2,)) is bufs
-    assert symmetric_memory.lookup(("tp",), (3,)) is None
-    assert symmetric_memory.lookup(("ep",), (2,)) is None
-    with pytest.raises(ValueError, match="axis 'ep' is not one of the mesh's axes"):
-        _table(bufs, mesh, "ep")
-    small = symmetric_memory.allocate(_mesh((4,), ("x",)), Layout(max_ranks=2))
-    with pytest.raises(ValueError, match=r"a group of 4 ranks is larger than layout\.max_ranks=2"):
-        _table(small, small.mesh, "x")
+def test_each_group_has_its_own_buffers_and_lookup_finds_them():
+    mesh = _mesh((2, 2), ("rows", "cols"))
+    tp, dp = symmetric_memory.allocate(mesh, "cols"), symmetric_memory.allocate(mesh, "rows")
+    assert not set(tp.addresses) & set(dp.addresses)  # TP and DP never share a device's buffer
+    assert tp.group == ("cols",) and tp.layout.max_ranks == 2
+    assert symmetric_memory.lookup(("rows", "cols"), (2, 2), "cols") is tp
+    assert symmetric_memory.lookup(("rows", "cols"), (2, 2), ("rows",)) is dp
+    assert symmetric_memory.lookup(("rows", "cols"), (2, 2), ("rows", "cols")) is None
+    # the same devices in another mesh shape get new buffers; the old ones stay alive
+    flat = symmetric_memory.allocate(_mesh((1, 4), ("rows", "cols")), "cols")
+    assert symmetric_memory.lookup(("rows", "cols"), (2, 2), "cols") is tp and flat is not tp
+    with pytest.raises(ValueError, match=r"these buffers serve the group \('cols',\), got axis_name='rows'"):
+        _table(tp, mesh, "rows")
+
+
+@pytest.mark.parametrize(
+    "axis,layout,match",
+    [
+        ("ep", None, r"expected axis_name to name axes of the mesh \('tp',\), got 'ep'"),
+        ((), None, "expected axis_name to name axes of the mesh"),
+        ("tp", Layout(max_ranks=2), r"a group of 4 ranks is larger than layout\.max_ranks=2"),
+    ],
+)
+def test_allocate_errors(axis, layout, match):
+    with pytest.raises(ValueError, match=match):
+        symmetric_memory.allocate(_mesh((4,), ("tp",)), axis, layout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +159,7 @@ def _peer_fn(bufs, n, **kw):
 @pytest.mark.parametrize("dtype,numel", [(jnp.bfloat16, 8192), (jnp.float32, 1024), (jnp.float16, 3 * 1024)])
 def test_kernel_lowers_for_cuda(mode, protocol, dtype, numel):
     mesh = _mesh((2, 2), ("dp", "tp"))
-    bufs = symmetric_memory.allocate(mesh)
+    bufs = symmetric_memory.allocate(mesh, "tp")
     spec = P(("dp", "tp"))
     fn = _peer_fn(bufs, 2, mode=mode, protocol=protocol)
     f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
@@ -171,7 +186,7 @@ def test_kernel_lowers_for_cuda(mode, protocol, dtype, numel):
 )
 def test_kernel_errors(make, match):
     mesh = _mesh((2,), ("tp",))
-    bufs = symmetric_memory.allocate(mesh)
+    bufs = symmetric_memory.allocate(mesh, "tp")
 
     def f():
         x, t, kw = make(bufs.peer_table("tp"))
@@ -200,11 +215,11 @@ def test_dispatch_gpu_needs_buffers_then_uses_the_peer_kernel(on_gpu):
                                              out_specs=spec, check_vma=False))(x)  # fmt: skip
 
     mesh = spmd.get_mesh()
-    if symmetric_memory.lookup(mesh.axis_names, mesh.devices.shape) is None:
-        with pytest.raises(ValueError, match="no peer buffers were allocated for this mesh"):
+    if symmetric_memory.lookup(mesh.axis_names, mesh.devices.shape, "tp") is None:
+        with pytest.raises(ValueError, match="no peer buffers were allocated for this group of this mesh"):
             traced(algorithm="one_shot", platform="gpu")
         assert "inline_mgpu" not in str(traced(algorithm="auto", platform="gpu"))  # psum instead
-    symmetric_memory.allocate(mesh)
+    symmetric_memory.allocate(mesh, "tp")
     assert "inline_mgpu" in str(traced(algorithm="one_shot", platform="gpu"))
     with pytest.raises(ValueError, match="the GPU lowering has the one-shot kernel only"):
         traced(algorithm="two_shot", platform="gpu")

@@ -71,7 +71,7 @@ def all_reduce_kernel(
         ``"tpu"`` (the TPU form).
       interpret: for the TPU form, Pallas interpret parameters (e.g.
         ``pltpu.InterpretParams(detect_races=True)``) to run it on CPU; ``None`` compiles it.
-      buffers: for the GPU lowering, the peer buffers of the mesh
+      buffers: for the GPU lowering, the peer buffers of the mesh for this group
         (:func:`kernels.symmetric_memory.allocate`).
       protocol: for the GPU lowering, ``"ll"``, ``"pull"`` or ``"auto"`` (see
         :func:`~kernels.custom_all_reduce.peer.one_shot_peer`).
@@ -111,7 +111,7 @@ def _gpu(
     if buffers is None:
         raise ValueError(
             "all_reduce_kernel: the GPU lowering needs the mesh's peer buffers; pass "
-            "buffers=kernels.symmetric_memory.allocate(mesh)."
+            "buffers=kernels.symmetric_memory.allocate(mesh, axis_name)."
         )
     if algorithm != "one_shot":
         raise ValueError(

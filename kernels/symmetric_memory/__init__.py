@@ -1,10 +1,15 @@
-"""Persistent peer buffers: one staging + flag area per GPU, addressed by raw device pointers.
+"""Persistent peer buffers: one staging + flag area per GPU and group, addressed by raw device pointers.
 
 vLLM's custom all-reduce registers one buffer per GPU at start-up and hands every kernel the
 table of its peers' addresses; the kernels read and write peers through plain loads and stores
 over NVLink. This module does the same for JAX: :func:`allocate` makes one zero-filled array per
-device of a mesh (kept alive here for the life of the process, never donated, never passed to a
-program), and records its device address. A kernel gets, as a small ``int32`` operand built in
+device of a mesh for one group (a mesh axis or tuple of axes), kept alive here for the life of
+the process (never donated, never passed to a program), and records its device address.
+
+One buffer serves ONE group: the kernels' epochs count the calls of that group, and a device's
+inbox slot ``r`` is written by rank ``r`` of its group. Two groups sharing a device's buffer
+(TP and DP all-reduces, say) would let a DP peer that is a call ahead write a slot a TP peer's
+data still occupies, so each group has its own. A kernel gets, as a small ``int32`` operand built in
 the program (:meth:`SymmetricBuffers.peer_table`), its own rank in the group and the addresses of
 every group member's buffer. To XLA such a kernel is an ordinary local custom call: no remote
 references, so no per-call zeroing of semaphores, no collective-metadata copy and no XLA
@@ -112,11 +117,13 @@ class SymmetricBuffers:
 
     Attributes:
       mesh: the mesh whose devices hold the buffers.
+      group: the axes of the one group these buffers serve.
       layout: the buffer layout.
       addresses: device address of each buffer, in ``mesh.devices.flat`` order.
     """
 
     mesh: jax.sharding.Mesh
+    group: tuple[str, ...]
     layout: Layout
     addresses: tuple[int, ...]
     _arrays: tuple[jax.Array, ...] = dataclasses.field(repr=False)
@@ -129,21 +136,17 @@ class SymmetricBuffers:
         ``lax.axis_index`` and a constant table; XLA hoists it out of loops.
 
         Raises:
-          ValueError: ``axis_name`` names an axis the mesh does not have, or the group is larger
-            than ``layout.max_ranks``.
+          ValueError: ``axis_name`` is not the group these buffers were allocated for.
         """
         names = tuple(self.mesh.axis_names)
-        group = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-        missing = [a for a in group if a not in names]
-        if missing:
-            raise ValueError(f"SymmetricBuffers.peer_table: axis {missing[0]!r} is not one of the mesh's axes {names}.")
+        group = _group(axis_name)
+        if group != self.group:
+            raise ValueError(
+                f"SymmetricBuffers.peer_table: these buffers serve the group {self.group}, got axis_name="
+                f"{axis_name!r}; allocate the group's own with symmetric_memory.allocate(mesh, {axis_name!r})."
+            )
         sizes = dict(zip(names, self.mesh.devices.shape, strict=True))
         n = math.prod(sizes[a] for a in group)
-        if n > self.layout.max_ranks:
-            raise ValueError(
-                f"SymmetricBuffers.peer_table: a group of {n} ranks is larger than layout.max_ranks="
-                f"{self.layout.max_ranks}."
-            )
         strides = dict(zip(names, np.cumprod((1, *self.mesh.devices.shape[::-1]))[::-1][1:].tolist(), strict=True))
         coords = {a: lax.axis_index(a) for a in names}
         rank = jnp.int32(0)
@@ -164,25 +167,47 @@ class SymmetricBuffers:
 
 
 # Process-wide on purpose: a compiled program holds these addresses for as long as JAX caches it,
-# so the buffers must outlive every communicator and program that used them.
+# so the buffers must outlive every communicator and program that used them (entries are never
+# replaced or dropped).
 _LOCK = threading.Lock()
-_ALLOCATED: dict[tuple[tuple[int, ...], Layout], SymmetricBuffers] = {}
+_ALLOCATED: dict[tuple[Any, ...], SymmetricBuffers] = {}
 
 
-def allocate(mesh: jax.sharding.Mesh, layout: Layout | None = None) -> SymmetricBuffers:
-    """The persistent buffers of ``mesh``'s devices (made on first call, then reused).
+def _group(axis_name: Any) -> tuple[str, ...]:
+    return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
+def allocate(mesh: jax.sharding.Mesh, axis_name: Any, layout: Layout | None = None) -> SymmetricBuffers:
+    """The persistent buffers of ``mesh``'s devices for the group ``axis_name`` (made once, then reused).
 
     Args:
       mesh: a mesh whose devices are all addressable by this process.
-      layout: the buffer layout (default :class:`Layout()`).
+      axis_name: the mesh axis (or tuple of axes) whose all-reduces will use the buffers.
+      layout: the buffer layout (default: :class:`Layout` with ``max_ranks`` the group's size).
 
     Returns:
       The buffers, kept alive for the life of the process (a kernel may be using them).
 
     Raises:
-      ValueError: a device of ``mesh`` belongs to another process.
+      ValueError: ``axis_name`` is not the mesh's, the group has more than 8 ranks or more than
+        ``layout.max_ranks``, or a device of ``mesh`` belongs to another process.
     """
-    layout = Layout() if layout is None else layout
+    names = tuple(mesh.axis_names)
+    group = _group(axis_name)
+    missing = [a for a in group if a not in names]
+    if missing or not group:
+        raise ValueError(
+            f"symmetric_memory.allocate: expected axis_name to name axes of the mesh {names}, got {axis_name!r}."
+        )
+    n = math.prod(int(mesh.shape[a]) for a in group)
+    if layout is None:
+        if n > Layout.max_ranks:
+            raise ValueError(f"symmetric_memory.allocate: a group of {n} ranks is more than {Layout.max_ranks}.")
+        layout = Layout(max_ranks=n)
+    if n > layout.max_ranks:
+        raise ValueError(
+            f"symmetric_memory.allocate: a group of {n} ranks is larger than layout.max_ranks={layout.max_ranks}."
+        )
     devices: Sequence[jax.Device] = list(mesh.devices.flat)
     foreign = [d for d in devices if d.process_index != jax.process_index()]
     if foreign:
@@ -190,33 +215,32 @@ def allocate(mesh: jax.sharding.Mesh, layout: Layout | None = None) -> Symmetric
             f"symmetric_memory.allocate: device {foreign[0]} belongs to process {foreign[0].process_index}; "
             "the raw-address table needs every device of the mesh in this process."
         )
-    key = (tuple(d.id for d in devices), layout)
+    key = (tuple(d.id for d in devices), names, tuple(mesh.devices.shape), group, layout)
     with _LOCK:
         found = _ALLOCATED.get(key)
-        if (
-            found is not None
-            and found.mesh.axis_names == mesh.axis_names
-            and found.mesh.devices.shape == mesh.devices.shape
-        ):
+        if found is not None:
             return found
         words = layout.nbytes // 4
         arrays = tuple(jax.device_put(np.zeros(words, np.uint32), d) for d in devices)
         jax.block_until_ready(arrays)
-        bufs = SymmetricBuffers(mesh, layout, tuple(int(a.unsafe_buffer_pointer()) for a in arrays), arrays)
+        addresses = tuple(int(a.unsafe_buffer_pointer()) for a in arrays)
+        bufs = SymmetricBuffers(mesh, group, layout, addresses, arrays)
         _ALLOCATED[key] = bufs
         return bufs
 
 
-def lookup(axis_names: Sequence[str], shape: Sequence[int]) -> SymmetricBuffers | None:
-    """The buffers allocated for a mesh of these axis names and sizes (what a traced kernel sees).
+def lookup(axis_names: Sequence[str], shape: Sequence[int], axis_name: Any) -> SymmetricBuffers | None:
+    """The buffers allocated for group ``axis_name`` of a mesh of these axes and sizes.
 
     Inside ``shard_map`` only the abstract mesh is known; the buffers allocated last for a mesh
     of the same axes and shape are the ones meant (one mesh per shape is the usual case).
 
     Returns:
-      The buffers, or ``None`` when no such mesh has any.
+      The buffers, or ``None`` when none were allocated for that group of such a mesh.
     """
-    key = (tuple(axis_names), tuple(int(s) for s in shape))
+    key = (tuple(axis_names), tuple(int(s) for s in shape), _group(axis_name))
     with _LOCK:
-        found = [b for b in _ALLOCATED.values() if (tuple(b.mesh.axis_names), tuple(b.mesh.devices.shape)) == key]
+        found = [
+            b for b in _ALLOCATED.values() if (tuple(b.mesh.axis_names), tuple(b.mesh.devices.shape), b.group) == key
+        ]
     return found[-1] if found else None

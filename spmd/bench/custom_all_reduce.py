@@ -174,7 +174,7 @@ def _case(variant: str, n: int, size: int, args: argparse.Namespace, platform: s
             from kernels import symmetric_memory
             from kernels.custom_all_reduce.peer import one_shot_peer
 
-            bufs = symmetric_memory.allocate(spmd.get_mesh())
+            bufs = symmetric_memory.allocate(spmd.get_mesh(), "tp")
             mode = variant.removeprefix("peer_") if variant in FLOORS else "full"
             protocol = "pull" if variant in FLOORS else variant
 

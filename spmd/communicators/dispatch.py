@@ -231,26 +231,26 @@ def _lowering(device_platform: str, interpret: Any) -> tuple[str, Any]:
 
 
 _NO_BUFFERS = (
-    "no peer buffers were allocated for this mesh (spmd.initialize_model_parallel allocates them on "
-    "GPU; or call kernels.symmetric_memory.allocate(mesh))"
+    "no peer buffers were allocated for this group of this mesh (spmd.initialize_model_parallel "
+    "allocates them on GPU; or call kernels.symmetric_memory.allocate(mesh, axis_name))"
 )
 
 
-def _peer_buffers(x: jax.Array) -> symmetric_memory.SymmetricBuffers | None:
-    """The peer buffers of the mesh ``x`` is traced over (looked up by its axes and shape)."""
+def _peer_buffers(x: jax.Array, axis_name: AxisName) -> symmetric_memory.SymmetricBuffers | None:
+    """The peer buffers of group ``axis_name`` of the mesh ``x`` is traced over (by its axes and shape)."""
     mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
     if mesh is None or not getattr(mesh, "axis_names", None):
         return None
-    return symmetric_memory.lookup(mesh.axis_names, tuple(mesh.axis_sizes))
+    return symmetric_memory.lookup(mesh.axis_names, tuple(mesh.axis_sizes), axis_name)
 
 
-def _gpu_why_not(v: jax.Array, algorithm: str, interpret: Any) -> str | None:
+def _gpu_why_not(v: jax.Array, algorithm: str, interpret: Any, axis_name: AxisName) -> str | None:
     """What stops the GPU lowering (the devices are GPUs and nothing forces interpretation)."""
     if interpret is not None or _device_platform(v) not in ("gpu", "cuda"):
         return None
     if algorithm == "two_shot":
         return "the GPU lowering has the one-shot kernel only"
-    if _peer_buffers(v) is None:
+    if axis_name is not None and _peer_buffers(v, axis_name) is None:
         return _NO_BUFFERS
     return None
 
@@ -271,6 +271,7 @@ def _plan_groups(
     platform: str | None,
     tuning: PathLike | None,
     interpret: Any = None,
+    axis_name: AxisName = None,
 ):
     """``(leaf indices, algorithm, platform)`` per dtype: the leaves of one dtype travel packed.
 
@@ -286,14 +287,14 @@ def _plan_groups(
         typed = any(_varying_axes(leaves[i]) for i in idx)
         if algorithm == "auto":
             algo = "xla" if typed else select_algorithm((numel,), dtype, n, plat, tuning=tuning)
-            if algo != "xla" and _gpu_why_not(leaves[idx[0]], algo, interpret) is not None:
+            if algo != "xla" and _gpu_why_not(leaves[idx[0]], algo, interpret, axis_name) is not None:
                 algo = "xla"
         else:
             why = ineligibility((numel,), dtype, n, plat)
             if why is None and typed:
                 why = _CHECK_VMA
             if why is None:
-                why = _gpu_why_not(leaves[idx[0]], algorithm, interpret)
+                why = _gpu_why_not(leaves[idx[0]], algorithm, interpret, axis_name)
             if why is not None:
                 raise ValueError(
                     f"custom_all_reduce: algorithm={algorithm!r} cannot take {numel} elements of {jnp.dtype(dtype)} "
@@ -305,11 +306,20 @@ def _plan_groups(
 
 
 def auto_algorithms(
-    x: Any, world_size: int, platform: str | None = None, *, tuning: PathLike | None = None
+    x: Any,
+    world_size: int,
+    platform: str | None = None,
+    *,
+    tuning: PathLike | None = None,
+    axis_name: AxisName | None = None,
 ) -> list[str]:
-    """What ``algorithm="auto"`` picks for each dtype group of ``x`` (traced leaves or arrays), in order."""
+    """What ``algorithm="auto"`` picks for each dtype group of ``x`` (traced leaves or arrays), in order.
+
+    With ``axis_name`` (traced inside ``shard_map``) it also checks, on GPU devices, that the
+    group's peer buffers exist, as :func:`custom_all_reduce` does.
+    """
     leaves = [jnp.asarray(v) for v in jax.tree.leaves(x)]
-    return [algo for _, algo, _ in _plan_groups(leaves, world_size, "auto", platform, tuning)]
+    return [algo for _, algo, _ in _plan_groups(leaves, world_size, "auto", platform, tuning, None, axis_name)]
 
 
 def custom_all_reduce(
@@ -356,7 +366,7 @@ def custom_all_reduce(
     if n == 1 or algorithm == "xla" or not leaves:
         return collectives.all_reduce(x, axis_name)
     out: list[jax.Array | None] = [None] * len(leaves)
-    for idx, algo, _ in _plan_groups(leaves, n, algorithm, platform, tuning, interpret):
+    for idx, algo, _ in _plan_groups(leaves, n, algorithm, platform, tuning, interpret, axis_name):
         if algo == "xla":
             for i in idx:
                 out[i] = collectives.all_reduce(leaves[i], axis_name)
@@ -366,7 +376,7 @@ def custom_all_reduce(
         with jax.named_scope(f"custom_all_reduce_{algo}"):
             kw = {}
             if lowering == "gpu":
-                kw = {"buffers": _peer_buffers(flat), "protocol": _protocol(flat, n, tuning)}
+                kw = {"buffers": _peer_buffers(flat, axis_name), "protocol": _protocol(flat, n, tuning)}
             reduced = all_reduce_kernel(flat, axis_name, algorithm=algo, lowering=lowering, interpret=interp, **kw)
         offset = 0
         for i in idx:

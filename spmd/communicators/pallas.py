@@ -36,7 +36,8 @@ class PallasCommunicator(XlaCommunicator):
         The decision is :func:`~spmd.communicators.dispatch.custom_all_reduce`'s own for
         ``algorithm="auto"``; dtype groups it declines inside a pytree it takes go to psum there.
         """
-        if all(algo == "xla" for algo in auto_algorithms(input_, self.world_size, self.platform)):
+        picks = auto_algorithms(input_, self.world_size, self.platform, axis_name=self.axis_name)
+        if all(algo == "xla" for algo in picks):
             return None
         return custom_all_reduce(input_, self.axis_name, algorithm="auto", platform=self.platform)
 
