@@ -15,7 +15,9 @@ by SLURM, by Open MPI) may set them itself or leave them unset and let
 | ``SPMD_CPU_DEVICES_PER_PROCESS`` | run on CPU with this many simulated devices per process (gloo across processes) |
 | ``SPMD_INIT_TIMEOUT_S`` | seconds to wait for every process to join (default 300) |
 | ``SPMD_COLLECTIVE_TIMEOUT_S`` | seconds any host-level wait may block, every side (default 300; float) |
-| ``SPMD_HOST_MAX_BYTES`` | most array bytes one host-level message may carry, sent or accepted (default 4 GiB) |
+| ``SPMD_HOST_MAX_BYTES`` | most bytes of arrays (or of JSON tree) one host-level message may carry (default 4 GiB) |
+| ``SPMD_HOST_TRANSPORT`` | host-level messages over ``auto`` (default), ``tcp`` or ``store``; the same everywhere |
+| ``SPMD_HOST_ADDRESS`` | this host's address, reachable by the others: listen there, not on loopback (no wildcard) |
 
 Also read: ``SLURM_NTASKS``, ``OMPI_COMM_WORLD_SIZE``, ``PMI_SIZE`` (a cluster manager started
 several processes: ``jax.distributed.initialize`` then finds the coordinator itself).
@@ -24,11 +26,17 @@ several processes: ``jax.distributed.initialize`` then finds the coordinator its
 from __future__ import annotations
 
 import dataclasses
+import functools
+import ipaddress
 import math
 import os
+import socket
 from collections.abc import Mapping
 
-__all__ = ["SpmdEnv"]
+__all__ = ["HOST_TRANSPORTS", "SpmdEnv", "host_env"]
+
+HOST_TRANSPORTS = ("auto", "tcp", "store")
+"""Values of ``SPMD_HOST_TRANSPORT`` (see :mod:`spmd.host`)."""
 
 
 def _int(env: Mapping[str, str], name: str) -> int | None:
@@ -73,6 +81,36 @@ def _ids(env: Mapping[str, str], name: str) -> tuple[int, ...] | None:
         raise ValueError(f"environment variable {name}={raw!r}: expected comma-separated integers.") from None
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if raw.lower() not in choices:
+        raise ValueError(f"environment variable {name}={raw!r}: expected one of {', '.join(choices)}.")
+    return raw.lower()
+
+
+def _address(env: Mapping[str, str], name: str) -> str | None:
+    """A host name or IP address (IPv6 with or without brackets), never a wildcard such as ``0.0.0.0``."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    host = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a host name, or a short IPv4 form the socket calls accept ("0" is 0.0.0.0)
+        try:
+            wildcard = socket.inet_aton(host) == bytes(4)
+        except OSError:
+            wildcard = host in ("", "*")
+    if wildcard:
+        raise ValueError(
+            f"environment variable {name}={raw!r}: expected this host's address that the other processes can reach "
+            f"(e.g. 10.0.0.5), not a wildcard."
+        )
+    return host
+
+
 @dataclasses.dataclass(frozen=True)
 class SpmdEnv:
     """The ``SPMD_*`` variables of one process, parsed."""
@@ -87,6 +125,8 @@ class SpmdEnv:
     init_timeout_s: int = 300
     collective_timeout_s: float = 300.0
     host_max_bytes: int = 4 << 30
+    host_transport: str = "auto"
+    host_address: str | None = None
     cluster_launched: bool = False
     """SLURM, Open MPI or another PMI launcher started several processes (jax.distributed detects them)."""
 
@@ -96,6 +136,7 @@ class SpmdEnv:
         init_timeout = _int(env, "SPMD_INIT_TIMEOUT_S")
         coll_timeout = _seconds(env, "SPMD_COLLECTIVE_TIMEOUT_S")
         host_max_bytes = _positive_int(env, "SPMD_HOST_MAX_BYTES")
+        host_transport = _choice(env, "SPMD_HOST_TRANSPORT", HOST_TRANSPORTS)
         return cls(
             coordinator_address=env.get("SPMD_COORDINATOR_ADDRESS") or None,
             num_processes=_int(env, "SPMD_NUM_PROCESSES"),
@@ -107,7 +148,28 @@ class SpmdEnv:
             init_timeout_s=300 if init_timeout is None else init_timeout,
             collective_timeout_s=300.0 if coll_timeout is None else coll_timeout,
             host_max_bytes=(4 << 30) if host_max_bytes is None else host_max_bytes,
+            host_transport=host_transport or "auto",
+            host_address=_address(env, "SPMD_HOST_ADDRESS"),
             cluster_launched=any(
                 (_int(env, name) or 1) > 1 for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
             ),
         )
+
+
+_HOST_VARS = ("SPMD_COLLECTIVE_TIMEOUT_S", "SPMD_HOST_MAX_BYTES", "SPMD_HOST_TRANSPORT", "SPMD_HOST_ADDRESS")
+
+
+def host_env() -> SpmdEnv:
+    """The settings of host-level calls (:mod:`spmd.host`), from ``os.environ``; the other fields default.
+
+    Every host-level call reads them: they are parsed again only when one of them changes.
+
+    Raises:
+      ValueError: a variable with a bad value (named, with what it expects).
+    """
+    return _host_env(tuple(os.environ.get(k) for k in _HOST_VARS))
+
+
+@functools.lru_cache(maxsize=8)
+def _host_env(raw: tuple[str | None, ...]) -> SpmdEnv:
+    return SpmdEnv.from_environ({k: v for k, v in zip(_HOST_VARS, raw, strict=True) if v is not None})

@@ -1,18 +1,29 @@
 """Host-level communication between the processes of a multi-controller job.
 
 vLLM's ``broadcast_tensor_dict`` / ``broadcast_object`` / ``all_gather_object`` / ``barrier``
-run on CPU process groups. Here they run on JAX's own runtime: messages travel through the
-key-value store of the ``jax.distributed`` coordination service, and large array payloads in a
-device collective. No pickle: the wire format is JSON with tagged containers, validated on
-receipt (docs/host_messages.md has the full protocol).
+run on CPU process groups. Here every process numbers its host-level calls the same way
+(:class:`_CallCounter`) and each call travels on one of two transports:
+
+* **direct TCP connections** between the processes (:mod:`spmd.host_net`), set up on the first
+  call through the ``jax.distributed`` coordination service and authenticated with a per-job
+  secret: used when every process runs on one machine (over loopback) or every process was given
+  ``SPMD_HOST_ADDRESS``;
+* otherwise the **key-value store** of the coordination service, with large array payloads in
+  device collectives (the protocol below).
+
+``SPMD_HOST_TRANSPORT`` (``auto``, the default; ``tcp``; ``store``) chooses; it must be the same on
+every process (:mod:`spmd.envs` reads it, and ``SPMD_HOST_ADDRESS``). No pickle either way: the
+wire format is JSON with tagged containers, validated on receipt (docs/host_messages.md has both
+protocols and the measurements). A process makes its host-level calls from one thread at a time:
+they are numbered in the order it makes them (over TCP, a second thread's call raises
+``RuntimeError``).
 
 **Values.** What may travel, and how it is encoded (tagged JSON plus packed array bytes, no
 pickle), is :mod:`spmd.wire`: ``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes``,
 containers of them, numpy/JAX arrays and numpy scalars. Anything else raises on the sender before
 anything is sent, and the receivers get a ``RuntimeError`` that says what failed.
 
-**Protocol.** Every process numbers its host-level calls (:class:`_CallCounter`); call ``n``
-lives under the key directory ``spmd/host/<n>``:
+**The store's protocol.** Call ``n`` lives under the key directory ``spmd/host/<n>``:
 
 1. each process writes one record ``spmd/host/<n>/<process>``: a sender its message (the op,
    the senders of the call, the JSON tree of the value and, for payloads up to
@@ -33,9 +44,12 @@ lives under the key directory ``spmd/host/<n>``:
    calls in flight. A process that gives up (timeout, mismatch) overwrites its record with an
    abort notice, so a process arriving late gets a clear ``RuntimeError`` instead of old data.
 
-Sizes announced by a peer are checked against ``SPMD_HOST_MAX_BYTES`` and against the bytes that
-actually arrived before anything is allocated; every malformed message raises
-:class:`MalformedMessageError` (a ``ValueError``).
+On either transport, sizes announced by a peer are checked against ``SPMD_HOST_MAX_BYTES`` (and
+against the bytes that arrive) before anything is allocated; every malformed message raises
+:class:`MalformedMessageError` (a ``ValueError``); every wait shares the call's one deadline
+(``SPMD_COLLECTIVE_TIMEOUT_S``); a mismatch between the processes' calls raises ``RuntimeError``
+on both sides. Over TCP, a peer that closes its connection mid-call (it exited or crashed)
+raises ``ConnectionError`` at once.
 
 ``src`` here is a process index. The group-level forms (``GroupCoordinator.broadcast_tensor_dict``
 and ``spmd.broadcast_tensor_dict``) take a rank in the group and map it to its process
@@ -55,8 +69,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from spmd import compat
-from spmd.envs import SpmdEnv
+from spmd import compat, host_net
+from spmd.envs import SpmdEnv, host_env
 from spmd.wire import (
     ALLOWED_DTYPES,
     MAX_DEPTH,
@@ -67,6 +81,7 @@ from spmd.wire import (
     fail,
     layout,
     pack_into,
+    specs_of,
     views,
 )
 
@@ -182,8 +197,7 @@ def _client():
     return compat.distributed_client()
 
 
-def _env() -> SpmdEnv:
-    return SpmdEnv.from_environ()
+_env = host_env  # (every call reads the settings)
 
 
 def _timeout_s(timeout_s: float | None, env: SpmdEnv | None = None) -> float:
@@ -226,11 +240,28 @@ def _parse_record(raw: bytes, *, who: str) -> tuple[dict[str, Any], memoryview]:
     return header, memoryview(raw)[_LEN.size + n :]
 
 
-def _describe(op: str, sources: list[int] | tuple[int, ...]) -> str:
-    if op in ("barrier", "all_gather_object"):
-        return op
-    names = ", ".join(f"process {s}" for s in sources)
-    return f"{op} from {names}"
+_describe = host_net.describe
+
+
+class _Meshes:
+    """This process's direct connections (:class:`spmd.host_net.Mesh`), one per coordination-service client."""
+
+    def __init__(self) -> None:
+        self.mesh: host_net.Mesh | None = None
+
+    def get(self, client: Any, me: int, n_proc: int, env: SpmdEnv) -> host_net.Mesh | None:
+        """The mesh to use (set up, or finishing set-up, within the caller's call), or ``None``: use the store."""
+        if env.host_transport == "store":
+            return None
+        m = self.mesh
+        if m is None or m.client is not client or (m.me, m.n_proc) != (me, n_proc):
+            if m is not None:
+                m.close()
+            m = self.mesh = host_net.Mesh(client, me, n_proc, host_net.NetConfig(env.host_transport, env.host_address))
+        return m
+
+
+_MESHES = _Meshes()
 
 
 class _Call:
@@ -250,6 +281,19 @@ class _Call:
 
     def where(self) -> str:
         return f"{self.op}: host-level call #{self.n}"
+
+    def direct(self) -> tuple[host_net.Mesh, host_net.Call] | None:
+        """The direct connections and this call's frame identity, or ``None`` to use the key-value store.
+
+        Sets the connections up on the first call (within this call's deadline).
+        """
+        mesh = _MESHES.get(self.client, self.me, self.n_proc, self.env)
+        if mesh is None:
+            return None
+        net_call = host_net.Call(
+            self.n, self.op, tuple(self.sources), self.timeout, self.deadline, self.env.host_max_bytes
+        )
+        return (mesh, net_call) if mesh.ready(net_call) else None
 
     def publish(self, record: bytes, *, overwrite: bool = False) -> None:
         self.client.key_value_set_bytes(f"{self.prefix}/{self.me}", record, allow_overwrite=overwrite)
@@ -320,7 +364,7 @@ def _sender_record(call: _Call, value: Any, check: Callable[[Any], None] | None)
     if check is not None:
         check(value)
     tree, arrays = encode(value)
-    specs = [(str(a.dtype), list(a.shape)) for a in arrays]
+    specs = specs_of(arrays)
     try:
         offsets, total = layout(specs, call.env.host_max_bytes, what=f"{call.op}: this value")
     except MalformedMessageError as e:
@@ -367,7 +411,10 @@ def broadcast_from(
       RuntimeError: on every other process, when a sender could not send (the message says why);
         on every process, when the processes made different calls (op, ``src``, or a skipped call).
       TimeoutError: a process did not reach the call within the timeout (on every side).
-      MalformedMessageError: (a ``ValueError``) a record read from the store is malformed.
+      ConnectionError: (direct connections) a process this call needs closed its connection: it
+        exited or crashed (raised at once, saying how much of its message was missing).
+      MalformedMessageError: (a ``ValueError``) a message (a frame, or a record read from the
+        store) is malformed, or announces more than ``SPMD_HOST_MAX_BYTES``.
     """
     sources = (source,) if sources is None else tuple(sorted(set(sources)))
     n_proc = jax.process_count()
@@ -383,10 +430,12 @@ def broadcast_from(
         if check is not None:
             check(value)
         _, arrays = encode(value)  # the same validation as in a multi-process job
-        layout([(str(a.dtype), list(a.shape)) for a in arrays], env.host_max_bytes, what=f"{op}: this value")
+        layout(specs_of(arrays), env.host_max_bytes, what=f"{op}: this value")
         return value
 
     call = _Call(op, sources, timeout_s)
+    if (direct := call.direct()) is not None:
+        return direct[0].broadcast(direct[1], value, source, check)
     me = call.me
     try:
         arrays: list[np.ndarray] = []
@@ -448,9 +497,9 @@ def broadcast_tensor_dict_across_processes(
 ) -> dict[Any, Any]:
     """Every process gets process ``src``'s dict (the others pass ``None``).
 
-    Metadata and small payloads travel through the coordination service's key-value store;
-    array payloads over :data:`INLINE_MAX_BYTES` in device collectives. Arrays come back as the
-    kind they were sent as (numpy or JAX).
+    Over the direct connections, or through the coordination service's key-value store (array
+    payloads over :data:`INLINE_MAX_BYTES` then in device collectives): see the module docstring.
+    Arrays come back as the kind they were sent as (numpy or JAX).
 
     Raises:
       TypeError: on ``src``, a value that cannot travel (named by its key), or no dict at all,
@@ -458,6 +507,7 @@ def broadcast_tensor_dict_across_processes(
       RuntimeError: on the other processes, when ``src`` could not send; anywhere, when the
         processes made different calls.
       TimeoutError: a process did not reach the call within the timeout.
+      ConnectionError: a process this call needs exited or crashed (direct connections).
       ValueError: ``src`` out of range.
     """
 
@@ -482,12 +532,14 @@ def broadcast_object(obj: Any, src: int = 0, *, timeout_s: float | None = None) 
 def all_gather_object(obj: Any, *, timeout_s: float | None = None) -> list[Any]:
     """Every process gets the list of every process's ``obj``, in process order.
 
-    Every value travels inside its key-value record (meant for small objects).
+    Every process sends its value straight to every other one (direct connections), or inside
+    its key-value record (the store: meant for small objects).
 
     Raises:
       TypeError: ``obj`` holds a value that cannot travel (the others get a ``RuntimeError``).
       RuntimeError: another process could not send, or made a different call.
       TimeoutError: a process did not contribute within the timeout.
+      ConnectionError: another process exited or crashed (direct connections).
     """
     op = "all_gather_object"
     n_proc = jax.process_count()
@@ -496,10 +548,12 @@ def all_gather_object(obj: Any, *, timeout_s: float | None = None) -> list[Any]:
         encode(obj)
         return [obj]
     call = _Call(op, tuple(range(n_proc)), timeout_s)
+    if (direct := call.direct()) is not None:
+        return direct[0].all_gather(direct[1], obj)
     try:
         try:
             tree, arrays = encode(obj)
-            specs = [(str(a.dtype), list(a.shape)) for a in arrays]
+            specs = specs_of(arrays)
             offsets, total = layout(specs, call.env.host_max_bytes, what=f"{op}: this value")
             payload = np.zeros(total, np.uint8)
             pack_into(payload, 0, arrays, offsets)
@@ -534,6 +588,7 @@ def barrier(*, timeout_s: float | None = None) -> None:
     Raises:
       TimeoutError: some process did not arrive within the timeout.
       RuntimeError: some process made another host-level call at this point.
+      ConnectionError: some process exited or crashed (direct connections).
     """
     jax.effects_barrier()
     jax.block_until_ready(jax.live_arrays())
@@ -542,6 +597,8 @@ def barrier(*, timeout_s: float | None = None) -> None:
         _timeout_s(timeout_s)
         return
     call = _Call("barrier", tuple(range(n_proc)), timeout_s)
+    if (direct := call.direct()) is not None:
+        return direct[0].barrier(direct[1])
     try:
         call.publish(_record(call.header("barrier")))
         for p in range(n_proc):

@@ -16,6 +16,7 @@ a cap before anything is allocated. :mod:`spmd.host` moves these messages betwee
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import struct
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "layout",
     "nbytes",
     "pack_into",
+    "specs_of",
     "views",
 ]
 
@@ -70,6 +72,21 @@ class MalformedMessageError(ValueError):
     """A host-level message that does not follow the wire format (or announces too many bytes)."""
 
 
+@functools.lru_cache(maxsize=64)
+def _dtype_name(dt: np.dtype) -> str:
+    return str(dt)  # (numpy computes the name in Python each time: this is on every message's path)
+
+
+@functools.cache
+def _dtype(name: str) -> np.dtype:
+    return jnp.dtype(name)
+
+
+def specs_of(arrays: list[np.ndarray]) -> list[tuple[str, list[int]]]:
+    """``(dtype name, shape)`` of each array, as :func:`array_specs` reads them back from a tree."""
+    return [(_dtype_name(a.dtype), list(a.shape)) for a in arrays]
+
+
 # Encoding ---------------------------------------------------------------------------------------
 
 
@@ -93,7 +110,7 @@ def encode(value: Any, *, inline_arrays: bool = False) -> tuple[Any, list[np.nda
         a = np.asarray(v)
         if not a.flags.c_contiguous:
             a = a.copy(order="C")  # (np.ascontiguousarray would turn a 0-d array into 1-d)
-        name = str(a.dtype)
+        name = _dtype_name(a.dtype)
         if name not in ALLOWED_DTYPES:
             raise TypeError(
                 f"{_path_str(path)}: cannot send an array of dtype {name}; allowed: {sorted(ALLOWED_DTYPES)}."
@@ -179,7 +196,7 @@ def _array_spec(node: Any) -> tuple[str, list[int], str]:
 
 
 def nbytes(dtype: str, shape: list[int]) -> int:
-    return math.prod(shape) * jnp.dtype(dtype).itemsize  # Python ints: no overflow
+    return math.prod(shape) * _dtype(dtype).itemsize  # Python ints: no overflow
 
 
 def _check_key(k: Any) -> Any:
@@ -206,7 +223,7 @@ def decode(tree: Any, arrays: list[np.ndarray] | None = None) -> Any:
             raw = base64.b64decode(node["b64"], validate=True)
             if len(raw) != nbytes(dtype, shape):
                 fail(f"array of {dtype}{shape} with {len(raw)} bytes")
-            a = np.frombuffer(raw, dtype=jnp.dtype(dtype)).reshape(shape).copy()
+            a = np.frombuffer(raw, dtype=_dtype(dtype)).reshape(shape).copy()
         else:
             i = node.get("index")
             if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(arrays):
@@ -320,7 +337,7 @@ def views(buf: Any, specs: list[tuple[str, list[int]]], offsets: list[int]) -> l
     """Zero-copy arrays over ``buf`` (a writable buffer holding the packed payload)."""
     out = []
     for (dtype, shape), off in zip(specs, offsets, strict=True):
-        dt = jnp.dtype(dtype)
+        dt = _dtype(dtype)
         count = math.prod(shape)
         if count == 0:
             out.append(np.empty(shape, dt))

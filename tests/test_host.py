@@ -339,3 +339,40 @@ def test_env_timeout_and_cap_parse():
     assert SpmdEnv.from_environ({}).host_max_bytes == 4 << 30
     with pytest.raises(ValueError, match=r"SPMD_HOST_MAX_BYTES=0: expected a positive integer"):
         SpmdEnv.from_environ({"SPMD_HOST_MAX_BYTES": "0"})
+
+
+@pytest.mark.parametrize(
+    "env,match",
+    [
+        ({"SPMD_HOST_TRANSPORT": "udp"}, r"SPMD_HOST_TRANSPORT='udp': expected one of auto, tcp, store"),
+        (
+            {"SPMD_HOST_ADDRESS": "0.0.0.0"},
+            r"SPMD_HOST_ADDRESS='0.0.0.0': expected this host's address .* not a wildcard",
+        ),
+        ({"SPMD_HOST_ADDRESS": "[::]"}, r"SPMD_HOST_ADDRESS='\[::\]': .* not a wildcard"),
+        ({"SPMD_HOST_ADDRESS": "*"}, "not a wildcard"),
+        ({"SPMD_HOST_ADDRESS": "0"}, "not a wildcard"),  # what bind() takes for 0.0.0.0
+    ],
+)
+def test_env_host_transport_and_address_are_checked(env, match):
+    from spmd.envs import SpmdEnv
+
+    with pytest.raises(ValueError, match=match):
+        SpmdEnv.from_environ(env)
+
+
+def test_env_host_transport_and_address_parse():
+    from spmd.envs import SpmdEnv
+
+    e = SpmdEnv.from_environ({})
+    assert (e.host_transport, e.host_address) == ("auto", None)
+    e = SpmdEnv.from_environ({"SPMD_HOST_TRANSPORT": " Store ", "SPMD_HOST_ADDRESS": "10.1.2.3"})
+    assert (e.host_transport, e.host_address) == ("store", "10.1.2.3")
+    assert SpmdEnv.from_environ({"SPMD_HOST_ADDRESS": "[fe80::1]"}).host_address == "fe80::1"
+    assert SpmdEnv.from_environ({"SPMD_HOST_ADDRESS": "node-7.cluster"}).host_address == "node-7.cluster"
+
+
+def test_a_bad_host_setting_is_named_by_every_host_level_call(monkeypatch):
+    monkeypatch.setenv("SPMD_HOST_TRANSPORT", "udp")
+    with pytest.raises(ValueError, match="SPMD_HOST_TRANSPORT='udp': expected one of auto, tcp, store"):
+        host.broadcast_object(1)

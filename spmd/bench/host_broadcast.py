@@ -3,7 +3,9 @@
 Starts two 2-process jobs on this host, one after the other, and sends the same value from
 process 0 at every size: ``{"x": uint8[size]}`` of random bytes.
 
-* spmd: ``spmd-launch --nproc-per-node 2 --cpu-devices-per-process 1``, ``spmd.host.broadcast_object``;
+* spmd: ``spmd-launch --nproc-per-node 2 --cpu-devices-per-process 1``, ``spmd.host.broadcast_object``
+  over ``--spmd-transport`` (``auto``: direct TCP connections, as both processes share this host;
+  ``store``: the coordination service's key-value store and device collectives);
 * torch: ``torch.distributed`` with the gloo backend, ``broadcast_object_list`` (pickle), run by
   ``--torch-python`` (a separate virtual environment: torch is not a dependency of this project).
 
@@ -15,6 +17,7 @@ writes JSON.
 
     python -m spmd.bench.host_broadcast --torch-python /work/torchvenv/bin/python
     python -m spmd.bench.host_broadcast --sizes 1KiB,1MiB --skip-torch
+    python -m spmd.bench.host_broadcast --sizes 128MiB,512MiB --skip-torch --spmd-transport store
 
 The worker half of this file imports only the standard library and numpy at module level, so
 the torch interpreter can run it without JAX.
@@ -32,8 +35,6 @@ import tempfile
 import time
 
 import numpy as np
-
-from spmd.net import free_port
 
 DEFAULT_SIZES = "1KiB,64KiB,1MiB,16MiB,128MiB,512MiB"
 PROG = "python -m spmd.bench.host_broadcast"
@@ -85,6 +86,7 @@ def _worker(kind: str, rank: int, sizes: list[int], iters: int | None, seed: int
             dist.broadcast_object_list(box, src=0)
             return box[0]
 
+    transport = None
     rows = []
     for size in sizes:
         expected = np.random.default_rng([seed, size]).integers(0, 256, size, dtype=np.uint8)
@@ -92,6 +94,9 @@ def _worker(kind: str, rank: int, sizes: list[int], iters: int | None, seed: int
         got = bcast({"x": expected} if rank == 0 else None)  # warm-up (compiles, connects)
         ok = bool(np.array_equal(np.asarray(got["x"]), expected))
         del got
+        if kind == "spmd" and transport is None:
+            mesh = spmd.host._MESHES.mesh
+            transport = "tcp" if mesh is not None and mesh.mode == "tcp" else "store"
         base = _status_kib("VmRSS")
         _reset_peak()
         times = []
@@ -108,6 +113,7 @@ def _worker(kind: str, rank: int, sizes: list[int], iters: int | None, seed: int
                 "ms": statistics.median(times) * 1e3,
                 "peak_above_start_mib": (peak - base) / 1024,
                 "ok": ok,
+                "transport": transport,
             }
         )
         print(f"{kind} rank {rank}: {size} B {rows[-1]['ms']:.3f} ms", flush=True)
@@ -139,6 +145,7 @@ def _run_spmd(args: argparse.Namespace, out: str) -> None:
         *_worker_args(args, out),
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["SPMD_HOST_TRANSPORT"] = args.spmd_transport
     subprocess.run(cmd, check=True, env=env)
 
 
@@ -148,6 +155,8 @@ def _worker_args(args: argparse.Namespace, out: str) -> list[str]:
 
 
 def _run_torch(args: argparse.Namespace, out: str) -> None:
+    from spmd.net import free_port
+
     env = {**os.environ, "BENCH_TORCH_PORT": str(free_port())}
     procs = [
         subprocess.Popen(
@@ -191,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=None, help="timed calls per size (default: by size, 3 to 200)")
     p.add_argument("--torch-python", default="/work/torchvenv/bin/python", help="an interpreter with torch")
     p.add_argument("--skip-torch", action="store_true", help="measure spmd only")
+    p.add_argument(
+        "--spmd-transport",
+        choices=("auto", "tcp", "store"),
+        default="auto",
+        help="SPMD_HOST_TRANSPORT of the spmd job (auto: direct TCP on one host) (default: %(default)s)",
+    )
     p.add_argument("--timeout", type=int, default=1200, help="seconds each job may run")
     p.add_argument("--seed", type=int, default=None, help="data seed (default: fresh)")
     p.add_argument("--json", default="bench_host_broadcast.json", help="where to write the results")
@@ -227,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             row[f"{k}_recv_peak_mib"] = rcv["peak_above_start_mib"]
             row[f"{k}_send_peak_mib"] = snd["peak_above_start_mib"]
             row[f"{k}_ok"] = rcv["ok"]
+        row["spmd_transport"] = res[("spmd", 1)][i]["transport"]
         rows.append(row)
     header = f"{'size':>9} {'spmd ms':>9} {'recv peak':>15}"
     if "torch" in kinds:
@@ -246,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         if not all(r[f"{k}_ok"] for k in kinds):
             line += " WRONG"
         print(line)
+    print(f"spmd transport: {', '.join(sorted({str(r['spmd_transport']) for r in rows}))}")
     import datetime
     import platform
 
@@ -255,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": _machine(),
         "python": platform.python_version(),
         "seed": args.seed,
+        "spmd_transport": args.spmd_transport,
         "ms": "per call, median over iters, the slower of sender and receiver",
         "peak": "resident high-water mark above the resident size before the size's calls (VmHWM)",
     }
