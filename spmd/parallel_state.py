@@ -77,21 +77,22 @@ def _build_groups(mesh: Mesh, *, disable_custom_all_reduce: bool) -> dict[str, G
     for name, axes in _GROUP_AXES:
         axis_name: AxisName = axes if len(axes) > 1 else axes[0]
         size = math.prod(mesh.shape[a] for a in axes)
+        communicator = make_device_communicator(
+            axis_name,
+            size,
+            platform=platform,
+            unique_name=name,
+            disable_custom_all_reduce=disable_custom_all_reduce,
+        )
         if peer_buffers and 1 < size <= symmetric_memory.Layout.max_ranks:
             # The custom all-reduce's persistent peer buffers: per group, a few MiB per GPU, kept
-            # for the life of the process.
-            symmetric_memory.allocate(mesh, axis_name)
+            # for the life of the process; the communicator hands them to every kernel call.
+            communicator.peer_buffers = symmetric_memory.allocate(mesh, axis_name)
         groups[name] = GroupCoordinator(
             axis_name=axis_name,
             world_size=size,
             device_groups=device_groups(mesh, axes),
-            device_communicator=make_device_communicator(
-                axis_name,
-                size,
-                platform=platform,
-                unique_name=name,
-                disable_custom_all_reduce=disable_custom_all_reduce,
-            ),
+            device_communicator=communicator,
             unique_name=name,
             mesh_shape=mesh_shape,
         )

@@ -72,7 +72,11 @@ def test_gpu_communicator_all_reduce_matches_psum(rng):
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_ten_thousand_back_to_back_calls_of_varying_sizes(n):
-    """30,000 calls (3 sizes x 10,000 steps) in one program: exact integer sums, no hang."""
+    """30,000 calls (3 sizes x 10,000 steps) in one program: exact integer sums, no hang.
+
+    Every element differs (``iota % 1024``), so a wrong tile, lane or block slot shows, not only
+    stale data from an earlier call; the values stay exact in float32.
+    """
     if _gpus() < n:
         pytest.skip(f"needs {n} GPUs")
     spmd.initialize_model_parallel(n, devices=jax.devices()[:n])
@@ -85,8 +89,9 @@ def test_ten_thousand_back_to_back_calls_of_varying_sizes(n):
         def step(i, wrong):
             fi = i.astype(jnp.float32)
             for k, size in enumerate(sizes):
-                y = custom_all_reduce(jnp.full((size,), fi + me + k, jnp.float32), "tp", algorithm="one_shot")
-                want = n * (fi + k) + n * (n - 1) / 2
+                iota = (jnp.arange(size, dtype=jnp.int32) % 1024).astype(jnp.float32)
+                y = custom_all_reduce(iota + fi + me + k, "tp", algorithm="one_shot")
+                want = n * (iota + fi + k) + n * (n - 1) / 2
                 wrong = wrong + jnp.sum(y != want).astype(jnp.int32)
             return wrong
 
@@ -111,7 +116,7 @@ def test_auto_takes_the_peer_kernel_and_psum_beyond_it(rng):
     got = {}
     for name, x in (("small", small), ("big", big)):
         spmd.shard_map(
-            lambda v, name=name: got.setdefault(name, auto_algorithms(v[0], n, "gpu")) and v,
+            lambda v, name=name: got.setdefault(name, auto_algorithms(v[0], n, "gpu", axis_name="tp")) and v,
             in_specs=spec,
             out_specs=spec,
             check_vma=False,

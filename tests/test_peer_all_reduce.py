@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -203,6 +205,7 @@ def test_kernel_errors(make, match):
 @pytest.fixture
 def on_gpu(monkeypatch):
     monkeypatch.setattr(dispatch, "_device_platform", lambda x: "gpu")
+    monkeypatch.setattr(symmetric_memory, "_ALLOCATED", {})  # no buffers from earlier tests
     spmd.initialize_model_parallel(2, devices=jax.devices()[:2])  # CPU mesh: no buffers allocated off GPU
 
 
@@ -215,10 +218,10 @@ def test_dispatch_gpu_needs_buffers_then_uses_the_peer_kernel(on_gpu):
                                              out_specs=spec, check_vma=False))(x)  # fmt: skip
 
     mesh = spmd.get_mesh()
-    if symmetric_memory.lookup(mesh.axis_names, mesh.devices.shape, "tp") is None:
-        with pytest.raises(ValueError, match="no peer buffers were allocated for this group of this mesh"):
-            traced(algorithm="one_shot", platform="gpu")
-        assert "inline_mgpu" not in str(traced(algorithm="auto", platform="gpu"))  # psum instead
+    assert symmetric_memory.lookup(mesh.axis_names, mesh.devices.shape, "tp") is None
+    with pytest.raises(ValueError, match="no peer buffers were allocated for this group of this mesh"):
+        traced(algorithm="one_shot", platform="gpu")
+    assert "inline_mgpu" not in str(traced(algorithm="auto", platform="gpu"))  # psum instead
     symmetric_memory.allocate(mesh, "tp")
     assert "inline_mgpu" in str(traced(algorithm="one_shot", platform="gpu"))
     with pytest.raises(ValueError, match="the GPU lowering has the one-shot kernel only"):
@@ -347,3 +350,112 @@ def test_dispatch_protocol_follows_the_tuning_row(tmp_path):
     bad.write_text(json.dumps(table))
     with pytest.raises(ValueError, match="expected ll_max_bytes >= 0, got -1"):
         dispatch.tuning_table(str(bad))
+
+
+# ---------------------------------------------------------------------------------------------
+# Review fixes: sizes that need padding to split over blocks, ambiguous lookups, input checks,
+# and the inline PTX assembled where ptxas is installed.
+
+
+@pytest.mark.parametrize("protocol", ["pull", "ll", "auto"])
+def test_padded_plan_splits_every_tile_count(protocol):
+    lay = Layout()
+    for tiles in range(1, lay.max_blocks * lay.tiles_per_block_max + 1):
+        nbytes = tiles * TILE_BYTES - 16  # not a whole tile either
+        padded, plan, proto = peer.padded_plan(nbytes, lay, protocol)
+        assert proto in ("ll", "pull")
+        ll = tiles <= lay.max_blocks * lay.ll_tiles_per_block_max
+        assert proto == ("pull" if protocol == "pull" or not ll else "ll")
+        most = lay.ll_tiles_per_block_max if proto == "ll" else lay.tiles_per_block_max
+        assert plan.blocks <= lay.max_blocks and 1 <= plan.tiles_per_block <= most
+        assert padded == plan.blocks * plan.tiles_per_block * TILE_BYTES >= nbytes
+        assert padded - tiles * TILE_BYTES < plan.tiles_per_block * TILE_BYTES  # less than one block of padding
+        assert peer.plan_peer(padded, lay, tiles_per_block=plan.tiles_per_block, protocol=proto) == plan
+    assert peer.padded_plan(lay.max_message_bytes + 1, lay, "pull") is None
+    assert peer.padded_plan(0, lay, "auto") is None
+
+
+def test_gpu_lowering_takes_a_size_with_no_even_split():
+    """262 tiles (hidden 2048 x 131 tokens of bf16) used to raise at trace time under auto."""
+    from kernels.custom_all_reduce import all_reduce_kernel
+
+    mesh = _mesh((2,), ("tp",))
+    bufs = symmetric_memory.allocate(mesh, "tp")
+    f = jax.shard_map(
+        lambda v: all_reduce_kernel(v, "tp", algorithm="one_shot", lowering="gpu", buffers=bufs, protocol="pull"),
+        mesh=mesh,
+        in_specs=P(),
+        out_specs=P(),
+        check_vma=False,
+    )
+    jaxpr = jax.make_jaxpr(f)(jnp.ones(2048 * 131, jnp.bfloat16))
+    assert "inline_mgpu" in str(jaxpr) and jaxpr.out_avals[0].shape == (2048 * 131,)
+
+
+def test_lookup_refuses_to_guess_between_device_sets(monkeypatch, on_gpu):
+    monkeypatch.setattr(symmetric_memory, "_ALLOCATED", {})
+    a = jax.make_mesh((1, 1, 1, 2), spmd.MESH_AXES, devices=jax.devices()[:2], axis_types=(AxisType.Explicit,) * 4)
+    b = jax.make_mesh((1, 1, 1, 2), spmd.MESH_AXES, devices=jax.devices()[2:4], axis_types=(AxisType.Explicit,) * 4)
+    mine, theirs = symmetric_memory.allocate(a, "tp"), symmetric_memory.allocate(b, "tp")
+    with pytest.raises(ValueError, match=r"2 meshes of axes .* have peer buffers for the group \(.tp.,\)"):
+        symmetric_memory.lookup(spmd.MESH_AXES, (1, 1, 1, 2), "tp")
+    spec = P(spmd.MESH_AXES)
+    x = jnp.ones((2, 4096), jnp.bfloat16)
+
+    def traced(**kw):
+        f = spmd.shard_map(lambda v: custom_all_reduce(v[0], "tp", platform="gpu", **kw)[None], in_specs=spec,
+                           out_specs=spec, check_vma=False)  # fmt: skip
+        return str(jax.make_jaxpr(f)(x))
+
+    assert "inline_mgpu" not in traced(algorithm="auto")  # ambiguous: psum
+    with pytest.raises(ValueError, match="pass the buffers explicitly"):
+        traced(algorithm="one_shot")
+    assert "inline_mgpu" in traced(algorithm="one_shot", buffers=mine)
+    assert theirs is not mine
+
+
+@pytest.mark.parametrize(
+    "dtype,world,match",
+    [
+        (jnp.int32, 2, r"expected a dtype in \['bfloat16', 'float16', 'float32'\], got int32"),
+        (jnp.float32, 3, r"expected 1 <= world_size <= layout\.max_ranks=2, got 3"),
+    ],
+)
+def test_kernel_refuses_dtypes_and_groups_it_cannot_take(dtype, world, match):
+    mesh = _mesh((2,), ("tp",))
+    bufs = symmetric_memory.allocate(mesh, "tp")
+
+    def f():
+        table = jnp.zeros((1 + 2 * world,), jnp.int32)
+        return peer.one_shot_peer(jnp.ones(1024, dtype), table, world_size=world, layout=bufs.layout)
+
+    with pytest.raises(ValueError, match=match):
+        jax.make_jaxpr(jax.shard_map(f, mesh=mesh, in_specs=(), out_specs=P(), check_vma=False))()
+
+
+@pytest.mark.skipif(shutil.which("ptxas") is None, reason="needs ptxas (CUDA toolkit)")
+def test_inline_ptx_assembles_for_sm90(tmp_path):
+    """Every inline PTX block of the kernels, twice in one kernel (labels must stay local)."""
+
+    def inline(template, outs, ins):
+        regs = [*outs, *ins]
+        for k in range(len(regs) - 1, -1, -1):  # $10 before $1
+            template = template.replace(f"${k}", regs[k])
+        return template
+
+    body = []
+    for _ in range(2):
+        body.append(inline(peer._WAIT_PTX, [], ["%rd1", "%r1", "%rd2"]))
+        body.append(inline(peer._SIGNAL_PTX, [], ["%rd1", "%r1"]))
+        body.append(inline(peer._LL_WAIT_PTX, ["%r2", "%r3", "%r4", "%r5"], ["%rd1", "%r1", "%rd2"]))
+        body.append(inline(peer._LL_PUSH_PTX, [], ["%rd1", "%r2", "%r3", "%r4", "%r5", "%r1"]))
+    ptx = (
+        ".version 8.0\n.target sm_90a\n.address_size 64\n"
+        ".visible .entry probe(.param .u64 p0)\n{\n.reg .b32 %r<8>;\n.reg .b64 %rd<4>;\n"
+        "ld.param.u64 %rd1, [p0];\nmov.u32 %r1, 7;\nmov.u64 %rd2, 1000;\n" + "\n".join(body) + "\nret;\n}\n"
+    )
+    src = tmp_path / "probe.ptx"
+    src.write_text(ptx)
+    r = subprocess.run(["ptxas", "-arch=sm_90a", str(src), "-o", str(tmp_path / "probe.cubin")],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr + ptx

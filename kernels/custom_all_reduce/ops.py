@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels.custom_all_reduce import planning
-from kernels.symmetric_memory import TILE_BYTES, SymmetricBuffers
+from kernels.symmetric_memory import SymmetricBuffers
 
 __all__ = ["LOWERINGS", "all_reduce_kernel", "reference_all_reduce"]
 
@@ -121,17 +121,16 @@ def _gpu(
     from kernels.custom_all_reduce import peer
 
     itemsize = flat.dtype.itemsize
-    padded_numel = -(-flat.size * itemsize // TILE_BYTES) * TILE_BYTES // itemsize
-    nbytes = padded_numel * itemsize
-    if nbytes > buffers.layout.max_message_bytes:
+    planned = peer.padded_plan(flat.size * itemsize, buffers.layout, protocol)
+    if planned is None:
         raise ValueError(
-            f"all_reduce_kernel: {nbytes} bytes per device is more than the peer buffers stage "
+            f"all_reduce_kernel: {flat.size * itemsize} bytes per device is more than the peer buffers stage "
             f"({buffers.layout.max_message_bytes} bytes); use psum for it."
         )
-    if protocol == "ll" and peer.plan_peer(nbytes, buffers.layout, protocol="ll") is None:
-        protocol = "pull"  # a tile count the low-latency protocol cannot split over its blocks
+    nbytes, plan, protocol = planned
+    padded_numel = nbytes // itemsize
     padded = flat if padded_numel == flat.size else jnp.pad(flat, (0, padded_numel - flat.size))
     out = peer.one_shot_peer(
-        padded, buffers.peer_table(axis_name), world_size=n, layout=buffers.layout, protocol=protocol
+        padded, buffers.peer_table(axis_name), world_size=n, layout=buffers.layout, plan=plan, protocol=protocol
     )
     return out if padded_numel == flat.size else out[: flat.size]

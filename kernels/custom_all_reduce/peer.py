@@ -11,7 +11,7 @@ instead of an end-of-call barrier). Thread block ``b`` (one warpgroup) owns ``ti
     epoch = counters[b] + 1;  p = epoch % 2            (counters live in this device's buffer)
     staging[p][b] (mine)  = x[tiles of b]              (local stores)
     bar.sync;  thread r < n: fence.acq_rel.sys; flags[b][me] @ rank r = epoch
-               thread r < n: spin until flags[b][r] (mine) >= epoch   (ld.acquire.sys; bounded)
+               thread r < n: spin until flags[b][r] (mine) in {epoch, epoch + 1}  (ld.acquire.sys)
     bar.sync
     out[tiles of b] = sum_{j = 0..n-1} staging[p][b] @ rank j         (float32, rank order)
     thread 0: counters[b] = epoch
@@ -20,7 +20,10 @@ Why one barrier per call is enough: rank ``r`` overwrites ``staging[p][b]`` at c
 only after passing call ``k + 1``'s flags for block ``b``, which every peer's block ``b`` writes
 only after finishing call ``k`` (its reads of ``staging[p][b]`` included), kernels on one GPU
 running in stream order. Every rank counts the same calls per block, so epochs agree without
-any reset; the flag test is ``flag - epoch >= 0`` (wrap-safe).
+any reset. A peer is at most one call ahead of a waiting block, so the flag test accepts
+``epoch`` and ``epoch + 1`` only (unsigned ``flag - epoch <= 1``): a flag left by a pull call
+billions of ll calls ago can never pass for the current one. Kernels are assumed to run in the
+same order on every GPU, one after another (XLA's default: one compute stream per device).
 
 **ll** (low latency, :func:`_ll_body`): data pushed into every peer's inbox with the epoch
 beside every word, so a reader needs no fence and no flag round.
@@ -40,10 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.custom_all_reduce.planning import out_struct
+from kernels.custom_all_reduce.planning import SUPPORTED_DTYPES, out_struct
 from kernels.symmetric_memory import TILE_BYTES, Layout
 
-__all__ = ["DEFAULT_TIMEOUT_NS", "MODES", "PROTOCOLS", "PeerPlan", "one_shot_peer", "plan_peer"]
+__all__ = ["DEFAULT_TIMEOUT_NS", "MODES", "PROTOCOLS", "PeerPlan", "one_shot_peer", "padded_plan", "plan_peer"]
 
 DEFAULT_TIMEOUT_NS = 20_000_000_000  # 20 s: far beyond any call, short of a silent hang
 MODES = ("full", "flags", "copy")
@@ -89,6 +92,30 @@ def plan_peer(
     return None
 
 
+def padded_plan(nbytes: int, layout: Layout, protocol: str) -> tuple[int, PeerPlan, str] | None:
+    """``(padded bytes, plan, protocol)`` for a message of ``nbytes``: pad to a tile count that splits.
+
+    A tile count with no divisor that fits ``layout.max_blocks`` blocks (262 tiles, say) is padded
+    up to one that does, with ``ceil(tiles / max_blocks)`` tiles per block. ``protocol`` ``"auto"``
+    (or ``"ll"`` for a message the inboxes cannot take) resolves to ``"ll"`` or ``"pull"``.
+
+    Returns:
+      The padding, plan and protocol, or ``None`` when the message is empty or larger than the
+      staging area.
+    """
+    if nbytes <= 0:
+        return None
+    tiles = -(-nbytes // TILE_BYTES)
+    ll_limit = layout.max_blocks * layout.ll_tiles_per_block_max
+    if protocol == "auto" or (protocol == "ll" and tiles > ll_limit):
+        protocol = "ll" if protocol == "auto" and tiles <= ll_limit else "pull"
+    tpb = -(-tiles // layout.max_blocks)
+    if tpb > layout.tiles_per_block_max:
+        return None
+    blocks = -(-tiles // tpb)
+    return blocks * tpb * TILE_BYTES, PeerPlan((blocks, tpb)), protocol
+
+
 def _kernel(body, out_type, grid: int):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -124,8 +151,10 @@ def _asm(ptx: str, args: list, result=None):
     return llvm.inline_asm(res, args, ptx, ",".join(cons), has_side_effects=True)
 
 
-# Spin until the 32-bit flag at $0 reaches epoch $1 (signed difference, wrap-safe), acquire at
-# system scope; after $2 nanoseconds of %globaltimer, trap.
+# Spin until the 32-bit flag at $0 holds epoch $1 or $1 + 1 (a peer is at most one call ahead: it
+# cannot finish this call before our own flag), acquire at system scope; an older epoch, however
+# old (ll calls advance epochs without writing flags), never passes. After $2 ns of %globaltimer,
+# trap.
 _WAIT_PTX = """{
 .reg .pred spmd_done, spmd_late;
 .reg .b32 spmd_v;
@@ -133,8 +162,8 @@ _WAIT_PTX = """{
 mov.u64 spmd_t0, %globaltimer;
 SPMD_WAIT:
 ld.acquire.sys.global.b32 spmd_v, [$0];
-sub.s32 spmd_v, spmd_v, $1;
-setp.ge.s32 spmd_done, spmd_v, 0;
+sub.u32 spmd_v, spmd_v, $1;
+setp.le.u32 spmd_done, spmd_v, 1;
 @spmd_done bra SPMD_DONE;
 mov.u64 spmd_t1, %globaltimer;
 sub.u64 spmd_t1, spmd_t1, spmd_t0;
@@ -432,6 +461,12 @@ def one_shot_peer(
         raise ValueError(f"one_shot_peer: expected protocol in {PROTOCOLS}, got {protocol!r}.")
     if x.ndim != 1:
         raise ValueError(f"one_shot_peer: expected a 1-D input, got shape {x.shape}.")
+    if str(x.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"one_shot_peer: expected a dtype in {sorted(SUPPORTED_DTYPES)}, got {x.dtype}.")
+    if not 1 <= world_size <= layout.max_ranks:
+        raise ValueError(
+            f"one_shot_peer: expected 1 <= world_size <= layout.max_ranks={layout.max_ranks}, got {world_size}."
+        )
     if table.shape != (1 + 2 * world_size,) or table.dtype != jnp.int32:
         raise ValueError(
             f"one_shot_peer: expected table int32[{1 + 2 * world_size}], got {table.dtype}{list(table.shape)}."

@@ -232,15 +232,26 @@ def allocate(mesh: jax.sharding.Mesh, axis_name: Any, layout: Layout | None = No
 def lookup(axis_names: Sequence[str], shape: Sequence[int], axis_name: Any) -> SymmetricBuffers | None:
     """The buffers allocated for group ``axis_name`` of a mesh of these axes and sizes.
 
-    Inside ``shard_map`` only the abstract mesh is known; the buffers allocated last for a mesh
-    of the same axes and shape are the ones meant (one mesh per shape is the usual case).
+    Inside ``shard_map`` only the abstract mesh is known (no devices), so this is only right
+    while one set of devices has buffers for it; with several it raises rather than guess (a
+    kernel on the wrong device set would share another mesh's epochs): pass the buffers
+    explicitly then (``custom_all_reduce(..., buffers=...)``; the communicators do).
 
     Returns:
       The buffers, or ``None`` when none were allocated for that group of such a mesh.
+
+    Raises:
+      ValueError: several device sets have buffers for it.
     """
     key = (tuple(axis_names), tuple(int(s) for s in shape), _group(axis_name))
     with _LOCK:
         found = [
             b for b in _ALLOCATED.values() if (tuple(b.mesh.axis_names), tuple(b.mesh.devices.shape), b.group) == key
         ]
+    device_sets = {tuple(d.id for d in b.mesh.devices.flat) for b in found}
+    if len(device_sets) > 1:
+        raise ValueError(
+            f"symmetric_memory.lookup: {len(device_sets)} meshes of axes {key[0]} and shape {key[1]} have peer "
+            f"buffers for the group {key[2]} (devices {sorted(device_sets)}); pass the buffers explicitly."
+        )
     return found[-1] if found else None

@@ -236,22 +236,38 @@ _NO_BUFFERS = (
 )
 
 
-def _peer_buffers(x: jax.Array, axis_name: AxisName) -> symmetric_memory.SymmetricBuffers | None:
-    """The peer buffers of group ``axis_name`` of the mesh ``x`` is traced over (by its axes and shape)."""
+def _peer_buffers(x: jax.Array, axis_name: AxisName, buffers: Any = None) -> symmetric_memory.SymmetricBuffers | None:
+    """Group ``axis_name``'s peer buffers: ``buffers`` if given, else looked up by the mesh ``x`` is traced over.
+
+    Raises ``ValueError`` when the lookup is ambiguous (several device sets have buffers for it).
+    """
+    if buffers is not None:
+        return buffers
     mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
     if mesh is None or not getattr(mesh, "axis_names", None):
         return None
     return symmetric_memory.lookup(mesh.axis_names, tuple(mesh.axis_sizes), axis_name)
 
 
-def _gpu_why_not(v: jax.Array, algorithm: str, interpret: Any, axis_name: AxisName) -> str | None:
+def _gpu_why_not(
+    v: jax.Array, nbytes: int, algorithm: str, interpret: Any, axis_name: AxisName, buffers: Any = None
+) -> str | None:
     """What stops the GPU lowering (the devices are GPUs and nothing forces interpretation)."""
     if interpret is not None or _device_platform(v) not in ("gpu", "cuda"):
         return None
     if algorithm == "two_shot":
         return "the GPU lowering has the one-shot kernel only"
-    if axis_name is not None and _peer_buffers(v, axis_name) is None:
+    if axis_name is None and buffers is None:
+        return None  # auto_algorithms asked without a group: the buffers are not checked
+    try:
+        found = _peer_buffers(v, axis_name, buffers)
+    except ValueError as e:
+        return str(e)
+    if found is None:
         return _NO_BUFFERS
+    limit = found.layout.max_message_bytes
+    if nbytes > limit:
+        return f"{nbytes} bytes per device is more than the peer buffers stage ({limit} bytes)"
     return None
 
 
@@ -272,6 +288,7 @@ def _plan_groups(
     tuning: PathLike | None,
     interpret: Any = None,
     axis_name: AxisName = None,
+    buffers: Any = None,
 ):
     """``(leaf indices, algorithm, platform)`` per dtype: the leaves of one dtype travel packed.
 
@@ -287,14 +304,16 @@ def _plan_groups(
         typed = any(_varying_axes(leaves[i]) for i in idx)
         if algorithm == "auto":
             algo = "xla" if typed else select_algorithm((numel,), dtype, n, plat, tuning=tuning)
-            if algo != "xla" and _gpu_why_not(leaves[idx[0]], algo, interpret, axis_name) is not None:
+            nbytes = _nbytes((numel,), dtype)
+            why_not = _gpu_why_not(leaves[idx[0]], nbytes, algo, interpret, axis_name, buffers)
+            if algo != "xla" and why_not is not None:
                 algo = "xla"
         else:
             why = ineligibility((numel,), dtype, n, plat)
             if why is None and typed:
                 why = _CHECK_VMA
             if why is None:
-                why = _gpu_why_not(leaves[idx[0]], algorithm, interpret, axis_name)
+                why = _gpu_why_not(leaves[idx[0]], _nbytes((numel,), dtype), algorithm, interpret, axis_name, buffers)
             if why is not None:
                 raise ValueError(
                     f"custom_all_reduce: algorithm={algorithm!r} cannot take {numel} elements of {jnp.dtype(dtype)} "
@@ -312,14 +331,17 @@ def auto_algorithms(
     *,
     tuning: PathLike | None = None,
     axis_name: AxisName | None = None,
+    buffers: Any = None,
 ) -> list[str]:
     """What ``algorithm="auto"`` picks for each dtype group of ``x`` (traced leaves or arrays), in order.
 
-    With ``axis_name`` (traced inside ``shard_map``) it also checks, on GPU devices, that the
-    group's peer buffers exist, as :func:`custom_all_reduce` does.
+    With ``axis_name`` or ``buffers`` (traced inside ``shard_map``) it also checks, on GPU
+    devices, that the group's peer buffers exist and take the size, as :func:`custom_all_reduce`
+    does.
     """
     leaves = [jnp.asarray(v) for v in jax.tree.leaves(x)]
-    return [algo for _, algo, _ in _plan_groups(leaves, world_size, "auto", platform, tuning, None, axis_name)]
+    groups = _plan_groups(leaves, world_size, "auto", platform, tuning, None, axis_name, buffers)
+    return [algo for _, algo, _ in groups]
 
 
 def custom_all_reduce(
@@ -330,6 +352,7 @@ def custom_all_reduce(
     platform: str | None = None,
     interpret: Any = None,
     tuning: PathLike | None = None,
+    buffers: Any = None,
 ) -> Any:
     """Sum ``x`` over ``axis_name``, with the Pallas kernels for small tensors.
 
@@ -345,6 +368,9 @@ def custom_all_reduce(
         to run the TPU form interpreted; default: interpreted only on devices without a native
         kernel (CPU).
       tuning: the tuning table's path for ``"auto"`` (default: the shipped table).
+      buffers: on GPUs, the group's peer buffers (``kernels.symmetric_memory.allocate(mesh,
+        axis_name)``); default: looked up by the traced mesh's axes and shape, which works while
+        one set of devices has buffers for them (the communicators pass their own).
 
     The kernels run under ``shard_map(..., check_vma=False)`` (as JAX's own Pallas collectives
     do); under ``check_vma=True`` ``"auto"`` uses psum and a forced kernel raises.
@@ -366,7 +392,7 @@ def custom_all_reduce(
     if n == 1 or algorithm == "xla" or not leaves:
         return collectives.all_reduce(x, axis_name)
     out: list[jax.Array | None] = [None] * len(leaves)
-    for idx, algo, _ in _plan_groups(leaves, n, algorithm, platform, tuning, interpret, axis_name):
+    for idx, algo, _ in _plan_groups(leaves, n, algorithm, platform, tuning, interpret, axis_name, buffers):
         if algo == "xla":
             for i in idx:
                 out[i] = collectives.all_reduce(leaves[i], axis_name)
@@ -376,7 +402,7 @@ def custom_all_reduce(
         with jax.named_scope(f"custom_all_reduce_{algo}"):
             kw = {}
             if lowering == "gpu":
-                kw = {"buffers": _peer_buffers(flat, axis_name), "protocol": _protocol(flat, n, tuning)}
+                kw = {"buffers": _peer_buffers(flat, axis_name, buffers), "protocol": _protocol(flat, n, tuning)}
             reduced = all_reduce_kernel(flat, axis_name, algorithm=algo, lowering=lowering, interpret=interp, **kw)
         offset = 0
         for i in idx:

@@ -27,8 +27,11 @@ class PallasCommunicator(XlaCommunicator):
     """Collectives on NVIDIA GPUs and TPUs: XLA, plus the Pallas custom all-reduce.
 
     Takes :class:`XlaCommunicator`'s constructor arguments; ``disable_custom_all_reduce=True``
-    keeps every all-reduce on XLA.
+    keeps every all-reduce on XLA. ``peer_buffers`` (set by ``spmd.initialize_model_parallel`` on
+    GPU) are the group's ``kernels.symmetric_memory`` buffers, passed to every kernel call.
     """
+
+    peer_buffers: Any = None
 
     def custom_all_reduce(self, input_: Any) -> Any | None:
         """The Pallas one-shot / two-shot all-reduce, or ``None`` when no leaf is eligible.
@@ -36,10 +39,14 @@ class PallasCommunicator(XlaCommunicator):
         The decision is :func:`~spmd.communicators.dispatch.custom_all_reduce`'s own for
         ``algorithm="auto"``; dtype groups it declines inside a pytree it takes go to psum there.
         """
-        picks = auto_algorithms(input_, self.world_size, self.platform, axis_name=self.axis_name)
+        picks = auto_algorithms(
+            input_, self.world_size, self.platform, axis_name=self.axis_name, buffers=self.peer_buffers
+        )
         if all(algo == "xla" for algo in picks):
             return None
-        return custom_all_reduce(input_, self.axis_name, algorithm="auto", platform=self.platform)
+        return custom_all_reduce(
+            input_, self.axis_name, algorithm="auto", platform=self.platform, buffers=self.peer_buffers
+        )
 
     def all_reduce(self, input_: Any) -> Any:
         """Sum over the group: the custom kernel when eligible and enabled, else XLA."""
