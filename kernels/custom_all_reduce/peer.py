@@ -35,6 +35,7 @@ same bits. NVLink multicast (multimem) is never used.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any
@@ -175,8 +176,80 @@ SPMD_DONE:
 _SIGNAL_PTX = "fence.acq_rel.sys;\nst.relaxed.sys.global.b32 [$0], $1;"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """What both kernel bodies derive first, per thread block (MLIR values)."""
+
+    rank: Any  # i32: this device's rank in the group
+    bases: list  # i64 per rank: its buffer's address
+    own: Any  # i64: this device's buffer
+    blk: Any  # i64: the block index
+    tid: Any  # i32: the thread index
+    counter: Any  # i64: address of this block's epoch counter
+    epoch: Any  # i32: this call's epoch (counter + 1)
+    parity: Any  # i64: epoch % 2
+    x_addr: Any  # i64: the input
+    o_addr: Any  # i64: the output
+    first: Any  # i64: byte offset of this block's first tile
+
+
+def _c64(v: int):
+    ir, arith, *_ = _mlir()
+    return arith.constant(ir.IntegerType.get_signless(64), v)
+
+
+def _pick(idx, values):
+    """``values[idx]`` for a traced i32 ``idx`` (a select chain)."""
+    ir, arith, *_ = _mlir()
+    out = values[0]
+    for j in range(1, len(values)):
+        hit = arith.cmpi(arith.CmpIPredicate.eq, idx, arith.constant(ir.IntegerType.get_signless(32), j))
+        out = arith.select(hit, values[j], out)
+    return out
+
+
+def _block_start(x, table, o, n: int, layout: Layout, tpb: int) -> _Block:
+    """Read the table (rank, every rank's buffer address) and this block's epoch counter."""
+    ir, arith, gpu, llvm, memref, _, _, mu = _mlir()
+    i32, i64, index = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64), ir.IndexType.get()
+
+    def word(k: int):
+        return memref.load(table, [arith.constant(index, k)])
+
+    rank = word(0)
+    bases = []
+    for j in range(n):
+        lo = arith.extui(i64, word(1 + 2 * j))
+        hi = arith.extui(i64, word(2 + 2 * j))
+        bases.append(arith.ori(lo, arith.shli(hi, _c64(32))))
+    own = _pick(rank, bases)
+    blk = arith.index_cast(i64, gpu.block_id(gpu.Dimension.x))
+    counter = arith.addi(own, arith.addi(_c64(layout.counters_offset), arith.muli(blk, _c64(4))))
+    epoch = arith.addi(_asm("ld.relaxed.gpu.global.b32 $0, [$1];", [counter], result=i32), arith.constant(i32, 1))
+    return _Block(
+        rank=rank,
+        bases=bases,
+        own=own,
+        blk=blk,
+        tid=arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x)),
+        counter=counter,
+        epoch=epoch,
+        parity=arith.extui(i64, arith.andi(epoch, arith.constant(i32, 1))),
+        x_addr=llvm.ptrtoint(i64, mu.memref_ptr(x)),
+        o_addr=llvm.ptrtoint(i64, mu.memref_ptr(o)),
+        first=arith.muli(blk, _c64(tpb * TILE_BYTES)),
+    )
+
+
+def _block_finish(b: _Block) -> None:
+    """Thread 0 moves this block's epoch counter on (after every thread has read it)."""
+    ir, arith, *_, mu = _mlir()
+    with mu.when(arith.cmpi(arith.CmpIPredicate.eq, b.tid, arith.constant(ir.IntegerType.get_signless(32), 0))):
+        _asm("st.relaxed.gpu.global.b32 [$0], $1;", [b.counter, b.epoch])
+
+
 def _one_shot_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_ns: int, mode: str):
-    ir, arith, gpu, llvm, memref, _, mgpu, mu = _mlir()
+    ir, arith, _, llvm, _, _, mgpu, mu = _mlir()
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     tpb = plan.tiles_per_block
@@ -188,47 +261,18 @@ def _one_shot_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_n
         def _(ctx, x, table, o):
             i32 = ir.IntegerType.get_signless(32)
             i64 = ir.IntegerType.get_signless(64)
-            index = ir.IndexType.get()
             elem = mu.dtype_to_ir_type(dtype)
             f32 = ir.F32Type.get()
             tile_ty = ir.MemRefType.get((tile_elems,), elem)
-
-            def c64(v: int):
-                return arith.constant(i64, v)
-
-            def word(k: int):
-                return memref.load(table, [arith.constant(index, k)])
+            c64 = _c64
 
             def as_tile(addr):
                 return mu.ptr_as_memref(llvm.inttoptr(llvm.PointerType.get(), addr), tile_ty)
 
-            rank = word(0)
-            bases = []
-            for j in range(n):
-                lo = arith.extui(i64, word(1 + 2 * j))
-                hi = arith.extui(i64, word(2 + 2 * j))
-                bases.append(arith.ori(lo, arith.shli(hi, c64(32))))
-
-            def pick(idx, values):  # values[idx] for a traced idx (a select chain)
-                out = values[0]
-                for j in range(1, len(values)):
-                    out = arith.select(arith.cmpi(arith.CmpIPredicate.eq, idx, arith.constant(i32, j)), values[j], out)
-                return out
-
-            own = pick(rank, bases)
-            blk = arith.index_cast(i64, gpu.block_id(gpu.Dimension.x))
-            tid = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
-
-            counter = arith.addi(own, arith.addi(c64(layout.counters_offset), arith.muli(blk, c64(4))))
-            epoch = arith.addi(
-                _asm("ld.relaxed.gpu.global.b32 $0, [$1];", [counter], result=i32), arith.constant(i32, 1)
-            )
-            parity = arith.extui(i64, arith.andi(epoch, arith.constant(i32, 1)))
-            slot = arith.muli(arith.addi(arith.muli(parity, c64(layout.max_blocks)), blk), c64(layout.slot_bytes))
-
-            x_addr = llvm.ptrtoint(i64, mu.memref_ptr(x))
-            o_addr = llvm.ptrtoint(i64, mu.memref_ptr(o))
-            first = arith.muli(blk, c64(tpb * TILE_BYTES))
+            b = _block_start(x, table, o, n, layout, tpb)
+            rank, bases, own, blk, tid, epoch = b.rank, b.bases, b.own, b.blk, b.tid, b.epoch
+            x_addr, o_addr, first = b.x_addr, b.o_addr, b.first
+            slot = arith.muli(arith.addi(arith.muli(b.parity, c64(layout.max_blocks)), blk), c64(layout.slot_bytes))
 
             def x_tile(i):
                 return as_tile(arith.addi(x_addr, arith.addi(first, c64(i * TILE_BYTES))))
@@ -248,7 +292,7 @@ def _one_shot_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_n
 
             is_signaller = arith.cmpi(arith.CmpIPredicate.ult, tid, arith.constant(i32, n))
             with mu.when(is_signaller):
-                peer = pick(tid, bases)
+                peer = _pick(tid, bases)
                 flag_row = arith.addi(c64(layout.flags_offset), arith.muli(blk, c64(4 * layout.max_ranks)))
                 theirs = arith.addi(peer, arith.addi(flag_row, arith.muli(arith.extui(i64, rank), c64(4))))
                 _asm(_SIGNAL_PTX, [theirs, epoch])
@@ -266,9 +310,7 @@ def _one_shot_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_n
                     v = mgpu.FragmentedArray.load_strided(as_tile(src), vec_size=vec).astype(f32)
                     acc = v if acc is None else acc + v
                 acc.astype(elem).store_untiled(o_tile(i))
-
-            with mu.when(arith.cmpi(arith.CmpIPredicate.eq, tid, arith.constant(i32, 0))):
-                _asm("st.relaxed.gpu.global.b32 [$0], $1;", [counter, epoch])
+            _block_finish(b)
 
         _(x_ref, table_ref, o_ref)
 
@@ -316,7 +358,7 @@ def _ll_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_ns: int
     peer pushes only once it has finished call ``k``; so a reader never sees its slot change
     under it, and an old epoch is never mistaken for the current one.
     """
-    ir, arith, gpu, llvm, memref, _, _, mu = _mlir()
+    ir, arith, _, llvm, _, _, _, mu = _mlir()
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     tpb = plan.tiles_per_block
@@ -329,17 +371,11 @@ def _ll_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_ns: int
             i64 = ir.IntegerType.get_signless(64)
             i16 = ir.IntegerType.get_signless(16)
             f32 = ir.F32Type.get()
-            index = ir.IndexType.get()
             quad = llvm.StructType.get_literal([i32] * 4)
-
-            def c64(v: int):
-                return arith.constant(i64, v)
+            c64 = _c64
 
             def c32(v: int):
                 return arith.constant(i32, v)
-
-            def word(k: int):
-                return memref.load(table, [arith.constant(index, k)])
 
             def quad_asm(ptx, args):
                 cons = ["=r"] * 4 + ["l" if ir.IntegerType(a.type).width == 64 else "r" for a in args]
@@ -365,24 +401,11 @@ def _ll_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_ns: int
                 lo, hi = (arith.extui(i32, arith.bitcast(i16, arith.truncf(narrow, v))) for v in vals)
                 return arith.ori(lo, arith.shli(hi, c32(16)))
 
-            rank = word(0)
-            bases = []
-            for j in range(n):
-                lo = arith.extui(i64, word(1 + 2 * j))
-                hi = arith.extui(i64, word(2 + 2 * j))
-                bases.append(arith.ori(lo, arith.shli(hi, c64(32))))
-            own = bases[0]
-            for j in range(1, n):
-                own = arith.select(arith.cmpi(arith.CmpIPredicate.eq, rank, c32(j)), bases[j], own)
-            blk = arith.index_cast(i64, gpu.block_id(gpu.Dimension.x))
-            tid = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
-            lane16 = arith.muli(arith.extui(i64, tid), c64(16))
-            lane32 = arith.muli(arith.extui(i64, tid), c64(32))
-
-            counter = arith.addi(own, arith.addi(c64(layout.counters_offset), arith.muli(blk, c64(4))))
-            epoch = arith.addi(_asm("ld.relaxed.gpu.global.b32 $0, [$1];", [counter], result=i32), c32(1))
-            parity = arith.extui(i64, arith.andi(epoch, c32(1)))
-            row = arith.addi(arith.muli(parity, c64(layout.max_blocks)), blk)  # (parity, block)
+            b = _block_start(x, table, o, n, layout, tpb)
+            bases, own, epoch = b.bases, b.own, b.epoch
+            lane16 = arith.muli(arith.extui(i64, b.tid), c64(16))
+            lane32 = arith.muli(arith.extui(i64, b.tid), c64(32))
+            row = arith.addi(arith.muli(b.parity, c64(layout.max_blocks)), b.blk)  # (parity, block)
 
             def inbox(base, sender, i):  # this thread's line of tile i from ``sender`` (i64 or int)
                 s = sender if isinstance(sender, ir.Value) else c64(sender)
@@ -392,10 +415,8 @@ def _ll_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_ns: int
                 )
                 return arith.addi(base, arith.addi(off, lane32))
 
-            x_addr = llvm.ptrtoint(i64, mu.memref_ptr(x))
-            o_addr = llvm.ptrtoint(i64, mu.memref_ptr(o))
-            first = arith.muli(blk, c64(tpb * TILE_BYTES))
-            me = arith.extui(i64, rank)
+            x_addr, o_addr, first = b.x_addr, b.o_addr, b.first
+            me = arith.extui(i64, b.rank)
 
             for i in range(tpb):
                 src = arith.addi(x_addr, arith.addi(first, arith.addi(c64(i * TILE_BYTES), lane16)))
@@ -413,8 +434,7 @@ def _ll_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_ns: int
                 dst = arith.addi(o_addr, arith.addi(first, arith.addi(c64(i * TILE_BYTES), lane16)))
                 _asm("st.global.v4.b32 [$0], {$1, $2, $3, $4};", [dst, *out])
             mu.warpgroup_barrier()  # every thread has read the counter before it moves
-            with mu.when(arith.cmpi(arith.CmpIPredicate.eq, tid, c32(0))):
-                _asm("st.relaxed.gpu.global.b32 [$0], $1;", [counter, epoch])
+            _block_finish(b)
 
         _(x_ref, table_ref, o_ref)
 
