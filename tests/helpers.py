@@ -76,3 +76,22 @@ def tolerance(dtype, n: int) -> dict:
     if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16):
         return {"rtol": 2e-2, "atol": 2e-2 * n}
     return {"rtol": 1e-5, "atol": 1e-5 * n}
+
+
+def assert_same(a, b, path: str = "v") -> None:
+    """``a`` is ``b`` rebuilt: same types, keys and order, arrays equal bit for bit (dtype and shape too)."""
+    assert type(a) is type(b) or (isinstance(a, jax.Array) and isinstance(b, jax.Array)), (path, type(a), type(b))
+    if isinstance(a, dict):
+        assert list(a.keys()) == list(b.keys()), (path, a.keys(), b.keys())
+        for k in a:
+            assert_same(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, (np.ndarray, np.generic, jax.Array)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape, (path, a.dtype, b.dtype, a.shape, b.shape)
+        assert a.tobytes() == b.tobytes(), path  # bit for bit
+    else:
+        assert a == b, (path, a, b)

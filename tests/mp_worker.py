@@ -18,6 +18,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
+from helpers import assert_same  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -55,24 +56,6 @@ def seed_dict(seed: int) -> dict:
         "flags": {"causal": True, "rope": None, 7: (1.0, float("inf"))},
         "raw": b"\x00\x01\xff",
     }
-
-
-def assert_same(a, b, path="d"):
-    assert type(a) is type(b) or (isinstance(a, jax.Array) and isinstance(b, jax.Array)), (path, type(a), type(b))
-    if isinstance(a, dict):
-        assert list(a.keys()) == list(b.keys()), (path, a.keys(), b.keys())
-        for k in a:
-            assert_same(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, (np.ndarray, np.generic, jax.Array)):
-        a, b = np.asarray(a), np.asarray(b)
-        assert a.dtype == b.dtype and a.shape == b.shape, (path, a.dtype, b.dtype, a.shape, b.shape)
-        assert a.tobytes() == b.tobytes(), path
-    else:
-        assert a == b, (path, a, b)
 
 
 def check_collectives(seed: int) -> None:

@@ -22,11 +22,11 @@ import time
 import tracemalloc
 import warnings
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import assert_same
 
 from spmd.host_net import ABORT, INTENT, MSG, Call, Mesh, NetConfig, _handshake, _mesh
 from spmd.wire import MalformedMessageError
@@ -139,24 +139,6 @@ def job2():
     j = Job(2)
     yield j
     j.close()
-
-
-def assert_same(got, want, path="v"):
-    assert type(got) is type(want) or (isinstance(got, jax.Array) and isinstance(want, jax.Array)), path
-    if isinstance(want, dict):
-        assert list(got) == list(want), path
-        for k in want:
-            assert_same(got[k], want[k], f"{path}[{k!r}]")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), path
-        for i, (a, b) in enumerate(zip(got, want, strict=True)):
-            assert_same(a, b, f"{path}[{i}]")
-    elif isinstance(want, (np.ndarray, np.generic, jax.Array)):
-        a, b = np.asarray(got), np.asarray(want)
-        assert a.dtype == b.dtype and a.shape == b.shape, (path, a.dtype, b.dtype, a.shape, b.shape)
-        assert a.tobytes() == b.tobytes(), path  # bit for bit
-    else:
-        assert got == want, (path, got, want)
 
 
 def random_value(rng: np.random.Generator, big: int = 0) -> dict:
