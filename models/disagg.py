@@ -19,10 +19,11 @@ two workers on simulated CPU devices that both load it with ``models.from_pretra
   rebuilds its model's cache from the per-device pieces (:func:`kv_cache_from_layers`) and
   continues with :func:`models.generation.decode_from`.
 
-Pipes: ``tcp`` (:class:`~spmd.kv_transfer.TCPKVPipe`) and ``transfer``
-(:class:`~spmd.kv_transfer.TransferServerKVPipe`) join two independent processes (``P`` and ``D``
-devices); ``device_put`` (:class:`~spmd.kv_transfer.DevicePutKVPipe`) needs one ``jax.distributed``
-job, so the command runs ``spmd-launch`` with two processes (rank 0 prefills, rank 1 decodes).
+Pipes: ``tcp`` (:class:`~spmd.kv_transfer.TCPKVPipe`), ``transfer``
+(:class:`~spmd.kv_transfer.TransferServerKVPipe`) and ``ipc`` (:class:`~spmd.kv_transfer.IpcKVPipe`,
+shared memory on one host) join two independent processes (``P`` and ``D`` devices);
+``device_put`` (:class:`~spmd.kv_transfer.DevicePutKVPipe`) needs one ``jax.distributed`` job,
+so the command runs ``spmd-launch`` with two processes (rank 0 prefills, rank 1 decodes).
 The decode worker listens; the pipes authenticate with a random secret written to a private file.
 
 Failures (vLLM's ``recompute`` policy): every wait has a timeout (``--transfer-timeout``); when the
@@ -57,7 +58,7 @@ from models.generate import positive_int, token_ids
 __all__ = ["build_parser", "kv_cache_from_layers", "kv_layers_for_transfer", "main", "tp_devices"]
 
 PROG = "python -m models.disagg"
-PIPES = ("tcp", "device_put", "transfer")
+PIPES = ("tcp", "device_put", "transfer", "ipc")
 _RESULT = "DISAGG-RESULT "
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -248,13 +249,15 @@ def _secret(args: argparse.Namespace) -> bytes:
 
 def _open_pipe(args: argparse.Namespace, role: str, devices: list[Any]) -> Any:
     """The worker's end of the pipe: the decode worker listens, the prefill worker connects."""
-    from spmd.kv_transfer import DevicePutKVPipe, TCPKVPipe, TransferServerKVPipe
+    from spmd.kv_transfer import DevicePutKVPipe, IpcKVPipe, TCPKVPipe, TransferServerKVPipe
 
     kw = dict(role="server" if role == "decode" else "client", timeout_s=args.transfer_timeout, secret=_secret(args))
     if args.pipe == "tcp":
         return TCPKVPipe("127.0.0.1", args.port, **kw)
     if args.pipe == "transfer":
         return TransferServerKVPipe("127.0.0.1", args.port, devices=devices, **kw)
+    if args.pipe == "ipc":
+        return IpcKVPipe("127.0.0.1", args.port, devices=devices, **kw)
     import jax
 
     side = [[d for d in jax.devices() if d.process_index == i] for i in (0, 1)]

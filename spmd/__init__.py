@@ -38,6 +38,7 @@ from spmd.distributed import init_distributed_environment
 from spmd.group import GroupCoordinator
 from spmd.kv_transfer import (
     DevicePutKVPipe,
+    IpcKVPipe,
     KVPiece,
     KVPipeBase,
     TCPKVPipe,
@@ -83,6 +84,7 @@ __all__ = [
     "ParallelConfig",
     "TCPKVPipe",
     "TpuCommunicator",
+    "IpcKVPipe",
     "TransferServerKVPipe",
     "UnboundAxisError",
     "XlaCommunicator",

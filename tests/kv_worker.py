@@ -1,7 +1,7 @@
 """Worker for the KV-transfer end-to-end tests: a prefill (sender) or decode (receiver) process.
 
     spmd-launch --nproc-per-node 2 --cpu-devices-per-process N tests/kv_worker.py devput P D HEADS
-    python tests/kv_worker.py {tcp,ts} {send,recv} P D HEADS PORT      (two independent processes)
+    python tests/kv_worker.py {tcp,ts,ipc} {send,recv} P D HEADS PORT  (two independent processes)
 
 P and D are the prefill and decode TP sizes, HEADS the number of KV heads. The sender sends a
 list of arrays of every dtype (and None), then a head-sharded KV cache; the receiver checks each
@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 
 from spmd.kv_transfer import (  # noqa: E402
     DevicePutKVPipe,
+    IpcKVPipe,
     TCPKVPipe,
     TransferServerKVPipe,
     kv_head_sharding,
@@ -85,7 +86,8 @@ def main() -> None:
         pipe = TCPKVPipe("127.0.0.1", PORT, role="server" if ROLE == "send" else "client", timeout_s=60, secret=b"e2e")
     else:
         mine = local[: P if ROLE == "send" else D]
-        pipe = TransferServerKVPipe(
+        cls = IpcKVPipe if PIPE == "ipc" else TransferServerKVPipe
+        pipe = cls(
             "127.0.0.1", PORT, role="server" if ROLE == "send" else "client", timeout_s=60, secret=b"e2e", devices=mine
         )
     with pipe:

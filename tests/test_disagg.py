@@ -153,7 +153,7 @@ def _cli(env, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
-CASES = [(pipe, p, d) for pipe in ("tcp", "device_put", "transfer") for p, d in ((2, 2), (4, 2), (2, 4))]
+CASES = [(pipe, p, d) for pipe in ("tcp", "device_put", "transfer", "ipc") for p, d in ((2, 2), (4, 2), (2, 4))]
 
 
 @pytest.mark.multiprocess
@@ -171,7 +171,9 @@ def test_cli_end_to_end(pipe, p, d, cli_env):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("pipe,why", [("tcp", "ConnectionError"), ("device_put", "ValueError")])
+@pytest.mark.parametrize(
+    "pipe,why", [("tcp", "ConnectionError"), ("ipc", "ConnectionError"), ("device_put", "ValueError")]
+)
 def test_cli_failed_transfer_recomputes_the_prefill(pipe, why, cli_env):
     """The prefill worker dies after the first tokens (device_put: sends None for the cache, as dying ends the job)."""
     r = _cli(cli_env, "--pipe", pipe, "--prefill-tp", "2", "--decode-tp", "2", "--fail-transfer")
@@ -180,7 +182,7 @@ def test_cli_failed_transfer_recomputes_the_prefill(pipe, why, cli_env):
     assert f"[decode] transfer FAILED ({why}" in out and "recomputing the prefill here (recompute policy)" in out
     assert "recompute: the decode worker recomputed the prefill in" in out
     assert "check: the tokens equal single-process generation on one device (after a recomputed prefill)" in out
-    if pipe == "tcp":
+    if pipe in ("tcp", "ipc"):
         assert "the prefill worker exited with code 3" in out
 
 

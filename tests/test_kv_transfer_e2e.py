@@ -45,7 +45,7 @@ def test_device_put_pipe(p, d, heads):
     assert f"[rank 0] OK devput send P={p} D={d}" in out and f"[rank 1] OK devput recv P={p} D={d}" in out
 
 
-@pytest.mark.parametrize("pipe", ["tcp", "ts"], ids=["tcp", "transfer_server"])
+@pytest.mark.parametrize("pipe", ["tcp", "ts", "ipc"], ids=["tcp", "transfer_server", "ipc"])
 @pytest.mark.parametrize("p,d,heads", CASES, ids=IDS)
 def test_independent_processes(pipe, p, d, heads):
     port = str(free_port())

@@ -6,7 +6,9 @@ Pipes (all :class:`KVPipeBase`: ``send_tensor`` / ``recv_tensor`` / ``close``):
 * :class:`DevicePutKVPipe`: device to device between two disjoint process meshes of one
   ``jax.distributed`` job (cross-process ``jax.device_put``);
 * :class:`TransferServerKVPipe`: device to device between independent processes
-  (``jax.experimental.transfer``), ids and metadata on a small TCP control pipe.
+  (``jax.experimental.transfer``), ids and metadata on a small TCP control pipe;
+* :class:`IpcKVPipe`: device to device between independent processes on one host, through
+  shared memory (CUDA IPC on GPUs, ``/dev/shm`` on CPU).
 
 KV caches travel split by KV heads (:mod:`spmd.kv_transfer.heads`), so prefill and decode may use
 different TP sizes. See ``docs/kv_transfer.md``.
@@ -23,11 +25,13 @@ from spmd.kv_transfer.heads import (
     reshard_kv_heads,
     split_kv_heads,
 )
+from spmd.kv_transfer.ipc import IpcKVPipe
 from spmd.kv_transfer.tcp import TCPKVPipe
 from spmd.kv_transfer.transfer_server import TransferServerKVPipe
 
 __all__ = [
     "DevicePutKVPipe",
+    "IpcKVPipe",
     "KVPiece",
     "KVPipeBase",
     "TCPKVPipe",

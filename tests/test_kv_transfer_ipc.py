@@ -1,0 +1,373 @@
+"""IpcKVPipe on CPU (the shared-memory backend) inside one process: two threads, two pipe ends."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+from spmd.kv_transfer import IpcKVPipe, TCPKVPipe, _device
+from spmd.kv_transfer import _shared_memory as ipc_mod
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pair(server_secret=b"s", client_secret=b"s", timeout_s=10.0, server_devices=2, client_devices=4):
+    port = free_port()
+    devs = jax.devices()
+    box: dict = {}
+
+    def serve():
+        try:
+            box["s"] = IpcKVPipe(
+                "127.0.0.1", port, timeout_s=timeout_s, secret=server_secret, devices=devs[:server_devices]
+            )
+        except Exception as e:
+            box["e"] = e
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        c = IpcKVPipe(
+            "127.0.0.1",
+            port,
+            role="client",
+            timeout_s=timeout_s,
+            secret=client_secret,
+            devices=devs[server_devices : server_devices + client_devices],
+        )
+    finally:
+        t.join()
+    if "e" in box:
+        raise box["e"]
+    return box["s"], c
+
+
+def shm_files() -> set[str]:
+    d = ipc_mod.Shm().dir
+    return {f for f in os.listdir(d) if f.startswith("spmd-kv-")}
+
+
+def test_round_trip_in_order_both_ways(rng):
+    s, c = pair()
+    base = rng.standard_normal((5, 6))
+    msgs = [
+        base.astype(np.float32),
+        base.astype(np.float16),
+        base.astype(ml_dtypes.bfloat16),
+        rng.integers(-100, 100, (3, 4)).astype(np.int8),
+        rng.integers(-(2**31), 2**31 - 1, (4,)).astype(np.int32),
+        rng.integers(0, 255, (9,)).astype(np.uint8),
+        rng.random(7) > 0.5,
+        np.array(rng.standard_normal(), np.float32),
+        np.zeros((0, 3), np.float32),
+        None,
+        base.astype(np.float32)[::2, ::3],
+        rng.standard_normal(1 << 20).astype(np.float32),  # staged, not inline
+        (rng.random((300, 70)) > 0.5),  # 21000 bytes: staged bool
+        rng.standard_normal((64, 129)).astype(ml_dtypes.bfloat16)[:, ::2],  # staged, non-contiguous
+    ]
+    with s, c:
+        for m in msgs:
+            s.send_tensor(m)
+            got = c.recv_tensor()
+            if m is None:
+                assert got is None
+                continue
+            assert isinstance(got, jax.Array) and got.devices() == {jax.devices()[2]}
+            assert got.dtype == m.dtype and got.shape == m.shape
+            np.testing.assert_array_equal(np.asarray(got), m)
+        c.send_tensor(msgs[11])
+        np.testing.assert_array_equal(np.asarray(s.recv_tensor()), msgs[11])
+
+
+def test_sender_runs_one_message_ahead_then_waits(rng):
+    a, b, x = (rng.standard_normal(1 << 16).astype(np.float32) for _ in range(3))
+    s, c = pair(timeout_s=1.0)
+    with s, c:
+        s.send_tensor(a)
+        s.send_tensor(b)  # the second slot: no wait
+        with pytest.raises(TimeoutError, match="has not taken message 0"):
+            s.send_tensor(x)  # needs message 0's slot again
+    s, c = pair(timeout_s=10.0)
+    with s, c:
+        s.send_tensor(a)
+        s.send_tensor(b)
+        np.testing.assert_array_equal(np.asarray(c.recv_tensor()), a)
+        s.send_tensor(x)  # message 0 was taken: its slot is free
+        np.testing.assert_array_equal(np.asarray(c.recv_tensor()), b)
+        np.testing.assert_array_equal(np.asarray(c.recv_tensor()), x)
+
+
+def test_acks_interleaved_with_data_from_the_other_side(rng):
+    """Each side sends while the other's acks and data share the control channel."""
+    xs = [rng.standard_normal(1 << 14 + k).astype(np.float32) for k in range(4)]
+    ys = [rng.standard_normal((1 << 13) + k).astype(np.float32) for k in range(4)]
+    s, c = pair()
+    with s, c:
+        for x, y in zip(xs, ys, strict=True):
+            s.send_tensor(x)
+            c.send_tensor(y)
+            np.testing.assert_array_equal(np.asarray(s.recv_tensor()), y)
+            np.testing.assert_array_equal(np.asarray(c.recv_tensor()), x)
+
+
+def test_slots_grow_and_values_stay_right(rng):
+    sizes = [1 << 18, 1 << 22, 1 << 16, 3 << 21, 1 << 20]
+    xs = [rng.standard_normal(n // 4).astype(np.float32) for n in sizes]
+    s, c = pair()
+    with s, c:
+        for x in xs:
+            s.send_tensor(x)
+            np.testing.assert_array_equal(np.asarray(c.recv_tensor()), x)
+
+
+@pytest.mark.parametrize(("src", "dst", "heads"), [(2, 4, 2), (4, 2, 4), (2, 2, 8), (1, 4, 2)])
+def test_kv_cache_between_tp_sizes(rng, src, dst, heads):
+    s, c = pair(server_devices=src, client_devices=dst)
+    # models.llama's KVCache layout: [batch, kv_heads, max_len, head_dim] (head_axis=1).
+    layers = [rng.standard_normal((3, heads, 40, 16)).astype(ml_dtypes.bfloat16) for _ in range(3)]
+    from spmd.kv_transfer import kv_head_sharding, split_kv_heads
+
+    with s, c:
+        sharded = [jax.device_put(x, kv_head_sharding(s.devices, heads, head_axis=1)) for x in layers]
+        s.send_kv_cache(sharded, head_axis=1)
+        got = c.recv_kv_cache()
+        for x, y in zip(layers, got, strict=True):
+            np.testing.assert_array_equal(np.asarray(y), x)
+            want = split_kv_heads(x, dst, head_axis=1)
+            for shard in y.addressable_shards:
+                r = c.devices.index(shard.device)
+                np.testing.assert_array_equal(np.asarray(shard.data), want[r], err_msg=f"decode rank {r}")
+
+
+def test_mismatched_receive_calls_drop_the_message_and_the_pipe_goes_on(rng):
+    layers = [rng.standard_normal((2, 40, 16)).astype(np.float32) for _ in range(2)]
+    x = rng.standard_normal(1 << 15).astype(np.float32)
+    s, c = pair(server_devices=1, client_devices=1)
+    with s, c:
+        s.send_kv_cache(layers)
+        with pytest.raises(ValueError, match=r"receive it with recv_kv_cache\. It was dropped"):
+            c.recv_tensor()
+        s.send_tensor(x)
+        with pytest.raises(ValueError, match=r"KV cache sent by send_kv_cache, got a tensor float32\[32768\]"):
+            c.recv_kv_cache()
+        s.send_tensor(None)
+        with pytest.raises(ValueError, match="got None"):
+            c.recv_kv_cache()
+        for _ in range(3):  # every slot was freed: the sender never waits
+            s.send_kv_cache(layers)
+            for want, got in zip(layers, c.recv_kv_cache(), strict=True):
+                np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_kv_cache_with_empty_and_mixed_dtype_layers(rng):
+    layers = [
+        rng.standard_normal((4, 0, 8)).astype(np.float32),
+        rng.standard_normal((4, 24, 8)).astype(ml_dtypes.bfloat16),
+        rng.integers(-100, 100, (4, 24, 8)).astype(np.int8),
+        rng.random((4, 24, 8)) > 0.5,
+    ]
+    s, c = pair(server_devices=2, client_devices=4)
+    with s, c:
+        s.send_kv_cache(layers)
+        got = c.recv_kv_cache()
+        for want, y in zip(layers, got, strict=True):
+            assert y.dtype == want.dtype and y.shape == want.shape
+            np.testing.assert_array_equal(np.asarray(y), want)
+        s.send_kv_cache(layers[:1])  # nothing to stage at all
+        (y,) = c.recv_kv_cache()
+        assert y.shape == (4, 0, 8)
+
+
+def test_64_bit_without_x64_is_refused_not_truncated():
+    s, c = pair()
+    with s, c:
+        with pytest.raises(TypeError, match="truncated to 32 bits"):
+            s.send_tensor(np.arange(3, dtype=np.int64))
+
+
+def test_closed_pipe_gone_peer_and_no_files_left(rng):
+    before = shm_files()
+    s, c = pair(timeout_s=2.0)
+    x = rng.standard_normal(1 << 16).astype(np.float32)
+    s.send_tensor(x)
+    np.testing.assert_array_equal(np.asarray(c.recv_tensor()), x)
+    assert len(shm_files() - before) == 1  # one slot in use
+    s.close()
+    s.close()
+    with pytest.raises(ValueError, match="closed"):
+        s.recv_tensor()
+    with pytest.raises(ValueError, match="closed"):
+        s.send_tensor(x)
+    with pytest.raises(ConnectionError):
+        c.recv_tensor()
+    c.close()
+    assert shm_files() - before == set()
+
+
+def test_close_right_after_send_loses_nothing(rng):
+    before = shm_files()
+    s, c = pair(timeout_s=10.0)
+    x = rng.standard_normal(1 << 16).astype(np.float32)
+    got = {}
+
+    def late_reader():
+        time.sleep(0.3)
+        got["x"] = np.asarray(c.recv_tensor())
+
+    t = threading.Thread(target=late_reader)
+    t.start()
+    s.send_tensor(x)
+    s.close()  # waits for the reader's ack
+    t.join()
+    np.testing.assert_array_equal(got["x"], x)
+    c.close()
+    assert shm_files() - before == set()
+
+
+def test_close_with_a_reader_that_never_comes(rng):
+    before = shm_files()
+    s, c = pair(timeout_s=0.5)
+    x = rng.standard_normal(1 << 16).astype(np.float32)
+    s.send_tensor(x)
+    t0 = time.monotonic()
+    s.close()  # gives up after timeout_s; the shared-memory file goes (no reader had it)
+    assert 0.4 < time.monotonic() - t0 < 5
+    assert shm_files() - before == set()
+    with pytest.raises(ConnectionError, match="closed before this message was taken"):
+        c.recv_tensor()
+    c.close()
+
+
+def test_wrong_secret_is_refused():
+    with pytest.raises(PermissionError, match="requires the right secret"):
+        pair(server_secret=b"a", client_secret=b"b", timeout_s=1.0)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="backend"):
+        IpcKVPipe("127.0.0.1", 1, backend="nccl")
+    with pytest.raises(ValueError, match="at least one device"):
+        IpcKVPipe("127.0.0.1", 1, devices=[])
+
+
+def fake_peer(hello: dict, then: list | None = None, timeout_s=5.0):
+    """A raw control channel pretending to be the other end: sends ``hello``, then ``then``."""
+    port = free_port()
+    box: dict = {}
+
+    def serve():
+        p = TCPKVPipe("127.0.0.1", port, timeout_s=timeout_s)
+        box["p"] = p
+        p.recv_tensor()  # the pipe's hello
+        p.send_tensor(_device.meta_bytes(hello))
+        for m in then or []:
+            p.send_tensor(m)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    return port, t, box
+
+
+def good_hello(**kw):
+    return {"backend": "shm", "tp": 1, "host": ipc_mod.host_identity(), **kw}
+
+
+@pytest.mark.parametrize(
+    ("hello", "match"),
+    [
+        (good_hello(host="elsewhere/1234"), "another machine"),
+        (good_hello(backend="cuda"), "backend"),
+        (good_hello(tp=0), "malformed hello"),
+        (good_hello(tp=True), "malformed hello"),
+    ],
+)
+def test_hello_checks(hello, match):
+    port, t, box = fake_peer(hello)
+    try:
+        with pytest.raises(ValueError, match=match):
+            IpcKVPipe("127.0.0.1", port, role="client", timeout_s=5.0, devices=jax.devices()[:1])
+    finally:
+        t.join()
+        box["p"].close()
+
+
+def data_meta(**kw):
+    return _device.meta_bytes({"kind": "data", "seq": 0, "dtype": "float32", "shape": [4096], **kw})
+
+
+@pytest.mark.parametrize(
+    ("msg", "match"),
+    [
+        (data_meta(pieces=[{"h": "../../etc/passwd", "off": 0, "n": 16384, "cap": 1 << 20}]), "malformed shared"),
+        (data_meta(pieces=[{"h": "spmd-kv-x", "off": 0, "n": 16, "cap": 1 << 20}]), "malformed piece"),
+        (data_meta(pieces=[{"h": "spmd-kv-x", "off": 1 << 20, "n": 16384, "cap": 1 << 20}]), "malformed piece"),
+        (data_meta(pieces=[{"h": "spmd-kv-x", "off": -1, "n": 16384, "cap": 1 << 20}]), "malformed piece"),
+        (data_meta(pieces=[]), "expected message 0 with 1 pieces"),
+        (data_meta(seq=5, pieces=[{"h": "spmd-kv-x", "off": 0, "n": 16384, "cap": 1 << 20}]), "expected message 0"),
+        (_device.meta_bytes({"kind": "gossip"}), "malformed message"),
+        (_device.meta_bytes({"kind": "data", "dtype": "float32", "shape": [-1]}), "malformed array metadata"),
+        (np.frombuffer(b"\xff\xfe", np.uint8), "malformed metadata"),
+    ],
+)
+def test_malformed_messages_are_refused(msg, match):
+    port, t, box = fake_peer(good_hello(), then=[msg])
+    try:
+        with IpcKVPipe("127.0.0.1", port, role="client", timeout_s=5.0, devices=jax.devices()[:1]) as pipe:
+            with pytest.raises(ValueError, match=match):
+                pipe.recv_tensor()
+    finally:
+        t.join()
+        box["p"].close()
+
+
+@pytest.mark.parametrize(
+    ("kv", "match"),
+    [
+        ({"heads": 2, "head_axis": 0, "src_tp": 4, "dst_tp": 1, "layers": [["float32", [2, 4]]]}, "TP 4 -> 1"),
+        ({"heads": 2, "head_axis": 0, "src_tp": 1, "dst_tp": 1, "layers": [["float32", [3, 4]]]}, "not 2 heads"),
+        ({"heads": 2, "head_axis": 0, "src_tp": 1, "dst_tp": 1, "layers": []}, "malformed KV-cache"),
+        ({"heads": True, "head_axis": 0, "src_tp": 1, "dst_tp": 1, "layers": [["float32", [2]]]}, "malformed KV"),
+        ({"heads": 2, "head_axis": 0, "src_tp": 1, "dst_tp": 1, "layers": [["float32"]]}, "malformed metadata"),
+    ],
+)
+def test_malformed_kv_metadata_is_refused(kv, match):
+    port, t, box = fake_peer(good_hello(), then=[data_meta(kv=kv, pieces=[])])
+    try:
+        with IpcKVPipe("127.0.0.1", port, role="client", timeout_s=5.0, devices=jax.devices()[:1]) as pipe:
+            with pytest.raises(ValueError, match=match):
+                pipe.recv_kv_cache()
+    finally:
+        t.join()
+        box["p"].close()
+
+
+def test_an_ack_out_of_order_is_refused(rng):
+    port, t, box = fake_peer(good_hello(), then=[_device.meta_bytes({"kind": "ack", "seq": 3})])
+    try:
+        with IpcKVPipe("127.0.0.1", port, role="client", timeout_s=5.0, devices=jax.devices()[:1]) as pipe:
+            with pytest.raises(ValueError, match="expected the ack of message 0"):
+                pipe.recv_tensor()
+    finally:
+        t.join()
+        box["p"].close()
+
+
+def test_cuda_backend_needs_gpus():
+    with pytest.raises(ValueError, match="'shm' moves CPU arrays"):
+        IpcKVPipe("127.0.0.1", 1, backend="shm", devices=[_FakeGpu()])
+
+
+class _FakeGpu:
+    platform = "gpu"
