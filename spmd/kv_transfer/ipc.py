@@ -1,8 +1,9 @@
 """``IpcKVPipe``: device to device between independent processes on ONE host, through shared memory.
 
-The sender copies each piece (one per receiver head group, as :class:`TransferServerKVPipe` cuts
-them) into a staging buffer that the receiver can map, and sends where it lies; the receiver
-copies it straight into arrays on its own devices. Two kinds of shared memory (``backend``):
+The sender copies each message (one array, or a whole KV cache packed per (sender device,
+receiver head group) pair as :class:`DevicePutKVPipe` packs it) into a staging buffer that the
+receiver can map, and sends where it lies; the receiver copies it straight into arrays on its own
+devices and cuts the layers back out. Two kinds of shared memory (``backend``):
 
 * ``"cuda"`` (NVIDIA GPUs): staging allocated with ``cuMemAlloc`` and shared by CUDA IPC handles
   (:mod:`kernels.symmetric_memory.cuda`); the receiver's copy reads the sender's GPU memory over
