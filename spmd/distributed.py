@@ -10,6 +10,7 @@ collectives (NCCL on GPU, gloo on CPU) span processes. Nothing here changes proc
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,19 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
+def _no_sharded_autotuning() -> None:
+    """Switch off XLA's sharded GPU autotuning for this process (unless ``XLA_FLAGS`` already sets it).
+
+    Sharded autotuning has every process of a job autotune part of a program and assumes they all
+    compile the same one. With the custom all-reduce's peer buffers shared across processes
+    (CUDA IPC), each process compiles its own buffer addresses in, so the programs differ and the
+    first compile hangs in every process (seen on an H200, JAX 0.11.2, 2026-12-03).
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_shard_autotuning" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_shard_autotuning=false".strip()
+
+
 def init_distributed_environment(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -59,7 +73,9 @@ def init_distributed_environment(
     process and there is nothing to start.
 
     The coordination service binds to the coordinator's own address when that is a loopback
-    address (one host), and to every interface only when a non-loopback address was given.
+    address (one host), and to every interface only when a non-loopback address was given. A
+    multi-process job on accelerators gets ``--xla_gpu_shard_autotuning=false`` in ``XLA_FLAGS``
+    (unless set already): the custom all-reduce's cross-process peer buffers need it.
 
     Args:
       coordinator_address: ``host:port`` of process 0's coordination service.
@@ -96,6 +112,8 @@ def init_distributed_environment(
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", int(cpu))
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if multi and not cpu:
+        _no_sharded_autotuning()
     if multi:
         kwargs: dict[str, Any] = {"initialization_timeout": int(timeout)}
         if explicit:

@@ -23,6 +23,7 @@ from spmd.axes import DP, EP, MESH_AXES, PP, TP, AxisName
 from spmd.communicators import make_device_communicator
 from spmd.config import ParallelConfig, device_groups, make_mesh
 from spmd.distributed import init_distributed_environment
+from spmd.envs import host_env
 from spmd.group import GroupCoordinator
 
 __all__ = [
@@ -71,7 +72,10 @@ _GROUP_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 def _build_groups(mesh: Mesh, *, disable_custom_all_reduce: bool) -> dict[str, GroupCoordinator]:
     platform = compat.mesh_platform(mesh)
-    peer_buffers = platform in ("gpu", "cuda") and not disable_custom_all_reduce and jax.process_count() == 1
+    # One process driving every GPU, or (CUDA IPC) one GPU per process: see symmetric_memory.unsupported.
+    peer_buffers = (
+        platform in ("gpu", "cuda") and not disable_custom_all_reduce and symmetric_memory.unsupported(mesh) is None
+    )
     mesh_shape = tuple((a, int(mesh.shape[a])) for a in mesh.axis_names)
     groups = {}
     for name, axes in _GROUP_AXES:
@@ -86,8 +90,11 @@ def _build_groups(mesh: Mesh, *, disable_custom_all_reduce: bool) -> dict[str, G
         )
         if peer_buffers and 1 < size <= symmetric_memory.Layout.max_ranks:
             # The custom all-reduce's persistent peer buffers: per group, a few MiB per GPU, kept
-            # for the life of the process; the communicator hands them to every kernel call.
-            communicator.peer_buffers = symmetric_memory.allocate(mesh, axis_name)
+            # for the life of the process; the communicator hands them to every kernel call. Across
+            # processes a collective (every process builds the same groups in the same order).
+            communicator.peer_buffers = symmetric_memory.allocate(
+                mesh, axis_name, client=compat.distributed_client(), timeout_s=host_env().collective_timeout_s
+            )
         groups[name] = GroupCoordinator(
             axis_name=axis_name,
             world_size=size,

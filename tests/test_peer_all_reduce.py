@@ -205,7 +205,7 @@ def test_kernel_errors(make, match):
 @pytest.fixture
 def on_gpu(monkeypatch):
     monkeypatch.setattr(dispatch, "_device_platform", lambda x: "gpu")
-    monkeypatch.setattr(symmetric_memory, "_ALLOCATED", {})  # no buffers from earlier tests
+    monkeypatch.setattr(symmetric_memory, "_REGISTRY", symmetric_memory._Registry())  # no buffers from earlier tests
     spmd.initialize_model_parallel(2, devices=jax.devices()[:2])  # CPU mesh: no buffers allocated off GPU
 
 
@@ -236,6 +236,76 @@ def test_dispatch_gpu_needs_buffers_then_uses_the_peer_kernel(on_gpu):
                 check_vma=False,
             )
         )(big)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch in a job of several processes (the process count and device platform are faked)
+
+
+def _traced_all_reduce(fn, x):
+    spec = P(spmd.MESH_AXES)
+    return str(jax.make_jaxpr(spmd.shard_map(lambda v: fn(v[0])[None], in_specs=spec, out_specs=spec,
+                                             check_vma=False))(x))  # fmt: skip
+
+
+def test_dispatch_across_processes_takes_the_kernel_only_with_buffers(on_gpu, monkeypatch):
+    from spmd.communicators import PallasCommunicator
+
+    monkeypatch.setattr(dispatch, "_process_count", lambda: 2)
+    x = jnp.ones((2, 4096), jnp.bfloat16)  # 8 KiB per device: in the shipped table's range at 2 ranks
+    assert dispatch.ineligibility((4096,), jnp.bfloat16, 2, "gpu") is None  # the buffers decide, not the count
+    comm = PallasCommunicator("tp", 2, platform="gpu")
+    assert comm.peer_buffers is None
+    assert "inline_mgpu" not in _traced_all_reduce(comm.all_reduce, x)  # no buffers: psum
+    assert "psum" in _traced_all_reduce(comm.all_reduce, x)
+    with pytest.raises(ValueError, match=r"in a job of 2 processes they are shared by CUDA IPC: .*initialize_model"):
+        _traced_all_reduce(lambda v: custom_all_reduce(v, "tp", algorithm="one_shot", platform="gpu"), x)
+    comm.peer_buffers = symmetric_memory.allocate(spmd.get_mesh(), "tp")
+    traced = _traced_all_reduce(comm.all_reduce, x)
+    assert "inline_mgpu" in traced and "psum" not in traced
+
+
+def test_dispatch_across_processes_never_interprets(monkeypatch, tmp_path):
+    """Pallas interpret mode (the kernels on CPU devices) cannot reach another process's devices."""
+    spmd.initialize_model_parallel(2, devices=jax.devices()[:2])
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"platforms": {"tpu": {"2": {"max_bytes": 1 << 20, "one_shot_max_bytes": 1 << 20}}}}))
+    x = jnp.ones((2, 1024), jnp.float32)
+
+    def auto(v):
+        return custom_all_reduce(v, "tp", platform="tpu", tuning=str(path))
+
+    assert "pallas_call" in _traced_all_reduce(auto, x)  # one process: interpreted
+    monkeypatch.setattr(dispatch, "_process_count", lambda: 3)
+    with pytest.raises(ValueError, match=r"Pallas interpret mode on cpu devices, which needs every device in one proc"):
+        _traced_all_reduce(lambda v: custom_all_reduce(v, "tp", algorithm="one_shot", platform="tpu"), x)
+    got = _traced_all_reduce(auto, x)
+    assert "psum" in got and "pallas_call" not in got
+
+
+@pytest.mark.parametrize("problem", [None, "process 0 holds 2 devices of the mesh"])
+def test_initialize_model_parallel_shares_buffers_when_symmetric_memory_can(monkeypatch, problem):
+    from spmd import compat
+
+    calls = []
+
+    def fake_allocate(mesh, axis_name, layout=None, *, client=None, timeout_s=None):
+        calls.append((axis_name, client, timeout_s))
+        return ("buffers", axis_name)
+
+    monkeypatch.setattr(compat, "mesh_platform", lambda mesh: "gpu")
+    monkeypatch.setattr(compat, "distributed_client", lambda: "the job's client")
+    monkeypatch.setattr(symmetric_memory, "unsupported", lambda mesh: problem)
+    monkeypatch.setattr(symmetric_memory, "allocate", fake_allocate)
+    monkeypatch.setenv("SPMD_COLLECTIVE_TIMEOUT_S", "7")
+    spmd.initialize_model_parallel(2, data_parallel_size=2, devices=jax.devices()[:4])
+    comms = {name: getattr(spmd, f"get_{name}_group")().device_communicator for name in ("world", "dp", "tp", "pp")}
+    if problem is None:  # every group of 2 to 8 ranks, in the order every process builds them
+        assert calls == [(spmd.MESH_AXES, "the job's client", 7.0), ("dp", "the job's client", 7.0),
+                         ("tp", "the job's client", 7.0)]  # fmt: skip
+        assert comms["tp"].peer_buffers == ("buffers", "tp") and comms["pp"].peer_buffers is None
+    else:
+        assert calls == [] and all(c.peer_buffers is None for c in comms.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,7 +463,7 @@ def test_gpu_lowering_takes_a_size_with_no_even_split():
 
 
 def test_lookup_refuses_to_guess_between_device_sets(monkeypatch, on_gpu):
-    monkeypatch.setattr(symmetric_memory, "_ALLOCATED", {})
+    monkeypatch.setattr(symmetric_memory, "_REGISTRY", symmetric_memory._Registry())
     a = jax.make_mesh((1, 1, 1, 2), spmd.MESH_AXES, devices=jax.devices()[:2], axis_types=(AxisType.Explicit,) * 4)
     b = jax.make_mesh((1, 1, 1, 2), spmd.MESH_AXES, devices=jax.devices()[2:4], axis_types=(AxisType.Explicit,) * 4)
     mine, theirs = symmetric_memory.allocate(a, "tp"), symmetric_memory.allocate(b, "tp")

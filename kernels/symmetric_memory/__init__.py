@@ -28,16 +28,34 @@ Layout of one device's buffer (bytes), :class:`Layout`::
     inbox[2][max_blocks][max_ranks][ll_tiles_per_block_max * 2 * TILE_BYTES]
                                    low-latency protocol: rank r's (word, epoch) pairs for block b
 
-The address table needs every device of the group in this process: CUDA peer access between
-the local GPUs is enabled by JAX's runtime (checked on H200, JAX 0.11.2). Across processes it
-would need CUDA IPC handles; see docs/custom_all_reduce.md.
+One process driving every device of the mesh: the buffers are JAX arrays and the table holds
+their addresses; CUDA peer access between the local GPUs is enabled by JAX's runtime (checked on
+H200, JAX 0.11.2).
+
+Several processes (a ``jax.distributed`` job, NVIDIA GPUs, one device of the mesh per process,
+vLLM's layout): JAX's own buffers cannot be exported (they live in XLA's virtual-memory pool),
+so each process allocates its device's buffer with ``cuMemAlloc`` (:mod:`.cuda`), publishes its
+CUDA IPC handle in the coordination service's key-value store (JSON, the handle in hex, under
+``spmd/symmetric_memory/<n>/handle/<process>``, ``n`` counting this process's cross-process
+allocations: every process counts the same sequence), opens every other process's handle on
+its device, and says so under ``.../opened/<process>``. Each process's table then holds its own
+buffer's address and its mappings of the others' (addresses valid in that process only): each
+process compiles its own program with its own constants (so XLA's sharded autotuning, which
+expects one program in every process and otherwise hangs the compilation, must be off:
+``XLA_FLAGS=--xla_gpu_shard_autotuning=false``). Every wait has a deadline; a process
+that fails publishes why, so the others raise at once instead of waiting. The buffers and
+mappings are never freed (a kernel may be using them until the process ends).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 import math
+import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,9 +64,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["TILE_BYTES", "Layout", "SymmetricBuffers", "allocate", "lookup"]
+from kernels.symmetric_memory import cuda
+
+__all__ = ["DEFAULT_TIMEOUT_S", "TILE_BYTES", "Layout", "SymmetricBuffers", "allocate", "lookup", "unsupported"]
 
 TILE_BYTES = 2048  # one warpgroup (128 threads) x 16 bytes: the unit every kernel moves
+DEFAULT_TIMEOUT_S = 300.0  # how long a cross-process allocation waits for the other processes
+_KEY = "spmd/symmetric_memory"
+_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +142,8 @@ class SymmetricBuffers:
       mesh: the mesh whose devices hold the buffers.
       group: the axes of the one group these buffers serve.
       layout: the buffer layout.
-      addresses: device address of each buffer, in ``mesh.devices.flat`` order.
+      addresses: device address of each buffer, in ``mesh.devices.flat`` order, as this process
+        sees it: its own buffers' addresses, and (across processes) its mappings of the others'.
     """
 
     mesh: jax.sharding.Mesh
@@ -166,31 +190,124 @@ class SymmetricBuffers:
         return jnp.concatenate([jnp.reshape(rank, (1,)).astype(jnp.int32), pairs.reshape(-1)])
 
 
-# Process-wide on purpose: a compiled program holds these addresses for as long as JAX caches it,
-# so the buffers must outlive every communicator and program that used them (entries are never
-# replaced or dropped).
-_LOCK = threading.Lock()
-_ALLOCATED: dict[tuple[Any, ...], SymmetricBuffers] = {}
+class _Registry:
+    """This process's buffers, and how many cross-process allocations it has made.
+
+    Process-wide on purpose: a compiled program holds the addresses for as long as JAX caches it,
+    so the buffers must outlive every communicator and program that used them (entries are never
+    replaced or dropped). The count numbers the keys of cross-process allocations; every process
+    makes the same allocations in the same order, so every process counts the same sequence.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.buffers: dict[tuple[Any, ...], SymmetricBuffers] = {}
+        self.shared = 0
+
+
+_REGISTRY = _Registry()
 
 
 def _group(axis_name: Any) -> tuple[str, ...]:
     return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
 
-def allocate(mesh: jax.sharding.Mesh, axis_name: Any, layout: Layout | None = None) -> SymmetricBuffers:
+def _process_index() -> int:
+    return jax.process_index()
+
+
+def _distributed_client() -> Any:
+    """JAX's coordination-service client (private: ``jax._src.distributed``; ``spmd.compat`` reads the same)."""
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+def unsupported(mesh: jax.sharding.Mesh) -> str | None:
+    """Why :func:`allocate` cannot serve ``mesh``'s devices from this process (``None`` when it can).
+
+    Every device in this process: always possible. Across processes: NVIDIA GPUs, each process of
+    the mesh holding exactly one of its devices (vLLM's layout), this process among them, the
+    CUDA driver loading here, and XLA's sharded autotuning off (``XLA_FLAGS`` read here, as
+    the processes were started with it: XLA reads it once, when its backend starts).
+    """
+    devices = list(mesh.devices.flat)
+    me = _process_index()
+    owners = collections.Counter(int(d.process_index) for d in devices)
+    if set(owners) == {me}:
+        return None
+    procs = sorted(owners)
+    platforms = sorted({str(d.platform) for d in devices})
+    if platforms != ["gpu"]:
+        return (
+            f"the mesh spans processes {procs} and its devices are {'/'.join(platforms)}; across processes the "
+            "buffers are shared by CUDA IPC, which needs NVIDIA GPUs"
+        )
+    crowded = sorted((p, k) for p, k in owners.items() if k > 1)
+    if crowded:
+        p, k = crowded[0]
+        return (
+            f"process {p} holds {k} devices of the mesh; across processes one device of the mesh per process is "
+            "supported (one GPU per process, vLLM's layout)"
+        )
+    if me not in owners:
+        return f"this process ({me}) holds no device of the mesh (its devices belong to processes {procs})"
+    if not cuda.available():
+        return "the CUDA driver (libcuda.so.1) does not load here, and across processes the buffers need CUDA IPC"
+    if not _shard_autotuning_off():
+        return (
+            "XLA's sharded autotuning is on (XLA_FLAGS lacks --xla_gpu_shard_autotuning=false): it expects every "
+            "process to compile the same program, but each process's program holds its own peer addresses, and "
+            "compiling hangs (seen on H200, JAX 0.11.2, 2026-12-03); start every process with "
+            "XLA_FLAGS=--xla_gpu_shard_autotuning=false"
+        )
+    return None
+
+
+def _shard_autotuning_off() -> bool:
+    """Whether ``XLA_FLAGS`` turns XLA's sharded autotuning off (its last setting counts, as in XLA)."""
+    value = None
+    for token in os.environ.get("XLA_FLAGS", "").split():
+        name, _, v = token.partition("=")
+        if name.lstrip("-") == "xla_gpu_shard_autotuning":
+            value = v.lower() or "true"
+    return value in ("false", "0")
+
+
+def allocate(
+    mesh: jax.sharding.Mesh,
+    axis_name: Any,
+    layout: Layout | None = None,
+    *,
+    client: Any = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> SymmetricBuffers:
     """The persistent buffers of ``mesh``'s devices for the group ``axis_name`` (made once, then reused).
 
+    A mesh whose devices span processes (NVIDIA GPUs, one device per process) is served through
+    CUDA IPC (see the module docstring). Then this is a collective: every process of the mesh must
+    call it for the same meshes, groups and layouts in the same order (``spmd.initialize_model_parallel``
+    does, in every process), or the calls wait for each other until ``timeout_s`` and raise.
+
     Args:
-      mesh: a mesh whose devices are all addressable by this process.
+      mesh: the devices: all of this process, or one per process of a ``jax.distributed`` job.
       axis_name: the mesh axis (or tuple of axes) whose all-reduces will use the buffers.
       layout: the buffer layout (default: :class:`Layout` with ``max_ranks`` the group's size).
+      client: across processes, the coordination-service client whose key-value store carries
+        the handles (default: ``jax.distributed``'s).
+      timeout_s: across processes, how long to wait for the other processes.
 
     Returns:
       The buffers, kept alive for the life of the process (a kernel may be using them).
 
     Raises:
       ValueError: ``axis_name`` is not the mesh's, the group has more than 8 ranks or more than
-        ``layout.max_ranks``, or a device of ``mesh`` belongs to another process.
+        ``layout.max_ranks``, ``timeout_s`` is not positive, or the mesh spans processes in a way
+        this cannot serve (:func:`unsupported` says why: CPU devices, several devices of one process).
+      TimeoutError: another process did not reach the same allocation within ``timeout_s``.
+      RuntimeError: another process made a different allocation, or failed in its own (its error
+        is quoted); no ``jax.distributed`` client.
+      kernels.symmetric_memory.cuda.CudaError: this process's allocation, export or opening failed.
     """
     names = tuple(mesh.axis_names)
     group = _group(axis_name)
@@ -208,25 +325,130 @@ def allocate(mesh: jax.sharding.Mesh, axis_name: Any, layout: Layout | None = No
         raise ValueError(
             f"symmetric_memory.allocate: a group of {n} ranks is larger than layout.max_ranks={layout.max_ranks}."
         )
-    devices: Sequence[jax.Device] = list(mesh.devices.flat)
-    foreign = [d for d in devices if d.process_index != jax.process_index()]
-    if foreign:
+    if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"symmetric_memory.allocate: expected timeout_s > 0 seconds, got {timeout_s!r}.")
+    problem = unsupported(mesh)
+    if problem is not None:
         raise ValueError(
-            f"symmetric_memory.allocate: device {foreign[0]} belongs to process {foreign[0].process_index}; "
-            "the raw-address table needs every device of the mesh in this process."
+            f"symmetric_memory.allocate: {problem}. Leave this group on psum (the communicators fall back to "
+            "it by themselves when they have no buffers)."
         )
+    devices: Sequence[jax.Device] = list(mesh.devices.flat)
     key = (tuple(d.id for d in devices), names, tuple(mesh.devices.shape), group, layout)
-    with _LOCK:
-        found = _ALLOCATED.get(key)
+    reg = _REGISTRY
+    with reg.lock:
+        found = reg.buffers.get(key)
         if found is not None:
             return found
-        words = layout.nbytes // 4
-        arrays = tuple(jax.device_put(np.zeros(words, np.uint32), d) for d in devices)
-        jax.block_until_ready(arrays)
-        addresses = tuple(int(a.unsafe_buffer_pointer()) for a in arrays)
+        if all(d.process_index == _process_index() for d in devices):
+            words = layout.nbytes // 4
+            arrays = tuple(jax.device_put(np.zeros(words, np.uint32), d) for d in devices)
+            jax.block_until_ready(arrays)
+            addresses = tuple(int(a.unsafe_buffer_pointer()) for a in arrays)
+        else:
+            client = _distributed_client() if client is None else client
+            if client is None:
+                raise RuntimeError(
+                    "symmetric_memory.allocate: the mesh spans processes but jax.distributed is not initialized "
+                    "here; call jax.distributed.initialize (spmd.init_distributed_environment) first."
+                )
+            reg.shared += 1
+            addresses, arrays = _Share(devices, group, layout, reg.shared, client, float(timeout_s)).run(), ()
         bufs = SymmetricBuffers(mesh, group, layout, addresses, arrays)
-        _ALLOCATED[key] = bufs
+        reg.buffers[key] = bufs
         return bufs
+
+
+class _Share:
+    """One cross-process allocation (the ``n``-th of this process): publish, open, confirm."""
+
+    def __init__(
+        self, devices: Sequence[Any], group: tuple[str, ...], layout: Layout, n: int, client: Any, timeout_s: float
+    ) -> None:
+        self.devices, self.client, self.timeout_s = devices, client, timeout_s
+        self.me = _process_index()
+        self.local = next(d for d in devices if d.process_index == self.me)
+        self.ordinal = int(self.local.local_hardware_id)
+        self.n, self.prefix = n, f"{_KEY}/{n}"
+        self.what = {"group": list(group), "devices": [int(d.id) for d in devices], "nbytes": layout.nbytes}
+        self.deadline = time.monotonic() + timeout_s
+
+    def run(self) -> tuple[int, ...]:
+        """This process's addresses of every buffer, in ``devices`` order."""
+        try:
+            ptr = cuda.mem_alloc(self.ordinal, self.what["nbytes"])
+            handle = cuda.ipc_handle(self.ordinal, ptr)
+        except Exception as e:
+            self._publish("handle", error=e)
+            raise
+        self._publish("handle", handle=handle.hex())
+        try:
+            addresses = [ptr if d.process_index == self.me else self._open(d) for d in self.devices]
+        except Exception as e:
+            self._publish("opened", error=e)
+            raise
+        self._publish("opened")
+        for d in self.devices:
+            if d.process_index != self.me:
+                self._read("opened", int(d.process_index))
+        return tuple(addresses)
+
+    def _open(self, device: Any) -> int:
+        p = int(device.process_index)
+        record = self._read("handle", p)
+        handle = record.get("handle")
+        if not isinstance(handle, str) or len(handle) != 2 * cuda.IPC_HANDLE_BYTES:
+            raise RuntimeError(f"{self._where(p)}: a malformed handle record {record!r:.200}.")
+        try:
+            raw = bytes.fromhex(handle)
+        except ValueError:
+            raise RuntimeError(f"{self._where(p)}: a malformed handle record {record!r:.200}.") from None
+        return cuda.ipc_open(self.ordinal, raw)
+
+    def _where(self, p: int) -> str:
+        return f"symmetric_memory.allocate (cross-process allocation #{self.n}, process {p})"
+
+    def _publish(self, stage: str, *, error: BaseException | None = None, **extra: Any) -> None:
+        record = {"v": _VERSION, "call": self.n, **self.what, **extra}
+        if error is not None:
+            record["error"] = f"{type(error).__name__}: {str(error)[:1000]}"
+        self.client.key_value_set(f"{self.prefix}/{stage}/{self.me}", json.dumps(record, separators=(",", ":")))
+
+    def _read(self, stage: str, p: int) -> dict[str, Any]:
+        """Process ``p``'s record of this allocation's ``stage``, checked to be the same allocation.
+
+        Raises:
+          TimeoutError: nothing within what is left of the timeout.
+          RuntimeError: ``p`` failed (its error quoted), made another allocation, or wrote garbage.
+        """
+        key = f"{self.prefix}/{stage}/{p}"
+        left_ms = max(1, int((self.deadline - time.monotonic()) * 1000))
+        try:
+            raw = self.client.blocking_key_value_get(key, left_ms)
+        except Exception as e:  # the runtime raises its own error type on deadline
+            raise TimeoutError(
+                f"{self._where(p)}: waited {self.timeout_s:g} s for process {p}'s {stage} record ({key!r}) and got "
+                f"nothing ({type(e).__name__}: {str(e)[:120]}). Every process of the mesh must call allocate "
+                f"(spmd.initialize_model_parallel does) for the same meshes and groups in the same order; check "
+                f"that process {p} is alive and reached this call."
+            ) from e
+        try:
+            record = json.loads(raw)
+        except (TypeError, ValueError):
+            record = None
+        if not isinstance(record, dict) or record.get("v") != _VERSION:
+            raise RuntimeError(f"{self._where(p)}: a record this module did not write under {key!r}: {raw!r:.200}.")
+        theirs = {k: record.get(k) for k in ("call", *self.what)}
+        mine = {"call": self.n, **self.what}
+        if theirs != mine:
+            raise RuntimeError(
+                f"{self._where(p)}: the processes made different allocations: this process ({self.me}) {mine}, "
+                f"process {p} {theirs}. Every process of the mesh must call allocate for the same meshes, groups "
+                f"and layouts in the same order."
+            )
+        if "error" in record:
+            raise RuntimeError(f"{self._where(p)}: process {p} failed ({stage}): {str(record['error'])[:1000]}")
+        return record
 
 
 def lookup(axis_names: Sequence[str], shape: Sequence[int], axis_name: Any) -> SymmetricBuffers | None:
@@ -244,9 +466,11 @@ def lookup(axis_names: Sequence[str], shape: Sequence[int], axis_name: Any) -> S
       ValueError: several device sets have buffers for it.
     """
     key = (tuple(axis_names), tuple(int(s) for s in shape), _group(axis_name))
-    with _LOCK:
+    with _REGISTRY.lock:
         found = [
-            b for b in _ALLOCATED.values() if (tuple(b.mesh.axis_names), tuple(b.mesh.devices.shape), b.group) == key
+            b
+            for b in _REGISTRY.buffers.values()
+            if (tuple(b.mesh.axis_names), tuple(b.mesh.devices.shape), b.group) == key
         ]
     device_sets = {tuple(d.id for d in b.mesh.devices.flat) for b in found}
     if len(device_sets) > 1:

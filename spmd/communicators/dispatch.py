@@ -146,7 +146,8 @@ def ineligibility(shape: tuple[int, ...], dtype: Any, world_size: int, platform:
       platform: the platform planned for (``"gpu"``, ``"cuda"``, ``"tpu"``, ``"cpu"``, ...).
 
     Returns:
-      ``None``, or the reason in words (dtype, world size, size, alignment, platform, processes).
+      ``None``, or the reason in words (dtype, world size, size, alignment, platform). Whether the
+      group has peer buffers (GPUs; across processes too) is checked where the kernel is traced.
     """
     name = str(np.dtype(dtype))
     if name not in SUPPORTED_DTYPES:
@@ -161,10 +162,7 @@ def ineligibility(shape: tuple[int, ...], dtype: Any, world_size: int, platform:
     if platform not in _KERNEL_PLATFORMS:
         return f"platform {platform!r} has no custom all-reduce kernel"
     if platform in ("gpu", "cuda"):
-        if _process_count() > 1:
-            # The peer buffers are addressed by raw pointers, which only mean something inside
-            # one process (across processes they would need CUDA IPC; docs/custom_all_reduce.md).
-            return "the Mosaic GPU kernel needs one process driving every GPU of the group"
+        # Several processes: the group's peer buffers decide (shared by CUDA IPC; see _gpu_why_not).
         limit = symmetric_memory.Layout().max_message_bytes
         if nbytes > limit:
             return f"{nbytes} bytes per device is more than the peer buffers stage ({limit} bytes)"
@@ -234,6 +232,17 @@ _NO_BUFFERS = (
     "no peer buffers were allocated for this group of this mesh (spmd.initialize_model_parallel "
     "allocates them on GPU; or call kernels.symmetric_memory.allocate(mesh, axis_name))"
 )
+_NO_SHARED_BUFFERS = (
+    "no peer buffers were allocated for this group of this mesh, and in a job of {n} processes they are "
+    "shared by CUDA IPC: spmd.initialize_model_parallel allocates them when the CUDA driver loads, each "
+    "process holds one GPU of the mesh and XLA_FLAGS has --xla_gpu_shard_autotuning=false "
+    "(kernels.symmetric_memory.unsupported(mesh) says why not), or call "
+    "kernels.symmetric_memory.allocate(mesh, axis_name) in every process"
+)
+_INTERPRETED = (
+    "the kernels run in Pallas interpret mode on {platform} devices, which needs every device in one "
+    "process (this job has {n})"
+)
 
 
 def _peer_buffers(x: jax.Array, axis_name: AxisName, buffers: Any = None) -> symmetric_memory.SymmetricBuffers | None:
@@ -252,8 +261,15 @@ def _peer_buffers(x: jax.Array, axis_name: AxisName, buffers: Any = None) -> sym
 def _gpu_why_not(
     v: jax.Array, nbytes: int, algorithm: str, interpret: Any, axis_name: AxisName, buffers: Any = None
 ) -> str | None:
-    """What stops the GPU lowering (the devices are GPUs and nothing forces interpretation)."""
-    if interpret is not None or _device_platform(v) not in ("gpu", "cuda"):
+    """What stops the GPU lowering (the devices are GPUs and nothing forces interpretation).
+
+    Also what stops interpretation (every other device) in a job of several processes.
+    """
+    device_platform = _device_platform(v)
+    if interpret is not None or device_platform not in ("gpu", "cuda"):
+        procs = _process_count()
+        if procs > 1 and (interpret is not None or device_platform != "tpu"):
+            return _INTERPRETED.format(platform=device_platform, n=procs)
         return None
     if algorithm == "two_shot":
         return "the GPU lowering has the one-shot kernel only"
@@ -264,7 +280,8 @@ def _gpu_why_not(
     except ValueError as e:
         return str(e)
     if found is None:
-        return _NO_BUFFERS
+        procs = _process_count()
+        return _NO_SHARED_BUFFERS.format(n=procs) if procs > 1 else _NO_BUFFERS
     limit = found.layout.max_message_bytes
     if nbytes > limit:
         return f"{nbytes} bytes per device is more than the peer buffers stage ({limit} bytes)"
