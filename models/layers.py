@@ -375,6 +375,21 @@ class RowParallelLinear(nnx.Module):
         return (y, out_bias) if self.return_bias else y
 
 
+    def partial(self, x: jax.Array) -> jax.Array:
+        """This rank's partial sums ``x_r W_r`` (no reduction, no bias): for a caller that fuses the reduction.
+
+        Raises:
+          ValueError: the layer has a bias (it must be added once, after the reduction).
+        """
+        _check_tp(self)
+        if self.bias is not None:
+            raise ValueError("RowParallelLinear.partial: the layer has a bias; call it whole (it adds the bias once).")
+        if not self.input_is_parallel:
+            n = self.input_size_per_partition
+            x = lax.dynamic_slice_in_dim(x, spmd.axis_index(TP) * n, n, axis=x.ndim - 1)
+        return _dot(x, self.weight[...])
+
+
 def pad_vocab_size(vocab_size: int, pad_to: int) -> int:
     """``vocab_size`` rounded up to a multiple of ``pad_to``."""
     return -(-vocab_size // pad_to) * pad_to

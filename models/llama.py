@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+import spmd
 from models.config import ModelConfig
 from models.layers import (
     MergedColumnParallelLinear,
@@ -39,6 +40,7 @@ from models.layers import (
     resolve_tp_size,
 )
 from models.sharding import partitioned
+from spmd.communicators.xla import rms_norm
 
 __all__ = [
     "KVCache",
@@ -102,9 +104,7 @@ class RMSNorm(nnx.Module):
         return np.asarray(loaded[0][index])
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * y.astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -190,9 +190,13 @@ class LlamaAttention(nnx.Module):
         return self.o_proj(_attend(q, k, v, mask)), k, v
 
     def decode(
-        self, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array
+        self, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, reduce: bool = True
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """One token per sequence: ``x: T[B, 1, hidden]`` at ``positions: int[B]``; writes it into the cache."""
+        """One token per sequence: ``x: T[B, 1, hidden]`` at ``positions: int[B]``; writes it into the cache.
+
+        ``reduce=False`` returns the output projection's partial sums (no all-reduce, no bias), for
+        a caller that fuses the reduction with what follows.
+        """
         q, k, v = self._qkv(x, positions[:, None])
 
         def write(cache, new, pos):  # cache [KV, S, d], new [1, KV, d]
@@ -201,7 +205,8 @@ class LlamaAttention(nnx.Module):
         k_cache = jax.vmap(write)(k_cache, k, positions)
         v_cache = jax.vmap(write)(v_cache, v, positions)
         mask = (jnp.arange(k_cache.shape[2])[None, :] <= positions[:, None])[:, None, :]  # [B, 1, S]
-        return self.o_proj(_attend(q, k_cache, v_cache, mask)), k_cache, v_cache
+        out = _attend(q, k_cache, v_cache, mask)
+        return (self.o_proj(out) if reduce else self.o_proj.partial(out)), k_cache, v_cache
 
 
 class LlamaMLP(nnx.Module):
@@ -246,9 +251,18 @@ class LlamaDecoderLayer(nnx.Module):
         return h + self.feed_forward(self.post_attention_layernorm(h)), k, v
 
     def decode(self, x, positions, k_cache, v_cache):
-        h, k_cache, v_cache = self.self_attn.decode(self.input_layernorm(x), positions, k_cache, v_cache)
-        h = x + h
-        return h + self.feed_forward(self.post_attention_layernorm(h)), k_cache, v_cache
+        """One decode step. Without an attention bias, the output projection's all-reduce, the residual
+        add and the post-attention norm are one call (:func:`spmd.tensor_model_parallel_all_reduce_add_rms_norm`:
+        one kernel on GPUs with the custom all-reduce, the same three steps and bits elsewhere)."""
+        a = self.input_layernorm(x)
+        if self.self_attn.o_proj.bias is not None:
+            h, k_cache, v_cache = self.self_attn.decode(a, positions, k_cache, v_cache)
+            h = x + h
+            return h + self.feed_forward(self.post_attention_layernorm(h)), k_cache, v_cache
+        partial, k_cache, v_cache = self.self_attn.decode(a, positions, k_cache, v_cache, reduce=False)
+        norm = self.post_attention_layernorm
+        normed, h = spmd.tensor_model_parallel_all_reduce_add_rms_norm(partial, x, norm.weight[...], norm.eps)
+        return h + self.feed_forward(normed), k_cache, v_cache
 
 
 class LlamaModel(nnx.Module):

@@ -22,6 +22,7 @@ from spmd.communication_op import (
     broadcast_tensor_dict,
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
+    tensor_model_parallel_all_reduce_add_rms_norm,
     tensor_model_parallel_reduce_scatter,
 )
 from spmd.communicators import (
@@ -123,6 +124,7 @@ __all__ = [
     "split_kv_heads",
     "tensor_model_parallel_all_gather",
     "tensor_model_parallel_all_reduce",
+    "tensor_model_parallel_all_reduce_add_rms_norm",
     "tensor_model_parallel_reduce_scatter",
 ]
 

@@ -18,6 +18,7 @@ __all__ = [
     "broadcast_tensor_dict",
     "tensor_model_parallel_all_gather",
     "tensor_model_parallel_all_reduce",
+    "tensor_model_parallel_all_reduce_add_rms_norm",
     "tensor_model_parallel_reduce_scatter",
 ]
 
@@ -28,6 +29,19 @@ def tensor_model_parallel_all_reduce(input_: Any) -> Any:
     Used after a row-parallel linear layer (attention output, MLP down projection).
     """
     return ps.get_tp_group().all_reduce(input_)
+
+
+def tensor_model_parallel_all_reduce_add_rms_norm(
+    input_: Any, residual: Any, weight: Any, eps: float
+) -> tuple[Any, Any]:
+    """``(rms_norm(all_reduce(input_) + residual), all_reduce(input_) + residual)`` over the TP group.
+
+    A row-parallel layer's partial sums reduced, the residual added and the next RMSNorm applied
+    (Hugging Face's formula: float32, cast back, times ``weight``): one kernel launch on GPUs with
+    the custom all-reduce's peer buffers for decode-sized inputs (as vLLM and TensorRT-LLM fuse it),
+    the three steps elsewhere. Returns ``(normalised, new residual)``.
+    """
+    return ps.get_tp_group().all_reduce_add_rms_norm(input_, residual, weight, eps)
 
 
 def tensor_model_parallel_all_gather(input_: Any, dim: int = -1) -> Any:

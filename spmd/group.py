@@ -120,6 +120,10 @@ class GroupCoordinator:
         """Sum over the group; the same result on every rank."""
         return self.device_communicator.all_reduce(input_)
 
+    def all_reduce_add_rms_norm(self, input_: Any, residual: Any, weight: Any, eps: float) -> tuple[Any, Any]:
+        """``(rms_norm(all_reduce(input_) + residual), all_reduce(input_) + residual)`` (fused on GPUs when it can)."""
+        return self.device_communicator.all_reduce_add_rms_norm(input_, residual, weight, eps)
+
     def all_gather(self, input_: Any, dim: int = -1) -> Any:
         """Concatenate every rank's shard along ``dim``."""
         return self.device_communicator.all_gather(input_, dim)

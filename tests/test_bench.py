@@ -275,3 +275,32 @@ def test_chain_counts_the_calls_it_times():
     assert calls == 9 and float(jax.jit(fn)(jnp.float32(1))) == 2.0**9
     fn, calls = harness.chain(lambda c: c + 1, 2, unroll=5)
     assert calls == 5 and float(jax.jit(fn)(jnp.float32(0))) == 5.0
+
+
+# ----------------------------------------------------------------------------------------------
+# python -m spmd.bench.kv_ipc / spmd.bench.fused_norm
+
+
+def test_kv_ipc_bench_runs_on_cpu_and_writes_json(tmp_path):
+    out = tmp_path / "k.json"
+    args = ("--platform", "cpu", "--sizes", "1MiB", "--pipes", "ipc", "--repeats", "1", "--json", str(out))
+    r = _run("spmd.bench.kv_ipc", *args, cwd=tmp_path, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 ok, 0 wrong, 0 failed, 0 skipped" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["command"] == "python -m spmd.bench.kv_ipc " + " ".join(args)
+    assert {(row["pipe"], row["mode"], row["bytes"]) for row in data["results"]} == {
+        ("ipc", "array", 1 << 20),
+        ("ipc", "kv", 1 << 20),
+    }
+    assert all(row["ok"] and row["GBps"] > 0 for row in data["results"])
+
+
+def test_kv_ipc_bench_refuses_a_size_the_cache_cannot_have(tmp_path):
+    r = _run("spmd.bench.kv_ipc", "--platform", "cpu", "--sizes", "1000", cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and "comes in steps of" in r.stderr
+
+
+def test_fused_norm_bench_needs_a_gpu(tmp_path):
+    r = _run("spmd.bench.fused_norm", "--rows", "1", cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "needs a GPU" in r.stderr

@@ -127,3 +127,92 @@ def test_auto_takes_the_peer_kernel_and_psum_beyond_it(rng):
             spmd.shard_map(lambda v: custom_all_reduce(v[0], "tp", algorithm="two_shot")[None], in_specs=spec,
                            out_specs=spec, check_vma=False)
         )(jnp.zeros((n, 4096), jnp.bfloat16))  # fmt: skip
+
+
+def _fused_reference(parts, residual, weight, eps):
+    """numpy: float32 rank-order sum cast to the dtype, plus the residual (cast), then the RMSNorm."""
+    dt = parts.dtype
+    acc = parts[0].astype(np.float32)
+    for p in parts[1:]:
+        acc = acc + p.astype(np.float32)
+    h = (acc.astype(dt).astype(np.float32) + residual.astype(np.float32)).astype(dt)
+    x32 = h.astype(np.float32)
+    ms = np.mean(x32.astype(np.float64) ** 2, axis=-1, keepdims=True).astype(np.float32)
+    y = (x32 / np.sqrt(ms + np.float32(eps))).astype(dt)
+    return (weight.astype(np.float32) * y.astype(np.float32)).astype(dt), h
+
+
+def _within_two_ulps(got, want):
+    """2 ulps for 16-bit outputs (two roundings follow the norm); 8 for float32, whose ulp is finer
+    than ``rsqrt.approx.f32``'s error (measured on an H200: up to 4)."""
+    g, w = got.astype(np.float64), want.astype(np.float64)
+    k = 8 if want.dtype == np.float32 else 2
+    bad = np.abs(g - w) > k * np.spacing(np.abs(want)).astype(np.float64)
+    assert not bad.any(), f"{bad.sum()} of {bad.size} off by more than {k} ulps: {g[bad][:5]} vs {w[bad][:5]}"
+
+
+@pytest.mark.parametrize(
+    ("rows", "hidden", "dtype"),
+    [
+        (1, 2048, jnp.bfloat16),
+        (4, 1024, jnp.bfloat16),
+        (128, 2048, jnp.bfloat16),
+        (3, 1024, jnp.float32),
+        (2, 2048, jnp.float16),
+    ],
+)
+def test_fused_kernel_on_one_gpu(rows, hidden, dtype, rng):
+    """World size 1 (the one GPU lent): the exchange with itself, the residual add and the norm, exact."""
+    from jax.sharding import Mesh
+
+    from kernels.custom_all_reduce import fused, peer
+    from kernels.symmetric_memory import allocate
+
+    if _gpus() < 1:
+        pytest.skip("needs a GPU")
+    mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+    bufs = allocate(mesh, "x")
+    eps = 1e-5
+
+    def body(x, r, w):
+        t = bufs.peer_table("x")
+        out, h = fused.fused_add_rms_norm_peer(x, r, w, t, world_size=1, layout=bufs.layout, eps=eps)
+        plain = peer.one_shot_peer(x.reshape(-1), t, world_size=1, layout=bufs.layout, protocol="ll")  # same buffers
+        return out, h, plain.reshape(x.shape)
+
+    f = jax.jit(spmd.shard_map(body, mesh=mesh, in_specs=(P(), P(), P()), out_specs=(P(), P(), P()), check_vma=False))
+    for _ in range(3):  # fresh data, repeated calls interleaved with the plain kernel
+        x = rng.standard_normal((rows, hidden)).astype(np.float32).astype(dtype)
+        r = rng.standard_normal((rows, hidden)).astype(np.float32).astype(dtype)
+        w = (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32).astype(dtype)
+        out, h, plain = (np.asarray(a) for a in f(x, r, w))
+        want_out, want_h = _fused_reference(x[None], r, w, eps)
+        np.testing.assert_array_equal(h.view(np.uint8), want_h.view(np.uint8))
+        np.testing.assert_array_equal(plain.view(np.uint8), x.view(np.uint8))
+        _within_two_ulps(out, want_out)
+
+
+def test_fused_op_through_the_communicator(rng):
+    n = _gpus()
+    if n < 2:
+        pytest.skip("needs 2 GPUs")
+    spmd.initialize_model_parallel(n)
+    rows, hidden, eps = 2, 2048, 1e-6
+    parts = rng.standard_normal((n, rows, hidden)).astype(np.float32).astype(jnp.bfloat16)
+    r = rng.standard_normal((rows, hidden)).astype(np.float32).astype(jnp.bfloat16)
+    w = rng.standard_normal(hidden).astype(np.float32).astype(jnp.bfloat16)
+    comm = spmd.get_tp_group().device_communicator
+    assert comm.fused_ineligibility(jnp.asarray(r), jnp.asarray(r), jnp.asarray(w)) is None
+
+    def body(p, r, w):
+        out, h = spmd.tensor_model_parallel_all_reduce_add_rms_norm(p[0], r, w, eps)
+        return out[None], h[None]
+
+    spec = P(spmd.MESH_AXES)
+    f = jax.jit(spmd.shard_map(body, in_specs=(spec, P(), P()), out_specs=(spec, spec), check_vma=False))
+    out, h = (np.asarray(a) for a in f(parts, r, w))
+    want_out, want_h = _fused_reference(parts, r, w, eps)
+    for k in range(n):
+        np.testing.assert_array_equal(h[k].view(np.uint8), want_h.view(np.uint8))
+        np.testing.assert_array_equal(out[k].view(np.uint8), out[0].view(np.uint8))
+        _within_two_ulps(out[k], want_out)

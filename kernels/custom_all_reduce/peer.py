@@ -343,6 +343,88 @@ SPMD_LL_DONE:
 _LL_PUSH_PTX = "st.volatile.global.v4.b32 [$0], {$1, $5, $2, $5};\nst.volatile.global.v4.b32 [$0+16], {$3, $5, $4, $5};"
 
 
+_LOAD16_PTX = "ld.global.v4.b32 {$0, $1, $2, $3}, [$4];"
+_STORE16_PTX = "st.global.v4.b32 [$0], {$1, $2, $3, $4};"
+
+
+def _quad_asm(ptx: str, args: list) -> list:
+    """Inline PTX returning four 32-bit words (``$0..$3``), operands after them."""
+    ir, _, _, llvm, *_ = _mlir()
+    i32 = ir.IntegerType.get_signless(32)
+    quad = llvm.StructType.get_literal([i32] * 4)
+    cons = ["=r"] * 4 + ["l" if ir.IntegerType(a.type).width == 64 else "r" for a in args]
+    res = llvm.inline_asm(quad, args, ptx, ",".join(cons), has_side_effects=True)
+    return [llvm.extractvalue(i32, res, [k]) for k in range(4)]
+
+
+def _word_to_f32(name: str, w: Any) -> list:
+    """One 32-bit word -> its elements (``name``: float32 / bfloat16 / float16) as f32 values."""
+    ir, arith, *_ = _mlir()
+    i32, i16, f32 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(16), ir.F32Type.get()
+    if name == "float32":
+        return [arith.bitcast(f32, w)]
+    if name == "bfloat16":
+        lo = arith.bitcast(f32, arith.shli(w, arith.constant(i32, 16)))
+        hi = arith.bitcast(f32, arith.andi(w, arith.constant(i32, -65536)))
+        return [lo, hi]
+    half = ir.F16Type.get()
+    lo = arith.bitcast(half, arith.trunci(i16, w))
+    hi = arith.bitcast(half, arith.trunci(i16, arith.shrui(w, arith.constant(i32, 16))))
+    return [arith.extf(f32, lo), arith.extf(f32, hi)]
+
+
+def _f32_to_word(name: str, vals: list) -> Any:
+    """f32 values (one, or two for 16-bit types) rounded to ``name`` and packed into one 32-bit word."""
+    ir, arith, *_ = _mlir()
+    i32, i16 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(16)
+    if name == "float32":
+        return arith.bitcast(i32, vals[0])
+    narrow = ir.BF16Type.get() if name == "bfloat16" else ir.F16Type.get()
+    lo, hi = (arith.extui(i32, arith.bitcast(i16, arith.truncf(narrow, v))) for v in vals)
+    return arith.ori(lo, arith.shli(hi, arith.constant(i32, 16)))
+
+
+def _lane_addr(b: _Block, base: Any, i: int) -> Any:
+    """This thread's 16 bytes of tile ``i`` of this block in the array at ``base``."""
+    ir, arith, *_ = _mlir()
+    lane16 = arith.muli(arith.extui(ir.IntegerType.get_signless(64), b.tid), _c64(16))
+    return arith.addi(base, arith.addi(b.first, arith.addi(_c64(i * TILE_BYTES), lane16)))
+
+
+def _ll_sums(b: _Block, n: int, layout: Layout, tpb: int, name: str, timeout_ns: int) -> list[list]:
+    """The ll exchange of this block's ``tpb`` tiles of the input: per tile, this thread's f32 sums.
+
+    Pushes this thread's 16 bytes of every tile, with the epoch beside every word, into every
+    rank's inbox; then waits for every rank's line and adds them in rank order (float32).
+    """
+    ir, arith, *_ = _mlir()
+    i64 = ir.IntegerType.get_signless(64)
+    c64 = _c64
+    lane32 = arith.muli(arith.extui(i64, b.tid), c64(32))
+    row = arith.addi(arith.muli(b.parity, c64(layout.max_blocks)), b.blk)  # (parity, block)
+
+    def inbox(base, sender, i):  # this thread's line of tile i from ``sender`` (i64 or int)
+        s = sender if isinstance(sender, ir.Value) else c64(sender)
+        slot = arith.addi(arith.muli(row, c64(layout.max_ranks)), s)
+        off = arith.addi(arith.muli(slot, c64(layout.inbox_slot_bytes)), c64(i * 2 * TILE_BYTES + layout.inbox_offset))
+        return arith.addi(base, arith.addi(off, lane32))
+
+    me = arith.extui(i64, b.rank)
+    for i in range(tpb):
+        words = _quad_asm(_LOAD16_PTX, [_lane_addr(b, b.x_addr, i)])
+        for j in range(n):
+            _asm(_LL_PUSH_PTX, [inbox(b.bases[j], me, i), *words, b.epoch])
+    sums = []
+    for i in range(tpb):
+        acc = None
+        for j in range(n):
+            words = _quad_asm(_LL_WAIT_PTX, [inbox(b.own, j, i), b.epoch, c64(int(timeout_ns))])
+            vals = [v for w in words for v in _word_to_f32(name, w)]
+            acc = vals if acc is None else [arith.addf(a, v) for a, v in zip(acc, vals, strict=True)]
+        sums.append(acc)
+    return sums
+
+
 def _ll_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_ns: int):
     """The low-latency one-shot: every rank pushes (word, epoch) pairs into each peer's inbox.
 
@@ -358,7 +440,7 @@ def _ll_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_ns: int
     peer pushes only once it has finished call ``k``; so a reader never sees its slot change
     under it, and an old epoch is never mistaken for the current one.
     """
-    ir, arith, _, llvm, _, _, _, mu = _mlir()
+    _, _, _, _, _, _, _, mu = _mlir()
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     tpb = plan.tiles_per_block
@@ -367,72 +449,11 @@ def _ll_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_ns: int
     def body(x_ref, table_ref, o_ref):
         @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType()))
         def _(ctx, x, table, o):
-            i32 = ir.IntegerType.get_signless(32)
-            i64 = ir.IntegerType.get_signless(64)
-            i16 = ir.IntegerType.get_signless(16)
-            f32 = ir.F32Type.get()
-            quad = llvm.StructType.get_literal([i32] * 4)
-            c64 = _c64
-
-            def c32(v: int):
-                return arith.constant(i32, v)
-
-            def quad_asm(ptx, args):
-                cons = ["=r"] * 4 + ["l" if ir.IntegerType(a.type).width == 64 else "r" for a in args]
-                res = llvm.inline_asm(quad, args, ptx, ",".join(cons), has_side_effects=True)
-                return [llvm.extractvalue(i32, res, [k]) for k in range(4)]
-
-            def to_f32(w):  # one 32-bit word -> its elements as f32
-                if name == "float32":
-                    return [arith.bitcast(f32, w)]
-                if name == "bfloat16":
-                    lo = arith.bitcast(f32, arith.shli(w, c32(16)))
-                    hi = arith.bitcast(f32, arith.andi(w, c32(-65536)))
-                    return [lo, hi]
-                half = ir.F16Type.get()
-                lo = arith.bitcast(half, arith.trunci(i16, w))
-                hi = arith.bitcast(half, arith.trunci(i16, arith.shrui(w, c32(16))))
-                return [arith.extf(f32, lo), arith.extf(f32, hi)]
-
-            def from_f32(vals):
-                if name == "float32":
-                    return arith.bitcast(i32, vals[0])
-                narrow = ir.BF16Type.get() if name == "bfloat16" else ir.F16Type.get()
-                lo, hi = (arith.extui(i32, arith.bitcast(i16, arith.truncf(narrow, v))) for v in vals)
-                return arith.ori(lo, arith.shli(hi, c32(16)))
-
             b = _block_start(x, table, o, n, layout, tpb)
-            bases, own, epoch = b.bases, b.own, b.epoch
-            lane16 = arith.muli(arith.extui(i64, b.tid), c64(16))
-            lane32 = arith.muli(arith.extui(i64, b.tid), c64(32))
-            row = arith.addi(arith.muli(b.parity, c64(layout.max_blocks)), b.blk)  # (parity, block)
-
-            def inbox(base, sender, i):  # this thread's line of tile i from ``sender`` (i64 or int)
-                s = sender if isinstance(sender, ir.Value) else c64(sender)
-                slot = arith.addi(arith.muli(row, c64(layout.max_ranks)), s)
-                off = arith.addi(
-                    arith.muli(slot, c64(layout.inbox_slot_bytes)), c64(i * 2 * TILE_BYTES + layout.inbox_offset)
-                )
-                return arith.addi(base, arith.addi(off, lane32))
-
-            x_addr, o_addr, first = b.x_addr, b.o_addr, b.first
-            me = arith.extui(i64, b.rank)
-
-            for i in range(tpb):
-                src = arith.addi(x_addr, arith.addi(first, arith.addi(c64(i * TILE_BYTES), lane16)))
-                words = quad_asm("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", [src])
-                for j in range(n):
-                    _asm(_LL_PUSH_PTX, [inbox(bases[j], me, i), *words, epoch])
-            for i in range(tpb):
-                acc = None
-                for j in range(n):
-                    words = quad_asm(_LL_WAIT_PTX, [inbox(own, j, i), epoch, c64(int(timeout_ns))])
-                    vals = [v for w in words for v in to_f32(w)]
-                    acc = vals if acc is None else [arith.addf(a, v) for a, v in zip(acc, vals, strict=True)]
+            for i, acc in enumerate(_ll_sums(b, n, layout, tpb, name, timeout_ns)):
                 per = len(acc) // 4
-                out = [from_f32(acc[k * per : (k + 1) * per]) for k in range(4)]
-                dst = arith.addi(o_addr, arith.addi(first, arith.addi(c64(i * TILE_BYTES), lane16)))
-                _asm("st.global.v4.b32 [$0], {$1, $2, $3, $4};", [dst, *out])
+                out = [_f32_to_word(name, acc[k * per : (k + 1) * per]) for k in range(4)]
+                _asm(_STORE16_PTX, [_lane_addr(b, b.o_addr, i), *out])
             mu.warpgroup_barrier()  # every thread has read the counter before it moves
             _block_finish(b)
 

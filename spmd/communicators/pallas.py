@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spmd.communicators.dispatch import auto_algorithms, custom_all_reduce
+from spmd.communicators.dispatch import _CHECK_VMA, _varying_axes, auto_algorithms, custom_all_reduce
 from spmd.communicators.xla import XlaCommunicator
 
 __all__ = ["PallasCommunicator"]
@@ -46,6 +46,46 @@ class PallasCommunicator(XlaCommunicator):
             return None
         return custom_all_reduce(
             input_, self.axis_name, algorithm="auto", platform=self.platform, buffers=self.peer_buffers
+        )
+
+    def fused_ineligibility(self, input_: Any, residual: Any, weight: Any) -> str | None:
+        """Why :meth:`all_reduce_add_rms_norm` would not use the fused GPU kernel (``None``: it would)."""
+        from kernels.custom_all_reduce.fused import fused_ineligibility
+
+        if self.disable_custom_all_reduce:
+            return "the custom all-reduce is disabled"
+        if _varying_axes(input_):
+            return _CHECK_VMA
+        if self.platform not in ("gpu", "cuda") or self.peer_buffers is None:
+            return "no peer buffers (GPU only; spmd.initialize_model_parallel allocates them)"
+        if not 1 < self.world_size <= self.peer_buffers.layout.max_ranks:
+            return f"world size {self.world_size} (the fused kernel takes 2 to {self.peer_buffers.layout.max_ranks})"
+        if getattr(input_, "shape", None) != getattr(residual, "shape", ()) or input_.dtype != residual.dtype:
+            return "the input and the residual differ in shape or dtype"
+        if weight.shape != input_.shape[-1:]:
+            return f"the weight's shape {weight.shape} is not the hidden size {input_.shape[-1:]}"
+        return fused_ineligibility(input_.shape, input_.dtype, weight.dtype, self.peer_buffers.layout)
+
+    def all_reduce_add_rms_norm(self, input_: Any, residual: Any, weight: Any, eps: float) -> tuple[Any, Any]:
+        """As :meth:`XlaCommunicator.all_reduce_add_rms_norm`, in ONE kernel launch when it can.
+
+        The fused kernel (:mod:`kernels.custom_all_reduce.fused`) takes decode-sized inputs (rows of
+        whole 2 KiB tiles up to 4 KiB, up to 128 rows) on GPUs with peer buffers; anything else
+        runs the three steps (the all-reduce still through :meth:`all_reduce`).
+        """
+        if self.fused_ineligibility(input_, residual, weight) is not None:
+            return super().all_reduce_add_rms_norm(input_, residual, weight, eps)
+        from kernels.custom_all_reduce.fused import fused_add_rms_norm_peer
+
+        bufs = self.peer_buffers
+        return fused_add_rms_norm_peer(
+            input_,
+            residual,
+            weight,
+            bufs.peer_table(self.axis_name),
+            world_size=self.world_size,
+            layout=bufs.layout,
+            eps=eps,
         )
 
     def all_reduce(self, input_: Any) -> Any:

@@ -15,7 +15,17 @@ from typing import Any
 from spmd import collectives
 from spmd.axes import AxisName
 
-__all__ = ["XlaCommunicator"]
+__all__ = ["XlaCommunicator", "rms_norm"]
+
+
+def rms_norm(x: Any, weight: Any, eps: float) -> Any:
+    """``weight * cast(x / sqrt(mean(x^2) + eps))``, in float32 then cast back (Hugging Face's RMSNorm)."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    x32 = x.astype(jnp.float32)
+    y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * y.astype(x.dtype)
 
 
 class XlaCommunicator:
@@ -58,6 +68,15 @@ class XlaCommunicator:
     def all_reduce(self, input_: Any) -> Any:
         """Sum over the group; the same result on every rank."""
         return collectives.all_reduce(input_, self.axis_name)
+
+    def all_reduce_add_rms_norm(self, input_: Any, residual: Any, weight: Any, eps: float) -> tuple[Any, Any]:
+        """``(rms_norm(all_reduce(input_) + residual), all_reduce(input_) + residual)``.
+
+        What follows a row-parallel layer in a pre-norm decoder: the reduction, the residual add
+        and the next norm. Here three steps; communicators with a fused kernel do it in one launch.
+        """
+        h = self.all_reduce(input_) + residual
+        return rms_norm(h, weight, eps), h
 
     def all_gather(self, input_: Any, dim: int = -1) -> Any:
         """Concatenate every rank's shard along ``dim`` in rank order."""
