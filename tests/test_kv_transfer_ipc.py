@@ -371,3 +371,64 @@ def test_cuda_backend_needs_gpus():
 
 class _FakeGpu:
     platform = "gpu"
+
+
+def test_files_of_dead_processes_are_swept_and_live_ones_kept():
+    import subprocess
+    import sys
+
+    d = ipc_mod.Shm().dir
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(child.stdout)
+    stale, mine, other = f"spmd-kv-{dead}_stale", f"spmd-kv-{os.getpid()}_live", "spmd-kv-unrelated"
+    for name in (stale, mine, other):
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(b"x")
+    try:
+        ipc_mod.Shm()  # every new backend sweeps (an IpcKVPipe on CPU makes one)
+        assert not os.path.exists(os.path.join(d, stale))
+        assert os.path.exists(os.path.join(d, mine)) and os.path.exists(os.path.join(d, other))
+    finally:
+        for name in (stale, mine, other):
+            if os.path.exists(os.path.join(d, name)):
+                os.unlink(os.path.join(d, name))
+
+
+def test_soak_a_thousand_messages_and_fifty_pipes_leave_nothing_behind(rng):
+    def fd_targets() -> list[str]:
+        out = []
+        for f in os.listdir("/proc/self/fd"):
+            try:
+                out.append(os.readlink(f"/proc/self/fd/{f}"))
+            except OSError:  # listdir's own descriptor, closed by now
+                pass
+        return sorted(out)
+
+    def open_fds() -> int:
+        return len(fd_targets())
+
+    before_files = shm_files()
+    xs = [rng.standard_normal(n).astype(np.float32) for n in (1 << 14, 100, 1 << 13)]  # staged, inline, staged
+    fds = open_fds()
+    s, c = pair()
+    with s, c:
+        for x in xs + xs:  # both slots exist from here on (each mapping holds a descriptor)
+            s.send_tensor(x)
+            c.recv_tensor()
+        targets = fd_targets()
+        for i in range(1000):
+            x = xs[i % 3]
+            s.send_tensor(x)
+            got = c.recv_tensor()
+            if i % 97 == 0:
+                np.testing.assert_array_equal(np.asarray(got), x)
+        now = fd_targets()
+        assert now == targets, ([t for t in now if t not in targets], [t for t in targets if t not in now])
+    for _ in range(50):
+        s, c = pair()
+        s.send_tensor(xs[0])
+        np.testing.assert_array_equal(np.asarray(c.recv_tensor()), xs[0])
+        s.close()
+        c.close()
+    assert open_fds() == fds
+    assert shm_files() - before_files == set()

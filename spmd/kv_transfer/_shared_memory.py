@@ -21,6 +21,17 @@ import numpy as np
 __all__ = ["Cuda", "Shm", "Slot", "host_identity"]
 
 _SHM_NAME = re.compile(r"^spmd-kv-[A-Za-z0-9_]{1,64}$")
+_SHM_OWNER = re.compile(r"^spmd-kv-(\d+)_")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def host_identity() -> str:
@@ -89,15 +100,34 @@ class Cuda:
 
 
 class Shm:
-    """Staging in ``/dev/shm`` files (CPU devices)."""
+    """Staging in ``/dev/shm`` files (CPU devices), named ``spmd-kv-<pid>_<random>``.
+
+    A process that dies without closing its pipes leaves its files behind (tmpfs outlives it):
+    every new backend removes the files of processes that no longer exist.
+    """
 
     name = "shm"
 
     def __init__(self) -> None:
         self.dir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+        self.sweep()
+
+    def sweep(self) -> list[str]:
+        """Remove the staging files of dead processes of this host; their names."""
+        gone = []
+        for name in os.listdir(self.dir):
+            m = _SHM_OWNER.match(name)
+            if m is None or _alive(int(m.group(1))):
+                continue
+            try:
+                os.unlink(os.path.join(self.dir, name))
+                gone.append(name)
+            except OSError:
+                pass
+        return gone
 
     def alloc(self, device: Any, nbytes: int) -> Slot:
-        fd, path = tempfile.mkstemp(prefix="spmd-kv-", dir=self.dir)
+        fd, path = tempfile.mkstemp(prefix=f"spmd-kv-{os.getpid()}_", dir=self.dir)
         try:
             os.ftruncate(fd, nbytes)
             view = mmap.mmap(fd, nbytes)
