@@ -25,7 +25,8 @@ UNROLL = 20
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=harness.HelpFormatter)
-    p.add_argument("--rows", type=lambda t: harness.parse_list(t, harness.positive_int, what="rows"), default="1,8,64,128")
+    rows = lambda t: harness.parse_list(t, harness.positive_int, what="rows")
+    p.add_argument("--rows", type=rows, default="1,8,64,128", help="rows (tokens) per call")
     p.add_argument("--hidden", type=harness.positive_int, default=2048, help="hidden size (bf16)")
     p.add_argument("--iters", type=harness.positive_int, default=400, help="chained calls per timed run")
     p.add_argument("--repeats", type=harness.positive_int, default=5, help="timed runs (best reported)")
