@@ -374,7 +374,6 @@ class RowParallelLinear(nnx.Module):
         out_bias = bias if self.skip_bias_add else None
         return (y, out_bias) if self.return_bias else y
 
-
     def partial(self, x: jax.Array) -> jax.Array:
         """This rank's partial sums ``x_r W_r`` (no reduction, no bias): for a caller that fuses the reduction.
 

@@ -43,6 +43,16 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
+def _cuda_possible() -> bool:
+    """Whether this process may run on NVIDIA GPUs: a CUDA plugin is installed and not excluded by platforms."""
+    import importlib.util
+
+    platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+    if platforms and not any(p in platforms for p in ("cuda", "gpu")):
+        return False
+    return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda13_plugin", "jax_cuda12_plugin"))
+
+
 def _no_sharded_autotuning() -> None:
     """Switch off XLA's sharded GPU autotuning for this process (unless ``XLA_FLAGS`` already sets it).
 
@@ -74,8 +84,9 @@ def init_distributed_environment(
 
     The coordination service binds to the coordinator's own address when that is a loopback
     address (one host), and to every interface only when a non-loopback address was given. A
-    multi-process job on accelerators gets ``--xla_gpu_shard_autotuning=false`` in ``XLA_FLAGS``
-    (unless set already): the custom all-reduce's cross-process peer buffers need it.
+    multi-process job that may run on NVIDIA GPUs (a CUDA plugin installed, not excluded by
+    ``JAX_PLATFORMS``) gets ``--xla_gpu_shard_autotuning=false`` in ``XLA_FLAGS`` unless it sets
+    the flag already: the custom all-reduce's cross-process peer buffers need it.
 
     Args:
       coordinator_address: ``host:port`` of process 0's coordination service.
@@ -112,7 +123,7 @@ def init_distributed_environment(
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", int(cpu))
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if multi and not cpu:
+    if multi and not cpu and _cuda_possible():
         _no_sharded_autotuning()
     if multi:
         kwargs: dict[str, Any] = {"initialization_timeout": int(timeout)}

@@ -92,9 +92,12 @@ def _build_groups(mesh: Mesh, *, disable_custom_all_reduce: bool) -> dict[str, G
             # The custom all-reduce's persistent peer buffers: per group, a few MiB per GPU, kept
             # for the life of the process; the communicator hands them to every kernel call. Across
             # processes a collective (every process builds the same groups in the same order).
-            communicator.peer_buffers = symmetric_memory.allocate(
-                mesh, axis_name, client=compat.distributed_client(), timeout_s=host_env().collective_timeout_s
-            )
+            try:
+                communicator.peer_buffers = symmetric_memory.allocate(
+                    mesh, axis_name, client=compat.distributed_client(), timeout_s=host_env().collective_timeout_s
+                )
+            except symmetric_memory.NotOneHost:
+                peer_buffers = False  # several machines: every process learns it at once; all groups use psum
         groups[name] = GroupCoordinator(
             axis_name=axis_name,
             world_size=size,

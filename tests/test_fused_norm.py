@@ -150,6 +150,8 @@ class _Buffers:
         ({}, ((2, 2048), (2, 2048), (1024,)), "the weight's shape"),
         ({}, ((2, 1536), (2, 1536), (1536,)), "whole tiles"),
         ({}, ((2, 2048), (2, 2048), (2048,)), None),
+        ({"world_size": 4}, ((4, 2048), (4, 2048), (2048,)), None),  # 16 KiB: the table's ll range at 4 GPUs
+        ({"world_size": 4}, ((16, 2048), (16, 2048), (2048,)), "does not send 65536 bytes at world size 4"),
     ],
 )
 def test_when_the_communicator_fuses(kw, inputs, match):

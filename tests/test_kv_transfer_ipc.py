@@ -432,3 +432,70 @@ def test_soak_a_thousand_messages_and_fifty_pipes_leave_nothing_behind(rng):
         c.close()
     assert open_fds() == fds
     assert shm_files() - before_files == set()
+
+
+def _staged_meta(dtype="float32", shape=(4096,), **piece):
+    desc = {"h": "spmd-kv-0_missing", "off": 0, "n": 4 * int(np.prod(shape)), "cap": 1 << 20, **piece}
+    return data_meta(dtype=dtype, shape=list(shape), pieces=[desc])
+
+
+def test_a_64_bit_message_without_x64_is_refused_dropped_and_the_pipe_goes_on():
+    small = np.arange(6, dtype=np.float32)
+    then = [
+        _staged_meta(dtype="int64", shape=(4096,), n=8 * 4096),  # staged: refused, acked (the slot is freed)
+        _device.meta_bytes({"kind": "data", "dtype": "int64", "shape": [3], "inline": True}),
+        np.arange(3, dtype=np.int64),
+        _device.meta_bytes({"kind": "data", "dtype": "float32", "shape": [6], "inline": True}),
+        small,
+    ]
+    port, t, box = fake_peer(good_hello(), then=then)
+    try:
+        with IpcKVPipe("127.0.0.1", port, role="client", timeout_s=5.0, devices=jax.devices()[:1]) as pipe:
+            with pytest.raises(TypeError, match="truncated to 32 bits"):
+                pipe.recv_tensor()
+            with pytest.raises(TypeError, match="truncated to 32 bits"):
+                pipe.recv_tensor()
+            np.testing.assert_array_equal(np.asarray(pipe.recv_tensor()), small)
+        t.join()
+        ack = _device.meta_from(box["p"].recv_tensor(), "test")
+        assert ack == {"kind": "ack", "seq": 0}
+    finally:
+        t.join()
+        box["p"].close()
+
+
+def test_a_piece_that_fails_is_acked_so_the_next_message_is_in_step():
+    small = np.arange(6, dtype=np.float32)
+    then = [
+        _staged_meta(),  # its staging file does not exist: ConnectionError, message dropped
+        _device.meta_bytes({"kind": "data", "dtype": "float32", "shape": [6], "inline": True}),
+        small,
+    ]
+    port, t, box = fake_peer(good_hello(), then=then)
+    try:
+        with IpcKVPipe("127.0.0.1", port, role="client", timeout_s=5.0, devices=jax.devices()[:1]) as pipe:
+            with pytest.raises(ConnectionError, match="closed before this message was taken"):
+                pipe.recv_tensor()
+            np.testing.assert_array_equal(np.asarray(pipe.recv_tensor()), small)
+        t.join()
+        assert _device.meta_from(box["p"].recv_tensor(), "test") == {"kind": "ack", "seq": 0}
+    finally:
+        t.join()
+        box["p"].close()
+
+
+def test_half_an_inline_message_closes_the_pipe():
+    then = [_device.meta_bytes({"kind": "data", "dtype": "float32", "shape": [6], "inline": True})]
+    port, t, box = fake_peer(good_hello(), then=then)
+    try:
+        pipe = IpcKVPipe("127.0.0.1", port, role="client", timeout_s=2.0, devices=jax.devices()[:1])
+        t.join()
+        box["p"].close()  # the peer goes before the array
+        with pytest.raises(ConnectionError):
+            pipe.recv_tensor()
+        assert pipe.closed
+        with pytest.raises(ValueError, match="closed"):
+            pipe.recv_tensor()
+    finally:
+        t.join()
+        box["p"].close()

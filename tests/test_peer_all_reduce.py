@@ -308,6 +308,24 @@ def test_initialize_model_parallel_shares_buffers_when_symmetric_memory_can(monk
         assert calls == [] and all(c.peer_buffers is None for c in comms.values())
 
 
+def test_processes_on_several_machines_leave_every_group_on_psum(monkeypatch):
+    from spmd import compat
+
+    calls = []
+
+    def fake_allocate(mesh, axis_name, layout=None, *, client=None, timeout_s=None):
+        calls.append(axis_name)
+        raise symmetric_memory.NotOneHost("process 1 runs on another machine")
+
+    monkeypatch.setattr(compat, "mesh_platform", lambda mesh: "gpu")
+    monkeypatch.setattr(symmetric_memory, "unsupported", lambda mesh: None)
+    monkeypatch.setattr(symmetric_memory, "allocate", fake_allocate)
+    spmd.initialize_model_parallel(2, data_parallel_size=2, devices=jax.devices()[:4])
+    comms = {name: getattr(spmd, f"get_{name}_group")().device_communicator for name in ("world", "dp", "tp", "pp")}
+    assert calls == [spmd.MESH_AXES]  # the first group learns it; no process tries the others
+    assert all(c.peer_buffers is None for c in comms.values())
+
+
 # ---------------------------------------------------------------------------------------------
 # The flag protocol, emulated: every step of every block of every rank is one atomic action, and
 # a random scheduler interleaves them (kernels on one GPU run in order, blocks of one kernel in

@@ -66,6 +66,7 @@ class FakeCuda:
         self.allocs: list[tuple[int, int, int]] = []  # (pid, ordinal, nbytes)
         self.opens: list[tuple[int, int, int]] = []  # (pid, ordinal, owner)
         self.fail: dict[tuple[int, str], str] = {}  # (pid, function) -> error
+        self.freed: list[tuple[int, int, int]] = []  # (pid, ordinal, ptr)
         self.driver = True
 
     def available(self) -> bool:
@@ -81,6 +82,10 @@ class FakeCuda:
             k = sum(a[0] == _LOCAL.pid for a in self.allocs)
             self.allocs.append((_LOCAL.pid, ordinal, nbytes))
         return native(_LOCAL.pid, k)
+
+    def mem_free(self, ordinal: int, ptr: int) -> None:
+        with self.lock:
+            self.freed.append((_LOCAL.pid, ordinal, ptr))
 
     def ipc_handle(self, ordinal: int, ptr: int) -> bytes:
         return handle_of(_LOCAL.pid, ptr)
@@ -398,7 +403,57 @@ def test_joining_a_multi_process_job_switches_sharded_autotuning_off(monkeypatch
     monkeypatch.setattr(distributed._Joined, "done", False)
     monkeypatch.setattr(compat, "backends_started", lambda: False)
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: joined.update(kw))
+    monkeypatch.setattr(distributed, "_cuda_possible", lambda: True)
     distributed.init_distributed_environment("127.0.0.1:1", 2, 0)
     assert joined["num_processes"] == 2
     assert os.environ["XLA_FLAGS"] == after
     assert symmetric_memory._shard_autotuning_off() == ("=false" in after)
+
+
+def test_processes_on_two_machines_all_refuse_and_open_nothing(job, monkeypatch):
+    """A multi-node job: every process learns it from the same records, frees its buffer, raises NotOneHost."""
+    fake, _ = job
+
+    def machine() -> str:
+        return "node-b/2" if _LOCAL.pid >= 2 and not getattr(_LOCAL, "moved", False) else "node-a/1"
+
+    monkeypatch.setattr(symmetric_memory, "_machine_id", machine)
+    mesh = fake_mesh((2, 2), ("dp", "tp"), [0, 1, 2, 3])
+
+    def process(p):
+        try:
+            symmetric_memory.allocate(mesh, "tp", timeout_s=20)
+        except symmetric_memory.NotOneHost as e:
+            first = e
+        else:
+            first = None
+        _LOCAL.moved = True  # the next allocation: every process on one machine (its own keys)
+        return first, symmetric_memory.allocate(mesh, "dp", timeout_s=20)
+
+    got = ok(run_processes(process, range(4)))
+    for p in range(4):
+        first, again = got[p]
+        assert isinstance(first, symmetric_memory.NotOneHost) and "runs on another machine" in str(first)
+        assert again.addresses and again.group == ("dp",)
+    assert sorted(f[0] for f in fake.freed) == [0, 1, 2, 3]
+    assert {o[0] for o in fake.opens} == {0, 1, 2, 3}  # opens came from the second allocation only
+    assert len(fake.opens) == 4 * 3
+
+
+def test_no_autotuning_flag_where_no_gpu_can_run(monkeypatch):
+    from spmd import compat, distributed
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/d")
+    monkeypatch.setattr(distributed._Joined, "done", False)
+    monkeypatch.setattr(compat, "backends_started", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: None)
+    monkeypatch.setattr(distributed, "jax", type("J", (), {"config": type("C", (), {"jax_platforms": "tpu"})})())
+    assert not distributed._cuda_possible()
+    monkeypatch.undo()  # (the whole module's jax was faked just for that question)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/d")
+    monkeypatch.setattr(distributed._Joined, "done", False)
+    monkeypatch.setattr(compat, "backends_started", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: None)
+    monkeypatch.setattr(distributed, "_cuda_possible", lambda: False)
+    distributed.init_distributed_environment("127.0.0.1:1", 2, 0)
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/d"

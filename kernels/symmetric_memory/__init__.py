@@ -66,7 +66,16 @@ from jax import lax
 
 from kernels.symmetric_memory import cuda
 
-__all__ = ["DEFAULT_TIMEOUT_S", "TILE_BYTES", "Layout", "SymmetricBuffers", "allocate", "lookup", "unsupported"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "TILE_BYTES",
+    "Layout",
+    "NotOneHost",
+    "SymmetricBuffers",
+    "allocate",
+    "lookup",
+    "unsupported",
+]
 
 TILE_BYTES = 2048  # one warpgroup (128 threads) x 16 bytes: the unit every kernel moves
 DEFAULT_TIMEOUT_S = 300.0  # how long a cross-process allocation waits for the other processes
@@ -304,6 +313,8 @@ def allocate(
       ValueError: ``axis_name`` is not the mesh's, the group has more than 8 ranks or more than
         ``layout.max_ranks``, ``timeout_s`` is not positive, or the mesh spans processes in a way
         this cannot serve (:func:`unsupported` says why: CPU devices, several devices of one process).
+      NotOneHost: across processes, one of them runs on another machine (a ``ValueError``; every
+        process raises it, so the group can stay on psum everywhere).
       TimeoutError: another process did not reach the same allocation within ``timeout_s``.
       RuntimeError: another process made a different allocation, or failed in its own (its error
         is quoted); no ``jax.distributed`` client.
@@ -359,6 +370,22 @@ def allocate(
         return bufs
 
 
+class NotOneHost(ValueError):
+    """The processes of a mesh are not all on one machine: their buffers cannot be shared (use psum)."""
+
+
+def _machine_id() -> str:
+    """This machine: host name and boot id (what two processes must share for CUDA IPC)."""
+    import socket
+
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
 class _Share:
     """One cross-process allocation (the ``n``-th of this process): publish, open, confirm."""
 
@@ -374,16 +401,34 @@ class _Share:
         self.deadline = time.monotonic() + timeout_s
 
     def run(self) -> tuple[int, ...]:
-        """This process's addresses of every buffer, in ``devices`` order."""
+        """This process's addresses of every buffer, in ``devices`` order.
+
+        Raises:
+          NotOneHost: a process of the mesh runs on another machine (every process finds it from
+            the same records and raises, having freed its allocation; nothing was opened).
+        """
         try:
             ptr = cuda.mem_alloc(self.ordinal, self.what["nbytes"])
             handle = cuda.ipc_handle(self.ordinal, ptr)
         except Exception as e:
             self._publish("handle", error=e)
             raise
-        self._publish("handle", handle=handle.hex())
+        host = _machine_id()
+        self._publish("handle", handle=handle.hex(), host=host)
         try:
-            addresses = [ptr if d.process_index == self.me else self._open(d) for d in self.devices]
+            procs = sorted({int(d.process_index) for d in self.devices} - {self.me})
+            others = {p: self._read("handle", p) for p in procs}
+            away = {p: r.get("host") for p, r in others.items() if r.get("host") != host}
+            if away:
+                cuda.mem_free(self.ordinal, ptr)
+                p, where = next(iter(away.items()))
+                raise NotOneHost(
+                    f"{self._where(p)}: process {p} runs on another machine ({where!r:.80}; this process on "
+                    f"{host!r:.80}); CUDA IPC shares memory between the processes of one machine only"
+                )
+            addresses = [ptr if d.process_index == self.me else self._open(d, others) for d in self.devices]
+        except NotOneHost:
+            raise
         except Exception as e:
             self._publish("opened", error=e)
             raise
@@ -393,9 +438,9 @@ class _Share:
                 self._read("opened", int(d.process_index))
         return tuple(addresses)
 
-    def _open(self, device: Any) -> int:
+    def _open(self, device: Any, records: dict[int, dict[str, Any]]) -> int:
         p = int(device.process_index)
-        record = self._read("handle", p)
+        record = records[p]
         handle = record.get("handle")
         if not isinstance(handle, str) or len(handle) != 2 * cuda.IPC_HANDLE_BYTES:
             raise RuntimeError(f"{self._where(p)}: a malformed handle record {record!r:.200}.")

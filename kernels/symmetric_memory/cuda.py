@@ -23,6 +23,7 @@ from typing import Any
 __all__ = [
     "IPC_HANDLE_BYTES",
     "CudaError",
+    "allocation_size",
     "available",
     "copy_async",
     "ipc_close",
@@ -116,12 +117,13 @@ def mem_alloc(ordinal: int, nbytes: int) -> int:
     """A zero-filled allocation of ``nbytes`` on device ``ordinal`` that can be exported; its address."""
     if nbytes <= 0:
         raise ValueError(f"mem_alloc: expected a positive size, got {nbytes}.")
+    stream = _stream(ordinal)
     _use(ordinal)
     ptr = ctypes.c_uint64()
     _check("cuMemAlloc_v2", ctypes.byref(ptr), ctypes.c_size_t(nbytes))
-    try:
-        _check("cuMemsetD8_v2", ptr, ctypes.c_ubyte(0), ctypes.c_size_t(nbytes))
-        _check("cuCtxSynchronize")
+    try:  # zeroed on this module's stream: no device-wide synchronisation (XLA's work runs on)
+        _check("cuMemsetD8Async", ptr, ctypes.c_ubyte(0), ctypes.c_size_t(nbytes), stream)
+        _check("cuStreamSynchronize", stream)
     except CudaError:
         _lib().cuMemFree_v2(ptr)
         raise
@@ -156,6 +158,14 @@ def ipc_open(ordinal: int, handle: bytes) -> int:
     ptr = ctypes.c_uint64()
     _check("cuIpcOpenMemHandle_v2", ctypes.byref(ptr), raw, _LAZY_ENABLE_PEER_ACCESS)
     return ptr.value
+
+
+def allocation_size(ordinal: int, ptr: int) -> int:
+    """Bytes from ``ptr`` to the end of the allocation (or IPC mapping) that holds it."""
+    _use(ordinal)
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    _check("cuMemGetAddressRange_v2", ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr))
+    return base.value + size.value - ptr
 
 
 def ipc_close(ordinal: int, ptr: int) -> None:

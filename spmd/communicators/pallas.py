@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spmd.communicators.dispatch import _CHECK_VMA, _varying_axes, auto_algorithms, custom_all_reduce
+from spmd.communicators.dispatch import _CHECK_VMA, _varying_axes, auto_algorithms, custom_all_reduce, tuning_table
 from spmd.communicators.xla import XlaCommunicator
 
 __all__ = ["PallasCommunicator"]
@@ -64,7 +64,17 @@ class PallasCommunicator(XlaCommunicator):
             return "the input and the residual differ in shape or dtype"
         if weight.shape != input_.shape[-1:]:
             return f"the weight's shape {weight.shape} is not the hidden size {input_.shape[-1:]}"
-        return fused_ineligibility(input_.shape, input_.dtype, weight.dtype, self.peer_buffers.layout)
+        why = fused_ineligibility(input_.shape, input_.dtype, weight.dtype, self.peer_buffers.layout)
+        if why is not None:
+            return why
+        # Only where the plain path would run the ll kernel itself (the tuning table's choice).
+        bufs = self.peer_buffers
+        picks = auto_algorithms(input_, self.world_size, self.platform, axis_name=self.axis_name, buffers=bufs)
+        entry = tuning_table().get(("gpu", self.world_size))
+        nbytes = int(input_.size) * input_.dtype.itemsize
+        if picks != ["one_shot"] or entry is None or nbytes > entry.ll_max_bytes:
+            return f"the tuning table does not send {nbytes} bytes at world size {self.world_size} to the ll kernel"
+        return None
 
     def all_reduce_add_rms_norm(self, input_: Any, residual: Any, weight: Any, eps: float) -> tuple[Any, Any]:
         """As :meth:`XlaCommunicator.all_reduce_add_rms_norm`, in ONE kernel launch when it can.

@@ -70,7 +70,11 @@ class Cuda:
     def alloc(self, device: Any, nbytes: int) -> Slot:
         ordinal = self.ordinal(device)
         addr = self.cuda.mem_alloc(ordinal, nbytes)
-        return Slot(self.cuda.ipc_handle(ordinal, addr).hex(), nbytes, addr=addr)
+        try:
+            return Slot(self.cuda.ipc_handle(ordinal, addr).hex(), nbytes, addr=addr)
+        except BaseException:
+            self.cuda.mem_free(ordinal, addr)
+            raise
 
     def free(self, device: Any, slot: Slot) -> None:
         self.cuda.mem_free(self.ordinal(device), slot.addr)
@@ -94,8 +98,13 @@ class Cuda:
         import jax
         import jax.numpy as jnp
 
+        ordinal = self.ordinal(device)
+        if offset + nbytes > self.cuda.allocation_size(ordinal, mapped):
+            raise ValueError(f"IpcKVPipe: a piece at {offset} + {nbytes} bytes overruns the peer's staging buffer.")
         out = jax.block_until_ready(jnp.zeros(shape, dtype, device=device))
-        self.cuda.copy_async(self.ordinal(device), out.unsafe_buffer_pointer(), mapped + offset, nbytes)
+        if out.nbytes != nbytes:  # never write past the array (a dtype this JAX stores narrower)
+            raise ValueError(f"IpcKVPipe: a {out.dtype}{list(out.shape)} array holds {out.nbytes} bytes, not {nbytes}.")
+        self.cuda.copy_async(ordinal, out.unsafe_buffer_pointer(), mapped + offset, nbytes)
         return out
 
 
@@ -130,6 +139,8 @@ class Shm:
         fd, path = tempfile.mkstemp(prefix=f"spmd-kv-{os.getpid()}_", dir=self.dir)
         try:
             os.ftruncate(fd, nbytes)
+            if hasattr(os, "posix_fallocate"):  # the pages now, or an error: not SIGBUS on a full tmpfs later
+                os.posix_fallocate(fd, 0, nbytes)
             view = mmap.mmap(fd, nbytes)
         except BaseException:
             os.unlink(path)

@@ -19,8 +19,9 @@ identity: both ends must share the machine), each message's metadata as JSON (th
 and size of every piece: never pickle), small arrays (<= 16 KiB) inline, and the receiver's ack
 for every staged message. Each sender device has two staging slots used alternately: message
 ``k`` waits only until message ``k - 2`` has been taken, so the sender runs a message ahead of
-the receiver. A slot that is too small is replaced by a larger one (the old one stays until the
-pipe closes, a receiver may still be reading it).
+the receiver. A slot that is too small is replaced by a larger one (the old one stays allocated
+until the pipe closes: the peer may still hold a mapping of it). A side sends at most two staged
+messages ahead of what the other has taken, in each direction.
 
 Not thread-safe: one thread per pipe end. Both directions work (each side stages its own sends).
 """
@@ -44,6 +45,7 @@ __all__ = ["BACKENDS", "INLINE_BYTES", "IpcKVPipe"]
 BACKENDS = ("auto", "cuda", "shm")
 INLINE_BYTES = 16 << 10  # arrays up to this size travel inside the control channel
 _ALIGN = 256
+_PROCESS_TOKEN = os.urandom(16).hex()  # this process (pids repeat across PID namespaces)
 _MIN_SLOT = 1 << 20
 
 
@@ -103,7 +105,7 @@ class IpcKVPipe(KVPipeBase):
         self._control = TCPKVPipe(host, port, role=role, timeout_s=timeout_s, secret=secret)
         try:
             host_id = _shared_memory.host_identity()
-            me = {"backend": backend, "tp": len(self.devices), "host": host_id, "pid": os.getpid()}
+            me = {"backend": backend, "tp": len(self.devices), "host": host_id, "process": _PROCESS_TOKEN}
             self._control.send_tensor(_device.meta_bytes(me))
             hello = _device.meta_from(self._control.recv_tensor(), "IpcKVPipe")
             self.peer_tp = hello.get("tp")
@@ -117,7 +119,7 @@ class IpcKVPipe(KVPipeBase):
                     "shared memory needs both processes on one host: use TransferServerKVPipe or TCPKVPipe."
                 )
             # CUDA cannot open a handle in the process that exported it: both ends here use the address.
-            self._same_process = hello.get("pid") == me["pid"] and backend == "cuda"
+            self._same_process = hello.get("process") == _PROCESS_TOKEN and backend == "cuda"
         except BaseException:
             self.close()
             raise
@@ -174,8 +176,13 @@ class IpcKVPipe(KVPipeBase):
         kind = meta.get("kind")
         if kind not in ("ack", "data"):
             raise ValueError(f"IpcKVPipe.{fn}: malformed message from the peer: {meta!r:.200}")
-        inline = self._control.recv_tensor() if meta.get("inline") else None
-        return meta, inline
+        if not meta.get("inline"):
+            return meta, None
+        try:
+            return meta, self._control.recv_tensor()
+        except BaseException:
+            self._control.close()  # half a message read: the stream is out of step, nothing after it can be trusted
+            raise
 
     def _next_data(self, fn: str) -> tuple[dict[str, Any] | None, Any]:
         self._live(fn)
@@ -274,8 +281,9 @@ class IpcKVPipe(KVPipeBase):
         meta = {"dtype": _device.dtype_name(x.dtype), "shape": list(np.shape(x))}
         nbytes = int(np.size(x)) * np.dtype(x.dtype).itemsize
         if nbytes <= INLINE_BYTES:
+            host = np.asarray(x)  # first: a slow or failing computation must not split the message
             self._control.send_tensor(_device.meta_bytes({**meta, "kind": "data", "inline": True}))
-            self._control.send_tensor(np.asarray(x))
+            self._control.send_tensor(host)
             return
         self._send_pieces([jax.device_put(x, self.devices[0])], meta, fn)
 
@@ -321,38 +329,49 @@ class IpcKVPipe(KVPipeBase):
                 f"{fn}: expected message {self._received} with {len(specs)} pieces, got {meta!r:.200}; both sides "
                 "must call send / recv in the same order."
             )
-        out = []
-        used = []
-        for desc, (device, dtype, shape) in zip(pieces, specs, strict=True):
-            want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            h, off, n, cap = (desc.get(k) if isinstance(desc, dict) else None for k in ("h", "off", "n", "cap"))
-            if (
-                not isinstance(h, str)
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in (off, n, cap))
-                or n != want
-                or off < 0
-                or off + n > cap
-            ):
-                raise ValueError(f"{fn}: malformed piece {desc!r:.200} for {np.dtype(dtype).name}{list(shape)}.")
-            i = self.devices.index(device)
-            mapped = self._mapped.get((i, h))
-            if mapped is None and self._same_process:
-                mapped = desc.get("addr")
-                if not isinstance(mapped, int) or isinstance(mapped, bool) or mapped <= 0:
-                    raise ValueError(f"{fn}: malformed piece {desc!r:.200} (no staging address).")
-            elif mapped is None:
-                try:
-                    mapped = self._mapped[(i, h)] = self._mem.open(device, h)
-                except FileNotFoundError:
-                    raise ConnectionError(
-                        f"{fn}: the peer closed before this message was taken (its staging {h!r} is gone)."
-                    ) from None
-            out.append(self._mem.fetch(device, mapped, off, n, dtype, shape))
-            used.append(device)
+        out: list[Any] = []
+        used: list[Any] = []
+        try:
+            for desc, (device, dtype, shape) in zip(pieces, specs, strict=True):
+                _device.check_dtype(np.empty(0, dtype), fn)  # a 64-bit array would not fit: refuse, never truncate
+                out.append(self._fetch_piece(desc, device, dtype, shape, fn))
+                used.append(device)
+        except BaseException:
+            try:
+                self._mem.flush(list(dict.fromkeys(used)))  # no copy may still write into dropped arrays
+            finally:
+                self._drop(meta)  # the message is lost, the pipe stays in step
+            raise
         self._mem.flush(list(dict.fromkeys(used)))
         self._control.send_tensor(_device.meta_bytes({"kind": "ack", "seq": self._received}))
         self._received += 1
         return out
+
+    def _fetch_piece(self, desc: Any, device: Any, dtype: Any, shape: tuple[int, ...], fn: str) -> Any:
+        want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        h, off, n, cap = (desc.get(k) if isinstance(desc, dict) else None for k in ("h", "off", "n", "cap"))
+        if (
+            not isinstance(h, str)
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in (off, n, cap))
+            or n != want
+            or off < 0
+            or off + n > cap
+        ):
+            raise ValueError(f"{fn}: malformed piece {desc!r:.200} for {np.dtype(dtype).name}{list(shape)}.")
+        i = self.devices.index(device)
+        mapped = self._mapped.get((i, h))
+        if mapped is None and self._same_process:
+            mapped = desc.get("addr")
+            if not isinstance(mapped, int) or isinstance(mapped, bool) or mapped <= 0:
+                raise ValueError(f"{fn}: malformed piece {desc!r:.200} (no staging address).")
+        elif mapped is None:
+            try:
+                mapped = self._mapped[(i, h)] = self._mem.open(device, h)
+            except FileNotFoundError:
+                raise ConnectionError(
+                    f"{fn}: the peer closed before this message was taken (its staging {h!r} is gone)."
+                ) from None
+        return self._mem.fetch(device, mapped, off, n, dtype, shape)
 
     def recv_tensor(self) -> Any | None:
         """The next array (a ``jax.Array`` on this side's first device), or ``None``.
@@ -373,6 +392,7 @@ class IpcKVPipe(KVPipeBase):
             )
         dtype, shape = _device.array_spec(meta, fn)
         if meta.get("inline"):
+            _device.check_dtype(np.empty(0, dtype), fn)
             host = np.asarray(inline)
             if host.dtype != dtype or host.shape != shape:
                 raise ValueError(f"{fn}: the inline array is {host.dtype}{list(host.shape)}, not {dtype}{list(shape)}.")
@@ -406,7 +426,7 @@ class IpcKVPipe(KVPipeBase):
 
     def _drop(self, meta: dict[str, Any]) -> None:
         """Take a staged message without copying it (the caller asked for something else): free its slot."""
-        if meta.get("seq") == self._received:
+        if meta.get("seq") == self._received and not self._control.closed:
             self._control.send_tensor(_device.meta_bytes({"kind": "ack", "seq": self._received}))
             self._received += 1
 
