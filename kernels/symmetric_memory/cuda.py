@@ -117,13 +117,12 @@ def mem_alloc(ordinal: int, nbytes: int) -> int:
     """A zero-filled allocation of ``nbytes`` on device ``ordinal`` that can be exported; its address."""
     if nbytes <= 0:
         raise ValueError(f"mem_alloc: expected a positive size, got {nbytes}.")
-    stream = _stream(ordinal)
     _use(ordinal)
     ptr = ctypes.c_uint64()
     _check("cuMemAlloc_v2", ctypes.byref(ptr), ctypes.c_size_t(nbytes))
-    try:  # zeroed on this module's stream: no device-wide synchronisation (XLA's work runs on)
-        _check("cuMemsetD8Async", ptr, ctypes.c_ubyte(0), ctypes.c_size_t(nbytes), stream)
-        _check("cuStreamSynchronize", stream)
+    try:  # (a context-wide sync, once per allocation; the form that ran on the H200)
+        _check("cuMemsetD8_v2", ptr, ctypes.c_ubyte(0), ctypes.c_size_t(nbytes))
+        _check("cuCtxSynchronize")
     except CudaError:
         _lib().cuMemFree_v2(ptr)
         raise
