@@ -95,3 +95,17 @@ def assert_same(a, b, path: str = "v") -> None:
         assert a.tobytes() == b.tobytes(), path  # bit for bit
     else:
         assert a == b, (path, a, b)
+
+
+def fused_add_rms_norm_reference(parts: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: float):
+    """numpy: float32 rank-order sum of ``parts`` cast to their dtype, plus the residual (cast), then
+    Hugging Face's RMSNorm (float32, cast, times ``weight``). Returns ``(normed, new residual)``."""
+    dt = parts.dtype
+    acc = parts[0].astype(np.float32)
+    for p in parts[1:]:
+        acc = acc + p.astype(np.float32)
+    h = (acc.astype(dt).astype(np.float32) + residual.astype(np.float32)).astype(dt)
+    x32 = h.astype(np.float32)
+    ms = np.mean(x32.astype(np.float64) ** 2, axis=-1, keepdims=True).astype(np.float32)
+    y = (x32 / np.sqrt(ms + np.float32(eps))).astype(dt)
+    return (weight.astype(np.float32) * y.astype(np.float32)).astype(dt), h

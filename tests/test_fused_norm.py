@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import fused_add_rms_norm_reference
 from jax.sharding import PartitionSpec as P
 
 import spmd
@@ -24,18 +25,6 @@ from kernels.symmetric_memory import Layout
 from spmd.communicators import PallasCommunicator
 
 DTYPES = [ml_dtypes.bfloat16, np.float16, np.float32]
-
-
-def reference(parts: np.ndarray, residual: np.ndarray, weight: np.ndarray, eps: float):
-    dt = parts.dtype
-    acc = parts[0].astype(np.float32)
-    for p in parts[1:]:
-        acc = acc + p.astype(np.float32)
-    h = (acc.astype(dt).astype(np.float32) + residual.astype(np.float32)).astype(dt)
-    x32 = h.astype(np.float32)
-    ms = np.mean(x32.astype(np.float64) ** 2, axis=-1, keepdims=True).astype(np.float32)
-    y = (x32 / np.sqrt(ms + np.float32(eps))).astype(dt)
-    return (weight.astype(np.float32) * y.astype(np.float32)).astype(dt), h
 
 
 def assert_within_two_ulps(got: np.ndarray, want: np.ndarray):
@@ -65,7 +54,7 @@ def test_op_matches_numpy_and_the_unfused_model_path(rng, dtype, tp):
     spec = P("tp")
     f = jax.jit(spmd.shard_map(body, in_specs=(spec, P(), P()), out_specs=(spec,) * 4, check_vma=False))
     normed, h, normed2, h2 = (np.asarray(a) for a in f(parts, residual, weight))
-    want_out, want_h = reference(parts, residual, weight, eps)
+    want_out, want_h = fused_add_rms_norm_reference(parts, residual, weight, eps)
     tol = 8 * float(np.finfo(dtype).eps)
     for r in range(tp):
         # XLA's psum adds in its own order and precision (float16 adds on CPU), not the kernels'

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import fused_add_rms_norm_reference
 from jax.sharding import PartitionSpec as P
 
 import spmd
@@ -129,19 +130,6 @@ def test_auto_takes_the_peer_kernel_and_psum_beyond_it(rng):
         )(jnp.zeros((n, 4096), jnp.bfloat16))  # fmt: skip
 
 
-def _fused_reference(parts, residual, weight, eps):
-    """numpy: float32 rank-order sum cast to the dtype, plus the residual (cast), then the RMSNorm."""
-    dt = parts.dtype
-    acc = parts[0].astype(np.float32)
-    for p in parts[1:]:
-        acc = acc + p.astype(np.float32)
-    h = (acc.astype(dt).astype(np.float32) + residual.astype(np.float32)).astype(dt)
-    x32 = h.astype(np.float32)
-    ms = np.mean(x32.astype(np.float64) ** 2, axis=-1, keepdims=True).astype(np.float32)
-    y = (x32 / np.sqrt(ms + np.float32(eps))).astype(dt)
-    return (weight.astype(np.float32) * y.astype(np.float32)).astype(dt), h
-
-
 def _within_two_ulps(got, want):
     """2 ulps for 16-bit outputs (two roundings follow the norm); 8 for float32, whose ulp is finer
     than ``rsqrt.approx.f32``'s error (measured on an H200: up to 4)."""
@@ -186,7 +174,7 @@ def test_fused_kernel_on_one_gpu(rows, hidden, dtype, rng):
         r = rng.standard_normal((rows, hidden)).astype(np.float32).astype(dtype)
         w = (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32).astype(dtype)
         out, h, plain = (np.asarray(a) for a in f(x, r, w))
-        want_out, want_h = _fused_reference(x[None], r, w, eps)
+        want_out, want_h = fused_add_rms_norm_reference(x[None], r, w, eps)
         np.testing.assert_array_equal(h.view(np.uint8), want_h.view(np.uint8))
         np.testing.assert_array_equal(plain.view(np.uint8), x.view(np.uint8))
         _within_two_ulps(out, want_out)
@@ -211,7 +199,7 @@ def test_fused_op_through_the_communicator(rng):
     spec = P(spmd.MESH_AXES)
     f = jax.jit(spmd.shard_map(body, in_specs=(spec, P(), P()), out_specs=(spec, spec), check_vma=False))
     out, h = (np.asarray(a) for a in f(parts, r, w))
-    want_out, want_h = _fused_reference(parts, r, w, eps)
+    want_out, want_h = fused_add_rms_norm_reference(parts, r, w, eps)
     for k in range(n):
         np.testing.assert_array_equal(h[k].view(np.uint8), want_h.view(np.uint8))
         np.testing.assert_array_equal(out[k].view(np.uint8), out[0].view(np.uint8))

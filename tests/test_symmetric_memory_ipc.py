@@ -417,7 +417,7 @@ def test_processes_on_two_machines_all_refuse_and_open_nothing(job, monkeypatch)
     def machine() -> str:
         return "node-b/2" if _LOCAL.pid >= 2 and not getattr(_LOCAL, "moved", False) else "node-a/1"
 
-    monkeypatch.setattr(symmetric_memory, "_machine_id", machine)
+    monkeypatch.setattr(symmetric_memory, "machine_id", machine)
     mesh = fake_mesh((2, 2), ("dp", "tp"), [0, 1, 2, 3])
 
     def process(p):

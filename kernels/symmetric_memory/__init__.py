@@ -74,6 +74,7 @@ __all__ = [
     "SymmetricBuffers",
     "allocate",
     "lookup",
+    "machine_id",
     "unsupported",
 ]
 
@@ -374,8 +375,8 @@ class NotOneHost(ValueError):
     """The processes of a mesh are not all on one machine: their buffers cannot be shared (use psum)."""
 
 
-def _machine_id() -> str:
-    """This machine: host name and boot id (what two processes must share for CUDA IPC)."""
+def machine_id() -> str:
+    """This machine: host name and boot id (what two processes must share for CUDA IPC or /dev/shm)."""
     import socket
 
     try:
@@ -413,7 +414,7 @@ class _Share:
         except Exception as e:
             self._publish("handle", error=e)
             raise
-        host = _machine_id()
+        host = machine_id()
         self._publish("handle", handle=handle.hex(), host=host)
         try:
             procs = sorted({int(d.process_index) for d in self.devices} - {self.me})

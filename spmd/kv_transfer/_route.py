@@ -273,3 +273,33 @@ def receiver_shards(route: KVRoute, arrived: dict[tuple[int, int], list[Any]], g
     if not pack and route.one_piece(g):
         return flat  # one piece per layer (its whole shard), already in layer order
     return list(_unpack_fn(route, g, pack)(*flat))
+
+
+def receiver_layers(
+    route: KVRoute, arrived: dict[tuple[int, int], list[Any]], devices: list[Any], pack: bool, sharding: Any
+) -> list[Any]:
+    """Every layer of the cache, sharded by heads over ``devices`` (``sharding``), from what each pair brought.
+
+    Each head group's first receiver cuts its shards out of ``arrived`` (:func:`receiver_shards`);
+    its replicas (``tp > kv_heads``) get local copies; empty layers are made here.
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+
+    by_rank: dict[int, list[Any]] = {}
+    for _, _, ranks in route.groups:
+        shards = receiver_shards(route, arrived, ranks[0], pack) if route.live else []
+        by_rank[ranks[0]] = shards
+        for r in ranks[1:]:  # replicated heads: local copies, one batched call per replica device
+            by_rank[r] = jax.device_put(shards, [SingleDeviceSharding(devices[r])] * len(shards))
+    out, live = [], {i: j for j, i in enumerate(route.live)}
+    for i, (dtype, shape) in enumerate(route.layers):
+        j = live.get(i)
+        if j is None:
+            out.append(jax.device_put(jnp.zeros(shape, dtype), sharding))
+            continue
+        out.append(
+            jax.make_array_from_single_device_arrays(shape, sharding, [by_rank[r][j] for r in range(len(devices))])
+        )
+    return out

@@ -409,10 +409,6 @@ class DevicePutKVPipe(KVPipeBase):
 
     def _recv_kv(self, raw: str, op: str, meta: dict[str, Any] | None = None) -> list[Any]:
         """Receive the KV cache of record ``raw`` (``meta``: the record parsed, unless its route is known)."""
-        import jax
-        import jax.numpy as jnp
-        from jax.sharding import SingleDeviceSharding
-
         if raw not in self._routes:
             if len(self._routes) >= _ROUTES_KEPT:
                 self._routes.clear()
@@ -422,23 +418,9 @@ class DevicePutKVPipe(KVPipeBase):
         arrived = {
             (s, g): self._move(self.src_devices[s], devices[g], route.buffer_specs(s, g, pack)) for s, g in route.pairs
         }
-        by_rank: dict[int, list[Any]] = {}
-        for _, _, ranks in route.groups:
-            shards = _route.receiver_shards(route, arrived, ranks[0], pack)
-            by_rank[ranks[0]] = shards
-            for r in ranks[1:]:  # replicated heads: local copies, one batched call per replica device
-                by_rank[r] = jax.device_put(shards, [SingleDeviceSharding(devices[r])] * len(shards))
-        sharding = _sharding(tuple(devices), route.num_heads, route.head_axis)
-        out, live = [], {i: j for j, i in enumerate(route.live)}
-        for i, (dtype, shape) in enumerate(route.layers):
-            j = live.get(i)
-            if j is None:
-                out.append(jax.device_put(jnp.zeros(shape, dtype), sharding))
-                continue
-            out.append(
-                jax.make_array_from_single_device_arrays(shape, sharding, [by_rank[r][j] for r in range(len(devices))])
-            )
-        return out
+        return _route.receiver_layers(
+            route, arrived, devices, pack, _sharding(tuple(devices), route.num_heads, route.head_axis)
+        )
 
 
 @functools.lru_cache(maxsize=64)

@@ -439,8 +439,6 @@ class IpcKVPipe(KVPipeBase):
             control pipe's.
         """
         import jax
-        import jax.numpy as jnp
-        from jax.sharding import SingleDeviceSharding
 
         fn = "IpcKVPipe.recv_kv_cache"
         if devices is None and tp is not None:
@@ -465,20 +463,5 @@ class IpcKVPipe(KVPipeBase):
         ]
         flat = iter(self._fetch(meta, wanted, fn))
         arrived = {(s_, g): [next(flat) for _ in route.buffer_specs(s_, g, True)] for s_, g in route.pairs}
-        by_rank: dict[int, list[Any]] = {}
-        for _, _, ranks in route.groups:
-            shards = _route.receiver_shards(route, arrived, ranks[0], True) if route.live else []
-            by_rank[ranks[0]] = shards
-            for r in ranks[1:]:  # replicated heads: local copies
-                by_rank[r] = jax.device_put(shards, [SingleDeviceSharding(devices[r])] * len(shards))
         sharding = kv_head_sharding(devices, route.num_heads, head_axis=route.head_axis)
-        out, live = [], {i: j for j, i in enumerate(route.live)}
-        for i, (dtype, shape) in enumerate(route.layers):
-            j = live.get(i)
-            if j is None:
-                out.append(jax.device_put(jnp.zeros(shape, dtype), sharding))
-                continue
-            out.append(
-                jax.make_array_from_single_device_arrays(shape, sharding, [by_rank[r][j] for r in range(len(devices))])
-            )
-        return out
+        return _route.receiver_layers(route, arrived, devices, True, sharding)
