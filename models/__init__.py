@@ -6,7 +6,7 @@ local Hugging Face checkpoint onto the mesh; :func:`score` and :func:`generate` 
 """
 
 from models.config import ModelConfig
-from models.generation import generate, generate_with_stats, score
+from models.generation import generate, generate_stream, generate_with_stats, score
 from models.layers import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -40,6 +40,7 @@ __all__ = [
     "dense_moe_reference",
     "from_pretrained",
     "generate",
+    "generate_stream",
     "generate_with_stats",
     "load_state_dict",
     "moe_forward",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -24,16 +24,21 @@ from models.llama import KVCache
 from models.runner import BATCH_AXES, CausalLM
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
     "GenerationStats",
     "Prefill",
     "bucket",
     "buckets",
     "decode_from",
     "generate",
+    "generate_stream",
     "generate_with_stats",
     "prefill",
     "score",
 ]
+
+
+DEFAULT_CHUNK_SIZE = 32  # decode steps per device call
 
 
 def bucket(n: int, *, minimum: int = 1, multiple: int = 1) -> int:
@@ -168,37 +173,80 @@ def _prefill(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, key
     return Prefill(tokens, positions, cache, n, max_new_tokens)
 
 
-def _decode_from(model: CausalLM, pre: Prefill, key, temp, top, eos: set[int]) -> tuple[list[list[int]], int]:
-    n = pre.num_prompts
-    tokens, positions, cache = pre.tokens, pre.lengths, pre.cache
-    steps: list[Any] = [tokens]
-    done = np.zeros(n, bool)
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """Validated sampling and decoding arguments, as the jitted steps take them."""
+
+    key: Any
+    temperature: Any
+    top_p: Any
+    eos: set[int]
+    chunk_size: int
+
+
+def _options(op, max_new_tokens, temperature, top_p, seed, eos_token_id, chunk_size) -> _Options:
+    _check_sampling(max_new_tokens, temperature, top_p)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{op}: expected a positive int chunk_size (decode steps per call), got {chunk_size!r}.")
+    eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < 2**31 for t in eos):
+        raise ValueError(f"{op}: expected eos_token_id as a token id or a list of them, got {eos_token_id!r}.")
+    return _Options(
+        jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p), {int(t) for t in eos}, chunk_size
+    )
+
+
+def _eos_array(eos: set[int]) -> np.ndarray:
+    """The EOS ids padded with -1 to a power of two (one compiled loop per few sizes, not per set)."""
+    ids = sorted(eos)
+    out = np.full(bucket(len(ids)), -1, np.int32)
+    out[: len(ids)] = ids
+    return out
+
+
+def _decode_chunks(model: CausalLM, pre: Prefill, opts: _Options) -> Iterator[list[list[int]]]:
+    """Decode on the device, ``opts.chunk_size`` steps per call; yield each chunk's new tokens per prompt.
+
+    The first yield is the prefill's tokens. Chunk ``c + 1`` is dispatched before chunk ``c``'s tokens
+    are read back, so the host's work (one dispatch and one read per chunk) overlaps the device's. A
+    sequence's tokens end with its first EOS; a chunk that finds every sequence done stops there, and
+    the one queued behind it runs no step.
+    """
+    n, eos, chunk = pre.num_prompts, opts.eos, opts.chunk_size
+    first = np.asarray(pre.tokens)
+    done = np.arange(first.shape[0]) >= n  # padding rows are done from the start
     if eos:
-        done |= np.isin(np.asarray(tokens)[:n], list(eos))
-    decode = model.decode_step()
-    for i in range(1, pre.max_new_tokens):
-        if done.all():
-            break
-        tokens, positions, cache = decode(model.state, cache, tokens, positions, key, jnp.int32(i), temp, top)
-        steps.append(tokens)
-        if eos:
-            done |= np.isin(np.asarray(tokens)[:n], list(eos))
-    jax.block_until_ready(tokens)
+        done |= np.isin(first, list(eos))
+    finished = done[:n].copy()
+    yield [[int(t)] for t in first[:n]]
 
-    table = np.stack([np.asarray(s)[:n] for s in steps], axis=1)  # [n, steps]
-    out = []
-    for row in table:
-        seq = []
-        for tok in row:
-            seq.append(int(tok))
-            if tok in eos:
-                break
-        out.append(seq)
-    return out, len(steps) - 1
-
-
-def _eos_set(eos_token_id: int | Sequence[int] | None) -> set[int]:
-    return set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    loop = model.decode_loop(chunk)
+    eos_ids = jnp.asarray(_eos_array(eos))
+    tokens, positions, cache = pre.tokens, pre.lengths, pre.cache
+    done = jax.device_put(done, NamedSharding(model.mesh, P(BATCH_AXES)))
+    total, dispatched, pending = pre.max_new_tokens - 1, 0, []
+    while not finished.all():
+        while dispatched < total and len(pending) < 2:  # one chunk runs while the one before is read
+            budget = min(chunk, total - dispatched)
+            tokens, positions, cache, done, new, steps = loop(
+                model.state, cache, tokens, positions, done, jnp.int32(1 + dispatched), jnp.int32(budget),
+                opts.key, opts.temperature, opts.top_p, eos_ids,
+            )  # fmt: skip
+            pending.append((new, steps))
+            dispatched += budget
+        if not pending:
+            return
+        new, steps = pending.pop(0)
+        out = []
+        for i, row in enumerate(np.asarray(new)[:n, : int(steps)]):
+            seq = []
+            for tok in row if not finished[i] else ():
+                seq.append(int(tok))
+                if tok in eos:
+                    finished[i] = True
+                    break
+            out.append(seq)
+        yield out
 
 
 def prefill(
@@ -220,36 +268,16 @@ def prefill(
     """
     _check_model("prefill", model)
     prompts = _check_prompts(prompts, model.config.vocab_size)
-    _check_sampling(max_new_tokens, temperature, top_p)
-    pre = _prefill(model, prompts, max_new_tokens, jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p))
+    opts = _options("prefill", max_new_tokens, temperature, top_p, seed, None, 1)
+    pre = _prefill(model, prompts, max_new_tokens, opts.key, opts.temperature, opts.top_p)
     jax.block_until_ready(pre.tokens)
     return pre
 
 
-def decode_from(
-    model: CausalLM,
-    pre: Prefill,
-    *,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    eos_token_id: int | Sequence[int] | None = None,
-) -> list[list[int]]:
-    """The decode half of :func:`generate`: continue from a :class:`Prefill` (the same sampling arguments).
-
-    The first tokens and the cache are placed on this model's mesh (a no-op when they are there
-    already); the cache is donated to the decode steps.
-
-    Returns:
-      The new token ids of each prompt, the prefill's first token included.
-
-    Raises:
-      ValueError: the cache or the tokens do not have the shapes this model's decode steps take.
-    """
-    _check_model("decode_from", model)
+def _placed(model: CausalLM, pre: Prefill) -> Prefill:
+    """``pre`` checked against the model's decode shapes and placed on its mesh (a no-op when it is there)."""
     if not isinstance(pre, Prefill):
         raise TypeError(f"decode_from: expected a models.generation.Prefill, got {type(pre).__name__}.")
-    _check_sampling(pre.max_new_tokens, temperature, top_p)
     batch = int(np.shape(pre.lengths)[0])
     max_len = int(np.shape(pre.cache.keys[0])[2]) if pre.cache.keys else 0
     want = model.cache_shape(batch, max_len)
@@ -271,11 +299,69 @@ def decode_from(
         pre.cache, jax.tree.map(lambda s: NamedSharding(model.mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
     )
     tokens, lengths = (jax.device_put(jnp.asarray(x, jnp.int32), rows) for x in (pre.tokens, pre.lengths))
-    pre = dataclasses.replace(pre, tokens=tokens, lengths=lengths, cache=cache)  # placed as the steps return them
-    out, _ = _decode_from(
-        model, pre, jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p), _eos_set(eos_token_id)
-    )
+    return dataclasses.replace(pre, tokens=tokens, lengths=lengths, cache=cache)
+
+
+def decode_from(
+    model: CausalLM,
+    pre: Prefill,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> list[list[int]]:
+    """The decode half of :func:`generate`: continue from a :class:`Prefill` (the same sampling arguments).
+
+    The first tokens and the cache are placed on this model's mesh (a no-op when they are there
+    already); the cache is donated to the decode loop.
+
+    Returns:
+      The new token ids of each prompt, the prefill's first token included.
+
+    Raises:
+      ValueError: the cache or the tokens do not have the shapes this model's decode steps take, or
+        arguments as :func:`generate`.
+    """
+    _check_model("decode_from", model)
+    pre = _placed(model, pre)
+    opts = _options("decode_from", pre.max_new_tokens, temperature, top_p, seed, eos_token_id, chunk_size)
+    return _collect(_decode_chunks(model, pre, opts))
+
+
+def _collect(pieces: Iterator[list[list[int]]]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for piece in pieces:
+        out = [seq + new for seq, new in zip(out, piece, strict=True)] if out else piece
     return out
+
+
+def generate_stream(
+    model: CausalLM,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Iterator[list[list[int]]]:
+    """:func:`generate`, yielding the new tokens as they come: first the prefill's, then each chunk's.
+
+    Each item holds, per prompt, the tokens produced since the last item (empty once the sequence
+    ended); concatenated, the items give exactly :func:`generate`'s result for the same arguments.
+    Decoding runs on the device ``chunk_size`` steps per call, so tokens arrive in chunks of that size.
+
+    Raises:
+      ValueError / TypeError: as :func:`generate`, at the call (before the first item).
+    """
+    _check_model("generate", model)
+    prompts = _check_prompts(prompts, model.config.vocab_size)
+    opts = _options("generate", max_new_tokens, temperature, top_p, seed, eos_token_id, chunk_size)
+    pre = _prefill(model, prompts, max_new_tokens, opts.key, opts.temperature, opts.top_p)
+    return _decode_chunks(model, pre, opts)
 
 
 def generate_with_stats(
@@ -287,22 +373,19 @@ def generate_with_stats(
     top_p: float = 1.0,
     seed: int = 0,
     eos_token_id: int | Sequence[int] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[list[list[int]], GenerationStats]:
-    """:func:`generate`, also returning the wall time of the prefill and of the decode steps."""
+    """:func:`generate`, also returning the wall time of the prefill and of the decode loop."""
     _check_model("generate", model)
     prompts = _check_prompts(prompts, model.config.vocab_size)
-    _check_sampling(max_new_tokens, temperature, top_p)
-    eos = _eos_set(eos_token_id)
-    key = jax.random.key(seed)
-    temp, top = jnp.float32(temperature), jnp.float32(top_p)
-
+    opts = _options("generate", max_new_tokens, temperature, top_p, seed, eos_token_id, chunk_size)
     t0 = time.perf_counter()
-    pre = _prefill(model, prompts, max_new_tokens, key, temp, top)
+    pre = _prefill(model, prompts, max_new_tokens, opts.key, opts.temperature, opts.top_p)
     jax.block_until_ready(pre.tokens)
     t1 = time.perf_counter()
-    out, decode_steps = _decode_from(model, pre, key, temp, top, eos)
+    out = _collect(_decode_chunks(model, pre, opts))
     t2 = time.perf_counter()
-    stats = GenerationStats(t1 - t0, t2 - t1, decode_steps, sum(map(len, out)))
+    stats = GenerationStats(t1 - t0, t2 - t1, max(map(len, out)) - 1, sum(map(len, out)))
     return out, stats
 
 
@@ -315,8 +398,13 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     eos_token_id: int | Sequence[int] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` new tokens for each prompt.
+
+    The prefill is one call; decoding runs on the device, ``chunk_size`` steps per call (a
+    ``lax.while_loop`` that stops once every sequence has sampled an EOS or the budget is spent),
+    and the host reads the tokens back once per chunk.
 
     Args:
       model: from :func:`models.from_pretrained`.
@@ -324,24 +412,21 @@ def generate(
       max_new_tokens: the most new tokens per prompt.
       temperature: ``0``: greedy; else sampling at this temperature (seeded by ``seed``).
       top_p: sample from the smallest set of tokens whose probability reaches ``top_p``.
-      seed: the sampling seed (the same seed, prompts and mesh give the same tokens).
+      seed: the sampling seed. Each sequence draws from its own stream (the seed, the step and its
+        row in the batch), so the same seed and prompts give the same tokens on any mesh.
       eos_token_id: a token id (or several) that ends a sequence; it is included in the output.
+      chunk_size: decode steps per device call (the granularity of :func:`generate_stream`).
 
     Returns:
       The new token ids of each prompt, in order.
 
     Raises:
       ValueError: empty prompts, ids outside the vocabulary, ``max_new_tokens < 1``, a negative
-        temperature or ``top_p`` outside ``(0, 1]``.
+        temperature, ``top_p`` outside ``(0, 1]``, ``chunk_size < 1`` or a bad ``eos_token_id``.
       TypeError: ``model`` is not a loaded model.
     """
     tokens, _ = generate_with_stats(
-        model,
-        prompts,
-        max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        eos_token_id=eos_token_id,
-    )
+        model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        eos_token_id=eos_token_id, chunk_size=chunk_size,
+    )  # fmt: skip
     return tokens

@@ -6,11 +6,12 @@ says) and builds, once per model, one ``jax.jit(spmd.shard_map(...))`` per entry
 * ``score``: logits for every position, ``f32[batch, tokens, vocab]``;
 * ``prefill``: right-padded prompts -> the first sampled token per sequence and a new KV cache
   (compiled once per batch / prompt-length / cache-length bucket);
-* ``decode``: one token per sequence against the cache, the cache donated (compiled once per
-  batch bucket and cache length).
+* ``decode``: up to ``chunk`` tokens per sequence against the cache in one call, a ``lax.while_loop``
+  on the device that stops on EOS or the token budget; the cache donated (compiled once per batch
+  bucket, cache length and chunk).
 
-Sampling (greedy at temperature 0, else temperature + top-p, seeded) runs in the same jitted step,
-on the gathered logits, so a decode step is one dispatch. Sequences are split over ("dp", "ep")
+Sampling (greedy at temperature 0, else temperature + top-p, seeded per sequence) runs in the same
+jitted step, so the host dispatches once per chunk, not once per token. Sequences are split over ("dp", "ep")
 (the layout the MoE block expects), heads over "tp". ``trace_counts`` counts how often each step
 was traced (a test checks decode is traced once for a whole generation).
 """
@@ -24,10 +25,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import spmd
+from models import decode_kernels
 from models.config import ModelConfig
 from models.llama import KVCache
 from models.sharding import shard_state
@@ -38,22 +41,32 @@ __all__ = ["BATCH_AXES", "CausalLM", "sample_tokens", "shard_causal_lm"]
 BATCH_AXES = (DP, EP)
 
 
-def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+def sample_tokens(
+    logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, rows: jax.Array
+) -> jax.Array:
     """``f32[B, vocab] -> int32[B]``: argmax at ``temperature == 0``, else a draw from the top-p nucleus.
 
     The nucleus keeps the most probable tokens whose cumulative probability before them is below
-    ``top_p`` (always at least one), as Hugging Face's ``TopPLogitsWarper``.
+    ``top_p`` (always at least one), as Hugging Face's ``TopPLogitsWarper``. Row ``b`` draws with
+    ``fold_in(key, rows[b])`` (``rows``: the rows' global indices), so a sequence's draws do not
+    depend on how the batch is split over devices. Greedy decoding skips the sort (``lax.cond``).
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
-    pick = jax.random.categorical(key, sorted_logits, axis=-1)
-    sampled = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+
+    def greedy(logits):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled(logits):
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        order = jnp.argsort(-scaled, axis=-1)
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
+        keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(rows)
+        pick = jax.vmap(jax.random.categorical)(keys, sorted_logits)
+        return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    return lax.cond(temperature > 0, sampled, greedy, logits)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -65,6 +78,8 @@ class CausalLM:
       graphdef, state, state_specs: the module split (``nnx.split``), its state placed on ``mesh``.
       mesh: the mesh it runs on.
       dtype: the parameters' dtype (the KV cache's too).
+      kernels: which products the steps run (:func:`models.decode_kernels.kernel_mode`: ``"auto"``,
+        the measured GEMV kernel where it is faster; ``"xla"``; ``"interpret"``); see :meth:`with_kernels`.
       trace_counts: how many times each step (``"score"``, ``"prefill"``, ``"decode"``) was traced.
     """
 
@@ -74,6 +89,7 @@ class CausalLM:
     state_specs: nnx.State
     mesh: Mesh
     dtype: Any
+    kernels: str = "auto"
     trace_counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     _steps: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -104,9 +120,25 @@ class CausalLM:
     def _shardings(self, specs: Any) -> Any:
         return jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
+    def with_kernels(self, kernels: str) -> CausalLM:
+        """The same model (the same placed weights) whose steps run ``kernels`` products (traced anew).
+
+        Raises:
+          ValueError: ``kernels`` is not one of :data:`models.decode_kernels.KERNEL_MODES`.
+        """
+        if kernels not in decode_kernels.KERNEL_MODES:
+            raise ValueError(f"with_kernels: expected one of {decode_kernels.KERNEL_MODES}, got {kernels!r}.")
+        return dataclasses.replace(self, kernels=kernels, trace_counts=collections.Counter(), _steps={})
+
     def _shard_map(self, fn, in_specs, out_specs):
+        kernels = self.kernels
+
+        def per_device(*args):
+            with decode_kernels.kernel_mode(kernels):  # read by the layers while this traces
+                return fn(*args)
+
         return spmd.shard_map(
-            fn, in_specs=(self.state_specs, *in_specs), out_specs=out_specs, mesh=self.mesh, check_vma=False
+            per_device, in_specs=(self.state_specs, *in_specs), out_specs=out_specs, mesh=self.mesh, check_vma=False
         )
 
     # the steps (built once per model) -------------------------------------------------------------
@@ -143,7 +175,9 @@ class CausalLM:
                     (P(BATCH_AXES, None), cache_specs),
                 )
                 logits, cache = per_device(state, ids, lengths)
-                return sample_tokens(logits, jax.random.fold_in(key, 0), temperature, top_p), lengths, cache
+                rows = jnp.arange(ids.shape[0], dtype=jnp.int32)
+                first = sample_tokens(logits, jax.random.fold_in(key, 0), temperature, top_p, rows)
+                return first, lengths, cache
 
             rows = self._shardings(P(BATCH_AXES))
             self._steps["prefill"] = jax.jit(
@@ -151,29 +185,63 @@ class CausalLM:
             )
         return self._steps["prefill"]
 
-    def decode_step(self):
-        """``(state, cache, tokens int32[B], positions int32[B], key, step, temperature, top_p)
-        -> (next tokens int32[B], positions + 1, cache)``; the cache is donated."""
-        if "decode" not in self._steps:
+    def decode_loop(self, chunk: int):
+        """Up to ``chunk`` decode steps in one call, on the device (a ``lax.while_loop`` inside the sharded step).
+
+        ``(state, cache, tokens int32[B], positions int32[B], done bool[B], start int32, budget int32, key,
+        temperature, top_p, eos int32[E]) -> (tokens, positions, cache, done, new int32[B, chunk], steps int32)``
+
+        Each step feeds the last tokens at ``positions``, writes them into the cache (donated), samples
+        the next ones with ``fold_in(key, start + i)`` and stores them in column ``i`` of ``new``. The loop
+        stops after ``min(budget, chunk)`` steps or once every row is ``done`` (a row is done once it
+        sampled a token in ``eos``; pass padding rows done); ``steps`` says how many ran (columns past
+        it hold -1). Every device runs the same number of steps (the stop test is reduced over the batch
+        axes), so the TP and EP collectives inside the step stay in step.
+        """
+        if chunk not in self._steps.setdefault("decode", {}):
             graphdef = self.graphdef
             cache_specs = self.cache_specs()
-            per_device = self._shard_map(
-                lambda state, cache, tokens, pos: nnx.merge(graphdef, state).decode(tokens, pos, cache),
-                (cache_specs, P(BATCH_AXES), P(BATCH_AXES)),
-                (P(BATCH_AXES, None), cache_specs),
+
+            def per_device(state, cache, tokens, positions, done, start, budget, key, temperature, top_p, eos):
+                module = nnx.merge(graphdef, state)
+                b = tokens.shape[0]
+                rows = spmd.axis_index(BATCH_AXES) * b + jnp.arange(b, dtype=jnp.int32)
+
+                def all_done(done):
+                    return spmd.all_reduce(jnp.sum(~done, dtype=jnp.int32), BATCH_AXES) == 0
+
+                def cond(carry):
+                    i, *_, finished = carry
+                    return (i < jnp.minimum(budget, chunk)) & ~finished
+
+                def body(carry):
+                    i, tokens, positions, cache, done, new, _ = carry
+                    logits, cache = module.decode(tokens, positions, cache)
+                    nxt = sample_tokens(logits, jax.random.fold_in(key, start + i), temperature, top_p, rows)
+                    new = lax.dynamic_update_slice(new, nxt[:, None], (0, i))
+                    done = done | jnp.isin(nxt, eos)
+                    return i + 1, nxt, positions + 1, cache, done, new, all_done(done)
+
+                new = jnp.full((b, chunk), -1, jnp.int32)
+                carry = (jnp.int32(0), tokens, positions, cache, done, new, all_done(done))
+                steps, tokens, positions, cache, done, new, _ = lax.while_loop(cond, body, carry)
+                return tokens, positions, cache, done, new, steps
+
+            rows, scalar = P(BATCH_AXES), P()
+            sharded = self._shard_map(
+                per_device,
+                (cache_specs, rows, rows, rows, scalar, scalar, scalar, scalar, scalar, scalar),
+                (rows, rows, cache_specs, rows, P(BATCH_AXES, None), scalar),
             )
 
-            def step(state, cache, tokens, positions, key, i, temperature, top_p):
+            def step(state, cache, tokens, positions, done, start, budget, key, temperature, top_p, eos):
                 self.trace_counts["decode"] += 1
-                logits, cache = per_device(state, cache, tokens, positions)
-                nxt = sample_tokens(logits, jax.random.fold_in(key, i), temperature, top_p)
-                return nxt, positions + 1, cache
+                return sharded(state, cache, tokens, positions, done, start, budget, key, temperature, top_p, eos)
 
-            rows = self._shardings(P(BATCH_AXES))
-            self._steps["decode"] = jax.jit(
-                step, donate_argnums=(1,), out_shardings=(rows, rows, self._shardings(cache_specs))
-            )
-        return self._steps["decode"]
+            shard = self._shardings
+            out = (shard(rows), shard(rows), shard(cache_specs), shard(rows), shard(P(BATCH_AXES, None)), shard(P()))
+            self._steps["decode"][chunk] = jax.jit(step, donate_argnums=(1,), out_shardings=out)
+        return self._steps["decode"][chunk]
 
 
 def shard_causal_lm(module: nnx.Module, *, mesh: Mesh | None = None) -> CausalLM:

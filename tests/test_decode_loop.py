@@ -1,0 +1,192 @@
+"""Decode on the device (``CausalLM.decode_loop`` through ``models.generate``): chunks, EOS per sequence,
+the token budget, seeded sampling, streaming, TP x DP meshes, against the numpy reference model
+(tests/np_reference.py) and the documented per-sequence random streams.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import np_reference
+import numpy as np
+import pytest
+from conftest import SESSION_SEED
+from model_fixtures import checkpoint_without_near_ties, init, llama_config
+
+import models
+import spmd
+from models.generation import generate_stream, generate_with_stats, prefill
+
+CONFIG = llama_config()
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    rng = np.random.default_rng([SESSION_SEED, 23])
+    weights, prompts, greedy = checkpoint_without_near_ties(CONFIG, rng, (7, 3, 5), NEW_TOKENS)
+    return {"weights": weights, "prompts": prompts, "greedy": [g for g, _ in greedy]}
+
+
+_MODELS: dict = {}
+
+
+def _model(ckpt, tp, dp):
+    spmd.destroy_model_parallel()
+    init(tp, dp=dp)
+    if (tp, dp) not in _MODELS:
+        _MODELS[(tp, dp)] = models.load_state_dict(CONFIG, ckpt["weights"])
+    return _MODELS[(tp, dp)]
+
+
+@pytest.mark.parametrize(("tp", "dp", "chunk"), [(1, 1, 1), (2, 4, 3), (4, 2, 32), (8, 1, 4)])
+def test_chunked_greedy_tokens_match_reference(ckpt, tp, dp, chunk):
+    out = models.generate(_model(ckpt, tp, dp), ckpt["prompts"], NEW_TOKENS, chunk_size=chunk)
+    assert out == ckpt["greedy"]
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 32])
+def test_budget_is_exact_for_every_chunk_size(ckpt, chunk):
+    for n in (1, 2, 5, 9):
+        out = models.generate(_model(ckpt, 2, 4), ckpt["prompts"], n, chunk_size=chunk)
+        assert out == [g[:n] for g in ckpt["greedy"]]
+
+
+def _first_seen(seq, tokens):
+    return min((seq.index(t) for t in tokens if t in seq), default=None)
+
+
+def test_eos_ends_each_sequence_at_its_own_step(ckpt):
+    """Each sequence stops at its first EOS (included); the others go on to the budget."""
+    model = _model(ckpt, 2, 4)
+    greedy = ckpt["greedy"]
+    eos = {greedy[0][2], greedy[2][6]}  # the first prompt stops early, the third later (or earlier, if it repeats)
+    out = models.generate(model, ckpt["prompts"], NEW_TOKENS, eos_token_id=sorted(eos), chunk_size=3)
+    for seq, ref in zip(out, greedy, strict=True):
+        j = _first_seen(ref, eos)
+        assert seq == (ref if j is None else ref[: j + 1])
+
+
+def test_the_device_loop_stops_once_every_sequence_is_done(ckpt):
+    """The while_loop exits at the step where the last sequence samples an EOS, not at the budget."""
+    model = _model(ckpt, 2, 4)
+    greedy = ckpt["greedy"]
+    eos = [greedy[0][3], greedy[1][3], greedy[2][3]]
+    last = max(_first_seen(g, eos) for g in greedy)  # the step (in new tokens) that finishes the batch
+    pre = prefill(model, ckpt["prompts"], NEW_TOKENS)
+    n = pre.num_prompts
+    done = np.arange(np.shape(pre.tokens)[0]) >= n
+    done[:n] |= np.isin(np.asarray(pre.tokens)[:n], eos)
+    loop = model.decode_loop(16)
+    eos_ids = jnp.asarray(np.array([*eos, -1], np.int32))
+    *_, new, steps = loop(
+        model.state, pre.cache, pre.tokens, pre.lengths, jnp.asarray(done), jnp.int32(1), jnp.int32(NEW_TOKENS - 1),
+        jax.random.key(0), jnp.float32(0), jnp.float32(1), eos_ids,
+    )  # fmt: skip
+    assert int(steps) == last  # decode steps = new tokens after the prefill's first
+    new = np.asarray(new)
+    assert (new[:, last:] == -1).all()
+    for i, ref in enumerate(greedy):
+        np.testing.assert_array_equal(new[i, :last], ref[1 : last + 1])
+
+
+def test_with_stats_counts_the_steps_that_ran(ckpt):
+    model = _model(ckpt, 1, 1)
+    greedy = ckpt["greedy"]
+    out, stats = generate_with_stats(model, ckpt["prompts"], NEW_TOKENS, eos_token_id=[g[0] for g in greedy])
+    assert out == [[g[0]] for g in greedy] and stats.decode_steps == 0 and stats.new_tokens == 3
+    out, stats = generate_with_stats(model, ckpt["prompts"], NEW_TOKENS, chunk_size=4)
+    assert stats.decode_steps == NEW_TOKENS - 1 and stats.new_tokens == 3 * NEW_TOKENS
+
+
+def test_stream_yields_the_prefill_token_then_chunks(ckpt):
+    model = _model(ckpt, 2, 4)
+    pieces = list(generate_stream(model, ckpt["prompts"], NEW_TOKENS, chunk_size=4))
+    assert [len(p) for p in pieces[0]] == [1, 1, 1]
+    assert all(len(s) <= 4 for p in pieces[1:] for s in p)
+    assert len(pieces) == 1 + -(-(NEW_TOKENS - 1) // 4)
+    joined = [[t for p in pieces for t in p[i]] for i in range(3)]
+    assert joined == ckpt["greedy"]
+
+
+def _reference_sample(logits, key, step, row, temperature, top_p):
+    """The documented draw: ``categorical(fold_in(fold_in(key, step), row))`` over the top-p nucleus."""
+    scaled = np.asarray(logits, np.float32) / np.float32(temperature)
+    order = np.argsort(-scaled, kind="stable")
+    s = scaled[order]
+    p = np.exp(s - s.max())
+    p /= p.sum()
+    before = np.cumsum(p) - p
+    s = np.where(before < top_p, s, -np.inf)
+    k = jax.random.fold_in(jax.random.fold_in(key, step), row)
+    return int(order[int(jax.random.categorical(k, jnp.asarray(s)))])
+
+
+def test_sampled_tokens_follow_the_per_sequence_streams(ckpt, rng):
+    """Teacher-forced against the numpy model: step s of row r draws with fold_in(fold_in(key, s), r)."""
+    seed, temperature, top_p = int(rng.integers(1 << 30)), 0.8, 0.9
+    model = _model(ckpt, 2, 4)
+    out = models.generate(model, ckpt["prompts"], 6, temperature=temperature, top_p=top_p, seed=seed, chunk_size=4)
+    key, hf = jax.random.key(seed), CONFIG.to_hf()
+    for row, (prompt, seq) in enumerate(zip(ckpt["prompts"], out, strict=True)):
+        logits = np_reference.forward(hf, ckpt["weights"], prompt + seq[:-1])[len(prompt) - 1 :]
+        want = [_reference_sample(logits[s], key, s, row, temperature, top_p) for s in range(len(seq))]
+        assert seq == want
+    # the same streams on another mesh, chunking and batch split
+    other = models.generate(
+        _model(ckpt, 1, 1), ckpt["prompts"], 6, temperature=temperature, top_p=top_p, seed=seed, chunk_size=1
+    )
+    assert other == out
+
+
+def test_decode_loop_compiles_once_per_chunk_size(ckpt):
+    init(2, dp=1)
+    model = models.load_state_dict(CONFIG, ckpt["weights"])  # a fresh model: its own trace counts
+    models.generate(model, ckpt["prompts"], 8, chunk_size=3)
+    models.generate(model, ckpt["prompts"], 8, temperature=0.5, eos_token_id=1, chunk_size=3)
+    assert model.trace_counts["decode"] == 1
+    models.generate(model, ckpt["prompts"], 8, chunk_size=5)
+    assert model.trace_counts["decode"] == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(chunk_size=0), r"generate: expected a positive int chunk_size \(decode steps per call\), got 0"),
+        (dict(chunk_size=True), "expected a positive int chunk_size"),
+        (dict(chunk_size=2.0), "expected a positive int chunk_size"),
+        (dict(eos_token_id="2"), r"expected eos_token_id as a token id or a list of them, got '2'"),
+        (dict(eos_token_id=[1, -1]), r"expected eos_token_id as a token id or a list of them, got \[1, -1\]"),
+        (dict(eos_token_id=[True]), "expected eos_token_id as a token id"),
+    ],
+)
+def test_decode_argument_errors(ckpt, kwargs, message):
+    model = _model(ckpt, 1, 1)
+    with pytest.raises(ValueError, match=message):
+        models.generate(model, [[1, 2]], 4, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        generate_stream(model, [[1, 2]], 4, **kwargs)  # at the call, not at the first item
+
+
+@pytest.mark.parametrize(("tp", "dp"), [(1, 1), (2, 2)])
+def test_decode_with_the_gemv_kernel_matches_reference(ckpt, tp, dp, monkeypatch):
+    """The layers' GEMV kernel (Pallas, interpreted on CPU) in every decode product, the LM head included."""
+    import kernels.gemv
+
+    traced = []
+    real = kernels.gemv.gemv
+    monkeypatch.setattr(
+        kernels.gemv, "gemv", lambda x, w, **kw: traced.append((x.shape, kw["layout"])) or real(x, w, **kw)
+    )
+    spmd.destroy_model_parallel()
+    init(tp, dp=dp)
+    model = models.load_state_dict(CONFIG, ckpt["weights"]).with_kernels("interpret")
+    out = models.generate(model, ckpt["prompts"], 6, chunk_size=4)
+    assert out == [g[:6] for g in ckpt["greedy"]]
+    # per layer: qkv, o, gate_up, down; then the LM head ("nk"); in the prefill (M = batch x prompt <= 64) and the loop
+    layers = CONFIG.num_hidden_layers
+    assert [layout for _, layout in traced].count("nk") == 2 and len(traced) == 2 * (4 * layers + 1)
+    traced.clear()
+    assert models.generate(model.with_kernels("xla"), ckpt["prompts"], 6, chunk_size=4) == out and not traced
+    with pytest.raises(ValueError, match=r"with_kernels: expected one of \('auto', 'xla', 'interpret'\), got 'gpu'"):
+        model.with_kernels("gpu")
