@@ -1,0 +1,209 @@
+"""Benchmark and tuner: the decode GEMV kernel (kernels/gemv) against XLA's product, per layer shape.
+
+    python -m models.bench_gemv --json gemv.json                       # a GPU: the 1B Llama's shapes, TP 1
+    python -m models.bench_gemv --tp 1,2,4 --write-table kernels/gemv/gemv_tuning.json
+    python -m models.bench_gemv --platform cpu                         # interpret mode, tiny shapes (smoke)
+
+For each product a decode step makes on one device (per layer: QKV, output, gate/up, down; the tied
+LM head in the ``nk`` layout), at each row count (``--rows``, the decode batch), it times XLA's
+``jnp.dot`` and every tiling of a sweep, each chained ``--iters`` times in one jitted loop over
+``--copies`` different weights (so the weights come from HBM, not from the 60 MB L2, as in a real
+step where every layer has its own), and reports the best tiling beside XLA with the bandwidth
+(weight bytes / time) and the share of ``--hbm-tbps``. Each chained product is followed by one
+dependent elementwise op (the next input depends on the output), as in a decode step.
+``--write-table PATH`` merges the winners into a tuning file: the kernel where it beat XLA by
+more than 3% (the spread between runs), an entry saying XLA where it did not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+from spmd.bench import harness
+
+__all__ = ["build_parser", "layer_shapes", "main", "sweep"]
+
+PROG = "python -m models.bench_gemv"
+
+
+def layer_shapes(a: Any, tp: int) -> list[tuple[str, str, int, int]]:
+    """``(name, layout, K, N)`` of the products one device makes per decode step at this TP size."""
+    d = a.hidden // a.heads
+    qkv = (a.heads // tp + 2 * max(a.kv_heads // tp, 1)) * d
+    vocab = -(-a.vocab // (64 * tp)) * 64  # rows per rank of the padded vocabulary
+    return [
+        ("qkv", "kn", a.hidden, qkv),
+        ("o", "kn", a.heads * d // tp, a.hidden),
+        ("gate_up", "kn", a.hidden, 2 * a.intermediate // tp),
+        ("down", "kn", a.intermediate // tp, a.hidden),
+        ("lm_head", "nk", a.hidden, vocab),
+    ]
+
+
+def sweep(m: int, k: int, n: int, layout: str) -> list[Any]:
+    """The tilings tried for one product, most promising first.
+
+    Enough programs to fill the GPU (about four per SM of an H100/H200's 132), tiles that fit in
+    registers; ordered by distance from 528 programs of 8192-element tiles.
+    """
+    import math
+
+    from kernels.gemv import GemvConfig, ineligibility
+
+    out, score = [], {}
+    for bn, bk, splits in itertools.product((32, 64, 128, 256), (16, 32, 64, 128, 256), (1, 2, 4, 8, 16, 32)):
+        programs = (n // bn) * splits
+        tile = bn * bk * (1 if m == 1 else max(16, 1 << (m - 1).bit_length()) // 16)
+        if not 128 <= programs <= 4096 or not 2048 <= tile <= 32768 or (m > 1 and bk < 32):
+            continue
+        for warps in (4, 8) if tile >= 8192 else (4,):
+            c = GemvConfig(bn, bk, splits, warps, 3)
+            if ineligibility(m, k, n, c, layout) is None:
+                out.append(c)
+                contiguous = 2 * (bn if layout == "kn" else bk)  # bytes of one weight row segment
+                score[c] = (abs(math.log2(programs / 528)) + abs(math.log2(tile / 8192)) + (warps == 8) * 0.25
+                            + (contiguous < 128))  # fmt: skip
+    return sorted(out, key=score.__getitem__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=harness.HelpFormatter)
+    harness.add_device_args(p, cpu_devices=1)
+    for name, default in (("layers", 16), ("hidden", 2048), ("heads", 32), ("kv_heads", 8), ("intermediate", 8192),
+                          ("vocab", 128256)):  # fmt: skip
+        p.add_argument(f"--{name.replace('_', '-')}", type=harness.positive_int, default=default)
+    ints = lambda what: lambda s: harness.parse_list(s, harness.positive_int, what=what)
+    p.add_argument("--tp", type=ints("TP sizes"), default=[1], help="the per-device shapes of these TP sizes")
+    p.add_argument("--rows", type=ints("row counts"), default=[1], help="M: the decode batch sizes (1 to 64)")
+    p.add_argument("--only", default=None, help="comma-separated product names (qkv,o,gate_up,down,lm_head)")
+    p.add_argument("--copies", type=harness.positive_int, default=8, help="weights rotated in the timed loop")
+    p.add_argument("--max-configs", type=harness.positive_int, default=48, help="tilings tried per product at most")
+    p.add_argument("--hbm-tbps", type=float, default=4.8, help="HBM bandwidth, TB/s (H200: 4.8)")
+    p.add_argument("--write-table", default=None, help="merge the winners into this tuning file")
+    harness.add_timing_args(p, json_path="gemv.json", iters=50, repeats=5)
+    return p
+
+
+def _timed(fn, x, ws, iters: int, repeats: int) -> float:
+    """Seconds per product: ``fn`` chained over the rotated weights in one jitted loop."""
+    import jax
+    import jax.numpy as jnp
+
+    def loop(x, ws):
+        def body(i, x):
+            for w in ws:
+                y = fn(x, w)
+                x = (x.astype(jnp.float32) + y[:, :1].astype(jnp.float32) * 1e-3).astype(x.dtype)
+            return x
+
+        return jax.lax.fori_loop(0, iters, body, x)
+
+    return harness.best_seconds(jax.jit(loop), x, ws, repeats=repeats) / (iters * len(ws))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kernels.gemv import GemvConfig, gemv, reference_matmul
+
+    p = build_parser()
+    args, devices = harness.parse_and_start(p, argv)
+    interpret = devices[0].platform != "gpu"
+    if interpret:  # a smoke run: tiny shapes, the kernel in Pallas's interpreter
+        args.hidden, args.heads, args.kv_heads, args.intermediate, args.vocab = 256, 4, 2, 512, 1000
+        args.iters, args.repeats, args.copies, args.max_configs = 2, 1, 2, 3
+    only = set(args.only.split(",")) if args.only else None
+    kind, dtype = devices[0].device_kind, jnp.bfloat16
+    print(f"{PROG}: {kind}, bf16, {args.copies} weights rotated, {args.iters} loops; HBM {args.hbm_tbps} TB/s")
+    header = f"{'tp':>3} {'product':>8} {'M':>3} {'K':>6} {'N':>7} {'MB':>6} {'XLA us':>8} {'best us':>8} " \
+             f"{'x XLA':>6} {'TB/s':>5} {'% HBM':>6}  tiling (bn, bk, splits, warps, stages)"  # fmt: skip
+    print(header + "\n" + "-" * len(header), flush=True)
+    rows, key, failures, start = [], jax.random.key(0), 0, time.perf_counter()
+    meta = harness.metadata(PROG, argv, devices, hbm_tbps=args.hbm_tbps, copies=args.copies, iters=args.iters)
+    for tp in args.tp:
+        for name, layout, k, n in layer_shapes(args, tp):
+            if only and name not in only:
+                continue
+            for m in args.rows:
+                shape = (k, n) if layout == "kn" else (n, k)
+                ws = [(jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) * k**-0.5).astype(dtype)
+                      for i in range(args.copies)]  # fmt: skip
+                x = jax.random.normal(jax.random.fold_in(key, 99), (m, k), jnp.float32).astype(dtype)
+                ref = np.asarray(reference_matmul(x, ws[0], layout), np.float64)
+                wbytes = ws[0].size * 2
+                xla = _timed(lambda x, w, lay=layout: reference_matmul(x, w, lay), x, ws, args.iters, args.repeats)
+                best, tried = None, []
+                for c in sweep(m, k, n, layout)[: args.max_configs] or [GemvConfig(32, 16, 1)]:
+                    try:
+                        f = lambda x, w, c=c, lay=layout: gemv(x, w, config=c, layout=lay, interpret=interpret)
+                        y = np.asarray(f(x, ws[0]), np.float64)
+                        err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+                        if not err < 1e-2:
+                            raise ValueError(f"relative error {err:.2e}")
+                        t = _timed(f, x, ws, args.iters, args.repeats)
+                    except Exception as e:  # a tiling that fails to compile or is wrong is reported, not fatal
+                        tried.append({"config": dataclasses.asdict(c), "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                        failures += 1
+                        continue
+                    tried.append({"config": dataclasses.asdict(c), "us": t * 1e6, "rel_err": err})
+                    if best is None or t < best[1]:
+                        best = (c, t)
+                row = dict(tp=tp, product=name, layout=layout, m=m, k=k, n=n, weight_bytes=wbytes, xla_us=xla * 1e6,
+                           tried=tried)  # fmt: skip
+                if best is not None:
+                    row.update(best_us=best[1] * 1e6, best=dataclasses.asdict(best[0]))
+                rows.append(row)
+                b_us = row.get("best_us", float("nan"))
+                tbs = wbytes / (min(b_us, row["xla_us"]) * 1e-6) / 1e12
+                tiling = tuple(row["best"].values()) if best else "-"
+                print(f"{tp:>3} {name:>8} {m:>3} {k:>6} {n:>7} {wbytes / 1e6:>6.1f} {row['xla_us']:>8.1f} {b_us:>8.1f} "
+                      f"{row['xla_us'] / b_us:>6.2f} {tbs:>5.2f} {100 * tbs / args.hbm_tbps:>6.0f}  {tiling}",
+                      flush=True)  # fmt: skip
+                # written as it goes: a run stopped at its time limit keeps what it measured
+                pathlib.Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+                if args.write_table and not interpret:
+                    _write_table(pathlib.Path(args.write_table), [row], kind)
+    print(f"\n{len(rows)} products, {failures} tilings failed, {time.perf_counter() - start:.0f} s; wrote {args.json}"
+          + (f", merged into {args.write_table}" if args.write_table and not interpret else ""))  # fmt: skip
+    if not rows:
+        print(f"{PROG}: nothing was measured.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _rows(m: int) -> list[int]:
+    """The row counts a measurement at ``m`` stands for: the kernel pads ``M > 1`` to 16, 32 or 64 rows."""
+    if m == 1:
+        return [1, 1]
+    hi = max(16, 1 << (m - 1).bit_length())
+    return [2 if hi == 16 else hi // 2 + 1, hi]
+
+
+def _write_table(path: pathlib.Path, rows: list[dict], kind: str) -> None:
+    """Merge measured rows into a tuning file: the kernel where it beat XLA, else an entry that says XLA."""
+    raw = json.loads(path.read_text()) if path.exists() else {"entries": []}
+    fresh = {}
+    for r in rows:
+        wins = "best_us" in r and r["best_us"] < 0.97 * r["xla_us"]  # a win beyond run-to-run noise
+        fresh[(kind, "bfloat16", r["layout"], r["k"], r["n"], _rows(r["m"])[0])] = {
+            "device_kind": kind, "dtype": "bfloat16", "layout": r["layout"], "k": r["k"], "n": r["n"],
+            "rows": _rows(r["m"]), "config": r["best"] if wins else None,
+            "us": round(r.get("best_us", r["xla_us"]), 2), "xla_us": round(r["xla_us"], 2),
+        }  # fmt: skip
+    kept = [e for e in raw["entries"]
+            if (e["device_kind"], e["dtype"], e["layout"], e["k"], e["n"], e["rows"][0]) not in fresh]  # fmt: skip
+    raw["entries"] = kept + list(fresh.values())
+    path.write_text(json.dumps(raw, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
