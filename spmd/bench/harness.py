@@ -249,6 +249,9 @@ class Trial:
       calls: calls chained in one run of ``loop`` (the time is divided by it).
       extra: columns known before running; ``bytes_moved`` (bytes per device per call) also
         yields a ``GBps`` column.
+      feed: ``feed(outputs, args) -> args``: the arguments of the next timed run, from the last
+        run's outputs (for a loop that donates its arguments, e.g. a KV cache); runs outside the
+        timed window. ``None``: every run takes ``args``.
     """
 
     once: Callable[[], Any]
@@ -257,6 +260,7 @@ class Trial:
     args: tuple
     calls: int
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    feed: Callable[[Any, tuple], tuple] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,15 +308,22 @@ def chain(step: Callable[[Any], Any], iters: int, *, unroll: int = 1) -> tuple[C
     return (lambda carry: jax.lax.fori_loop(0, trips, body, carry)), trips * unroll
 
 
-def best_seconds(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
-    """Run ``fn(*args)`` once to warm up, then ``repeats`` times; the fastest wall time in seconds."""
+def best_seconds(
+    fn: Callable[..., Any], *args: Any, repeats: int, feed: Callable[[Any, tuple], tuple] | None = None
+) -> float:
+    """Run ``fn(*args)`` once to warm up, then ``repeats`` times; the fastest wall time in seconds.
+
+    With ``feed``, each run takes ``feed(last outputs, last args)`` (made and readied before the clock starts).
+    """
     import jax
 
-    jax.block_until_ready(fn(*args))
+    out = jax.block_until_ready(fn(*args))
     best = float("inf")
     for _ in range(repeats):
+        if feed is not None:
+            args = jax.block_until_ready(feed(out, args))
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        out = jax.block_until_ready(fn(*args))
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -382,7 +393,7 @@ def _run_one(case: Case, devices: Sequence[Any], repeats: int, budget: int | Non
     checked = trial.check(trial.once())
     row.update(checked)
     row["ok"] = bool(checked["ok"])
-    row["us"] = best_seconds(compiled, *trial.args, repeats=repeats) / trial.calls * 1e6
+    row["us"] = best_seconds(compiled, *trial.args, repeats=repeats, feed=trial.feed) / trial.calls * 1e6
     if "bytes_moved" in row:
         row["GBps"] = row["bytes_moved"] / row["us"] / 1e3
     return row
