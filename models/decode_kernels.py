@@ -1,11 +1,17 @@
-"""Which kernel a layer's product runs at decode time: the measured GEMV kernel or XLA's own.
+"""Which kernels a decode step runs: the Pallas decode kernels or XLA's own fusions.
 
-A projection that sees at most 64 rows (a decode step's batch) reads its whole weight for a few
-outputs; on GPUs where :mod:`kernels.gemv`'s tuning table lists the shape (measured faster than
-XLA in the same run), :func:`matmul` runs the Pallas kernel, else ``jnp.dot``. The layers call it;
-users call nothing new. :func:`kernel_mode` overrides the choice for the steps traced inside it:
-``"xla"`` (always XLA), ``"interpret"`` (the kernel in Pallas's interpreter, for any shape it can
-tile: CPU tests of the model path), ``"auto"`` (the default).
+* Products: a projection that sees at most 64 rows (a decode step's batch) reads its whole weight
+  for a few outputs; on GPUs where :mod:`kernels.gemv`'s tuning table lists the shape (measured
+  faster than XLA in the same run), :func:`matmul` runs the Pallas GEMV, else ``jnp.dot``.
+* Attention: on GPUs, :func:`decode_attention_mode` says the fused kernel of
+  :mod:`kernels.decode_attention` (RoPE, cache write and attention in one launch instead of about
+  a dozen) runs where it takes the shapes, for half-precision models.
+
+The layers call these; users call nothing new. :func:`kernel_mode` overrides the choice for the
+steps traced inside it: ``"auto"`` (the default: the kernels where measured faster, as above),
+``"xla"`` (always XLA), ``"pallas"`` (the kernels compiled for the device wherever they take the
+shapes, any float dtype, the table's tiling or a default one: GPU tests) and ``"interpret"`` (the
+same in Pallas's interpreter: CPU tests of the model path).
 """
 
 from __future__ import annotations
@@ -20,11 +26,20 @@ import jax
 import jax.numpy as jnp
 
 import spmd
+from kernels import decode_attention as attention_kernel
 from kernels import gemv as gemv_kernels
 
-__all__ = ["KERNEL_MODES", "choose_gemv", "kernel_mode", "matmul"]
+__all__ = [
+    "KERNEL_MODES",
+    "choose_gemv",
+    "decode_attention",
+    "decode_attention_mode",
+    "kernel_mode",
+    "matmul",
+    "matmul_partials",
+]
 
-KERNEL_MODES = ("auto", "xla", "interpret")
+KERNEL_MODES = ("auto", "xla", "pallas", "interpret")
 _MODE: contextvars.ContextVar[str] = contextvars.ContextVar("decode_kernel_mode", default="auto")
 
 
@@ -58,7 +73,7 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
     return b
 
 
-def _interpret_config(k: int, n: int) -> gemv_kernels.GemvConfig:
+def _default_config(k: int, n: int) -> gemv_kernels.GemvConfig:
     block_k = _largest_pow2_divisor(k, 64)
     splits = 2 if (k // block_k) % 2 == 0 else 1
     return gemv_kernels.GemvConfig(_largest_pow2_divisor(n, 128), block_k, splits)
@@ -69,14 +84,24 @@ def choose_gemv(m: int, k: int, n: int, dtype: Any, layout: str = "kn") -> gemv_
     mode = _MODE.get()
     if mode == "xla" or not 1 <= m <= 64:
         return None
-    if mode == "interpret":
-        config = _interpret_config(k, n)
-        return None if gemv_kernels.ineligibility(m, k, n, config, layout) else config
     device = _device()
-    if device.platform != "gpu":
+    if mode == "auto" and device.platform != "gpu":
         return None
-    entries = gemv_kernels.load_table()
-    return gemv_kernels.lookup(entries, device.device_kind, jnp.dtype(dtype).name, layout, m, k, n)
+    listed = gemv_kernels.lookup(gemv_kernels.load_table(), device.device_kind, jnp.dtype(dtype).name, layout, m, k, n)
+    if mode == "auto" or listed is not None:
+        return listed
+    config = _default_config(k, n)  # "pallas" / "interpret": any shape the kernel can tile
+    return None if gemv_kernels.ineligibility(m, k, n, config, layout) else config
+
+
+def matmul_partials(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x[M, K] @ W[K, N]`` as float32 partial sums ``[P, M, N]`` (the GEMV's split-K partials, or ``P = 1``)."""
+    m, k = x.shape
+    n = w.shape[1]
+    config = choose_gemv(m, k, n, x.dtype) if x.dtype == w.dtype else None
+    if config is None:
+        return jnp.dot(x, w, preferred_element_type=jnp.float32)[None]
+    return gemv_kernels.gemv(x, w, config=config, reduce=False, interpret=_MODE.get() == "interpret")
 
 
 def matmul(x: jax.Array, w: jax.Array, *, layout: str = "kn", out_dtype: Any = None) -> jax.Array:
@@ -103,3 +128,32 @@ def matmul(x: jax.Array, w: jax.Array, *, layout: str = "kn", out_dtype: Any = N
         x.reshape(m, k), w, config=config, layout=layout, out_dtype=out_dtype, interpret=_MODE.get() == "interpret"
     )
     return y.reshape(*x.shape[:-1], n)
+
+
+def decode_attention_mode(heads: int, kv_heads: int, head_dim: int, max_len: int, dtype: Any) -> str | None:
+    """``"gpu"``, ``"pallas"`` or ``"interpret"`` where the fused decode-attention kernel runs, else ``None``.
+
+    On GPUs it runs for half-precision caches (bf16, f16: serving); a float32 model keeps XLA's
+    path, whose rounding the float32 checks against Hugging Face were made with.
+    """
+    mode = _MODE.get()
+    if mode == "xla" or attention_kernel.decode_attention_ineligibility(heads, kv_heads, head_dim, max_len):
+        return None
+    if mode in ("interpret", "pallas"):
+        return mode
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "gpu" if half and _device().platform == "gpu" else None
+
+
+def decode_attention(qkv, k_cache, v_cache, positions, inv_freq, *, heads: int):
+    """The fused kernel (:func:`kernels.decode_attention.decode_attention`) in the current mode's lowering.
+
+    Args:
+      qkv: ``[P, B, heads + 2 * kv_heads, head_dim]``: the QKV projection's partials (see :func:`matmul_partials`).
+
+    Returns:
+      ``(C[B, heads, head_dim], k_cache, v_cache)``: the attention output and the caches with this step's row.
+    """
+    return attention_kernel.decode_attention(
+        qkv, k_cache, v_cache, positions, inv_freq, heads=heads, interpret=_MODE.get() == "interpret"
+    )

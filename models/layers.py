@@ -191,6 +191,20 @@ class ColumnParallelLinear(nnx.Module):
         out_bias = bias if self.skip_bias_add else None
         return (y, out_bias) if self.return_bias else y
 
+    def partials(self, x: jax.Array) -> jax.Array:
+        """``x[M, input_size] @ W_r`` as float32 split-K partial sums ``[P, M, out_r]`` (no bias, no gather).
+
+        For a consumer that sums them itself (the fused decode attention): the GEMV kernel's
+        partials where it runs, else the product in float32 with ``P = 1``.
+
+        Raises:
+          ValueError: the layer has a bias or gathers its output.
+        """
+        _check_tp(self)
+        if self.bias is not None or self.gather_output:
+            raise ValueError(f"{type(self).__name__}.partials: expected no bias and no gather_output.")
+        return decode_kernels.matmul_partials(x, self.weight[...])
+
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel matrices as one (gate and up): rank r holds ``[A_r | B_r | ...]``.

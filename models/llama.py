@@ -30,6 +30,7 @@ from flax import nnx
 from jax import lax
 
 import spmd
+from models import decode_kernels
 from models.config import ModelConfig
 from models.layers import (
     MergedColumnParallelLinear,
@@ -197,6 +198,20 @@ class LlamaAttention(nnx.Module):
         ``reduce=False`` returns the output projection's partial sums (no all-reduce, no bias), for
         a caller that fuses the reduction with what follows.
         """
+        qkv = self.qkv_proj
+        kernel = qkv.bias is None and decode_kernels.decode_attention_mode(
+            qkv.num_heads, qkv.num_kv_heads, qkv.head_size, k_cache.shape[2], k_cache.dtype
+        )
+        if kernel:  # RoPE, the cache write and the attention in one kernel that reads the projection's partials
+            partials = qkv.partials(x[:, 0])  # f32[P, B, (heads + 2 kv) * d]
+            p, b, _ = partials.shape
+            partials = partials.reshape(p, b, qkv.num_heads + 2 * qkv.num_kv_heads, qkv.head_size)
+            inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+            out, k_cache, v_cache = decode_kernels.decode_attention(
+                partials, k_cache, v_cache, positions, inv_freq, heads=qkv.num_heads
+            )
+            out = out.reshape(b, 1, -1).astype(x.dtype)
+            return (self.o_proj(out) if reduce else self.o_proj.partial(out)), k_cache, v_cache
         q, k, v = self._qkv(x, positions[:, None])
 
         def write(cache, new, pos):  # cache [KV, S, d], new [1, KV, d]

@@ -169,24 +169,37 @@ def test_decode_argument_errors(ckpt, kwargs, message):
 
 
 @pytest.mark.parametrize(("tp", "dp"), [(1, 1), (2, 2)])
-def test_decode_with_the_gemv_kernel_matches_reference(ckpt, tp, dp, monkeypatch):
-    """The layers' GEMV kernel (Pallas, interpreted on CPU) in every decode product, the LM head included."""
+def test_decode_with_the_decode_kernels_matches_reference(tp, dp, monkeypatch):
+    """The decode kernels (Pallas, interpreted on CPU): the GEMV in every product, the LM head included, and the
+    fused attention in every layer's decode step."""
+    import kernels.decode_attention
     import kernels.gemv
 
-    traced = []
-    real = kernels.gemv.gemv
+    traced, attended = [], []
+    real, real_attention = kernels.gemv.gemv, kernels.decode_attention.decode_attention
     monkeypatch.setattr(
-        kernels.gemv, "gemv", lambda x, w, **kw: traced.append((x.shape, kw["layout"])) or real(x, w, **kw)
+        kernels.gemv, "gemv", lambda x, w, **kw: traced.append((x.shape, kw.get("layout", "kn"))) or real(x, w, **kw)
     )
+    monkeypatch.setattr(
+        kernels.decode_attention,
+        "decode_attention",
+        lambda *a, **kw: attended.append(a[0].shape) or real_attention(*a, **kw),
+    )
+    config = llama_config(hidden_size=128, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
+    rng = np.random.default_rng([SESSION_SEED, 29, tp])
+    weights, prompts, greedy = checkpoint_without_near_ties(config, rng, (7, 3, 5), 6)
     spmd.destroy_model_parallel()
     init(tp, dp=dp)
-    model = models.load_state_dict(CONFIG, ckpt["weights"]).with_kernels("interpret")
-    out = models.generate(model, ckpt["prompts"], 6, chunk_size=4)
-    assert out == [g[:6] for g in ckpt["greedy"]]
+    model = models.load_state_dict(config, weights).with_kernels("interpret")
+    out = models.generate(model, prompts, 6, chunk_size=4)
+    assert out == [g for g, _ in greedy]
     # per layer: qkv, o, gate_up, down; then the LM head ("nk"); in the prefill (M = batch x prompt <= 64) and the loop
-    layers = CONFIG.num_hidden_layers
+    layers = config.num_hidden_layers
     assert [layout for _, layout in traced].count("nk") == 2 and len(traced) == 2 * (4 * layers + 1)
+    assert len(attended) == layers  # the decode loop's step (the prefill attends with XLA)
     traced.clear()
-    assert models.generate(model.with_kernels("xla"), ckpt["prompts"], 6, chunk_size=4) == out and not traced
-    with pytest.raises(ValueError, match=r"with_kernels: expected one of \('auto', 'xla', 'interpret'\), got 'gpu'"):
+    attended.clear()
+    xla = models.generate(model.with_kernels("xla"), prompts, 6, chunk_size=4)
+    assert xla == out and not traced and not attended
+    with pytest.raises(ValueError, match=r"with_kernels: expected one of \('auto', 'xla', 'pallas', 'interp"):
         model.with_kernels("gpu")

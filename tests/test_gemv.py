@@ -16,6 +16,13 @@ from kernels.gemv import GemvConfig, gemv, ineligibility, load_table, lookup, re
 from models import decode_kernels
 
 
+@pytest.fixture(autouse=True)
+def _exact_float32_products():
+    """float32 products in full precision wherever the tests run (GPUs default to TF32)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _operands(rng, m, k, n, layout, dtype):
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = (rng.standard_normal((k, n) if layout == "kn" else (n, k)) * k**-0.5).astype(np.float32)
@@ -134,13 +141,14 @@ def test_shipped_table_loads_and_every_entry_beats_xla():
 
 
 def test_layers_choose_xla_on_cpu_and_the_kernel_when_asked():
-    assert decode_kernels.choose_gemv(1, 2048, 3072, jnp.bfloat16) is None  # CPU: no table entry applies
-    with decode_kernels.kernel_mode("interpret"):
+    if jax.devices()[0].platform == "cpu":
+        assert decode_kernels.choose_gemv(1, 2048, 3072, jnp.bfloat16) is None  # no table entry applies
+    with decode_kernels.kernel_mode("interpret"):  # any shape the kernel tiles, a default tiling
         assert decode_kernels.choose_gemv(1, 256, 96, jnp.float32) == GemvConfig(32, 64, 2)
         assert decode_kernels.choose_gemv(65, 256, 96, jnp.float32) is None  # prefill-sized: XLA
     with decode_kernels.kernel_mode("xla"):
         assert decode_kernels.choose_gemv(1, 256, 96, jnp.float32) is None
-    with pytest.raises(ValueError, match=r"kernel_mode: expected one of \('auto', 'xla', 'interpret'\), got 'gpu'"):
+    with pytest.raises(ValueError, match=r"kernel_mode: expected one of \('auto', 'xla', 'pallas', 'interpret'\)"):
         with decode_kernels.kernel_mode("gpu"):
             pass
 
@@ -166,3 +174,14 @@ def test_measured_tilings_on_the_gpu(rng):
         x, w, ref = _operands(rng, m, e.k, e.n, e.layout, jnp.dtype(e.dtype))
         y = np.asarray(gemv(x, w, config=e.config, layout=e.layout, out_dtype=jnp.float32), np.float64)
         assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 1e-2, e
+
+
+def test_attention_kernel_mode_by_dtype_and_shape():
+    mode = decode_kernels.decode_attention_mode
+    if jax.devices()[0].platform == "cpu":
+        assert mode(32, 8, 64, 256, jnp.bfloat16) is None  # auto on CPU: XLA's path
+    with decode_kernels.kernel_mode("interpret"):
+        assert mode(32, 8, 64, 256, jnp.float32) == "interpret"
+        assert mode(32, 8, 16, 256, jnp.bfloat16) is None  # head_dim too small for the kernel
+    with decode_kernels.kernel_mode("xla"):
+        assert mode(32, 8, 64, 256, jnp.bfloat16) is None

@@ -110,21 +110,22 @@ def _vector_kernel(x_ref, w_ref, o_ref, *, block_k: int, steps: int, layout: str
 
 
 def _dot_kernel(x_ref, w_ref, o_ref, *, block_k: int, steps: int, layout: str):
-    """``M > 1``: ``o[M, bn] = x[M, K slice] @ W[K slice, bn]`` on the tensor cores."""
+    """``M > 1``: ``o[M, bn] = x[M, K slice] @ W[K slice, bn]`` on the tensor cores (IEEE for float32)."""
+    tf32 = x_ref.dtype != jnp.float32
 
     def body(i, acc):
         xs = x_ref[:, pl.ds(i * block_k, block_k)]
         if layout == "kn":
             ws = w_ref[pl.ds(i * block_k, block_k), :]
-            return acc + pltriton.dot(xs, ws)
+            return acc + pltriton.dot(xs, ws, allow_tf32=tf32)
         ws = w_ref[:, pl.ds(i * block_k, block_k)]
-        return acc + pltriton.dot(xs, ws, trans_b=True)
+        return acc + pltriton.dot(xs, ws, trans_b=True, allow_tf32=tf32)
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
     o_ref[...] = acc
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layout", "out_dtype", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "layout", "out_dtype", "reduce", "interpret"))
 def gemv(
     x: jax.Array,
     w: jax.Array,
@@ -132,6 +133,7 @@ def gemv(
     config: GemvConfig,
     layout: str = "kn",
     out_dtype: Any = None,
+    reduce: bool = True,
     interpret: bool = False,
 ) -> jax.Array:
     """``x @ W`` for a few rows of ``x``, the weight streamed by ``N / block_n x splits`` programs.
@@ -142,6 +144,8 @@ def gemv(
       config: the tiling (:class:`GemvConfig`); see :func:`ineligibility`.
       layout: ``"kn"`` or ``"nk"``.
       out_dtype: the result's dtype (default: ``x``'s).
+      reduce: sum the split-K partials (``False``: return them, ``f32[splits, M, N]``, for a consumer
+        that sums them itself).
       interpret: run the kernel in Pallas's interpreter (any backend; for tests).
 
     Returns:
@@ -181,4 +185,6 @@ def gemv(
         compiler_params=params,
         name="gemv",
     )(x, w)
+    if not reduce:
+        return partials[:, :m]
     return jnp.sum(partials, axis=0)[:m].astype(out_dtype or x.dtype)
