@@ -73,6 +73,44 @@ def sweep(m: int, k: int, n: int, layout: str) -> list[Any]:
     return sorted(out, key=score.__getitem__)
 
 
+def neighbours(c: Any, m: int, k: int, n: int, layout: str) -> list[Any]:
+    """Tilings one step from ``c``: each of block_n, block_k and splits halved or doubled, the other warp
+    count, and 2 or 4 pipeline stages; only those that fit the shape."""
+    from kernels.gemv import ineligibility
+
+    out = []
+    for field in ("block_n", "block_k", "splits"):
+        for f in (0.5, 2):
+            out.append(dataclasses.replace(c, **{field: int(getattr(c, field) * f)}))
+    out.append(dataclasses.replace(c, num_warps=8 if c.num_warps == 4 else 4))
+    out += [dataclasses.replace(c, num_stages=st) for st in (2, 4) if st != c.num_stages]
+    return [x for x in out if x.block_n >= 16 and x.block_k >= 16 and ineligibility(m, k, n, x, layout) is None]
+
+
+def _try(c: Any, layout: str, x: Any, ws: list, ref: Any, args: Any, interpret: bool) -> dict:
+    """Check one tiling against the reference and time it; a failure is recorded, not raised."""
+    import numpy as np
+
+    from kernels.gemv import gemv
+
+    try:
+        f = lambda x, w: gemv(x, w, config=c, layout=layout, interpret=interpret)
+        y = np.asarray(f(x, ws[0]), np.float64)
+        err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+        if not err < 1e-2:
+            raise ValueError(f"relative error {err:.2e}")
+        return {"config": dataclasses.asdict(c), "us": _timed(f, x, ws, args.iters, args.repeats) * 1e6, "rel_err": err}
+    except Exception as e:  # a tiling that fails to compile or is wrong is reported, not fatal
+        return {"config": dataclasses.asdict(c), "error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
+def _table_config(kind: str, layout: str, k: int, n: int, m: int) -> Any:
+    """The shipped table's tiling for this product (``None`` if it lists none, or says XLA)."""
+    from kernels.gemv import load_table, lookup
+
+    return lookup(load_table(), kind, "bfloat16", layout, m, k, n)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=harness.HelpFormatter)
     harness.add_device_args(p, cpu_devices=1)
@@ -87,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-configs", type=harness.positive_int, default=48, help="tilings tried per product at most")
     p.add_argument("--hbm-tbps", type=float, default=4.8, help="HBM bandwidth, TB/s (H200: 4.8)")
     p.add_argument("--write-table", default=None, help="merge the winners into this tuning file")
+    p.add_argument(
+        "--refine", type=int, default=0,
+        help="start from the table's tiling (else the sweep) and take this many rounds of one-step neighbours",
+    )  # fmt: skip
     harness.add_timing_args(p, json_path="gemv.json", iters=50, repeats=5)
     return p
 
@@ -113,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from kernels.gemv import GemvConfig, gemv, reference_matmul
+    from kernels.gemv import GemvConfig, reference_matmul
 
     p = build_parser()
     args, devices = harness.parse_and_start(p, argv)
@@ -141,26 +183,27 @@ def main(argv: list[str] | None = None) -> int:
                 ref = np.asarray(reference_matmul(x, ws[0], layout), np.float64)
                 wbytes = ws[0].size * 2
                 xla = _timed(lambda x, w, lay=layout: reference_matmul(x, w, lay), x, ws, args.iters, args.repeats)
-                best, tried = None, []
-                for c in sweep(m, k, n, layout)[: args.max_configs] or [GemvConfig(32, 16, 1)]:
-                    try:
-                        f = lambda x, w, c=c, lay=layout: gemv(x, w, config=c, layout=lay, interpret=interpret)
-                        y = np.asarray(f(x, ws[0]), np.float64)
-                        err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
-                        if not err < 1e-2:
-                            raise ValueError(f"relative error {err:.2e}")
-                        t = _timed(f, x, ws, args.iters, args.repeats)
-                    except Exception as e:  # a tiling that fails to compile or is wrong is reported, not fatal
-                        tried.append({"config": dataclasses.asdict(c), "error": f"{type(e).__name__}: {str(e)[:200]}"})
-                        failures += 1
-                        continue
-                    tried.append({"config": dataclasses.asdict(c), "us": t * 1e6, "rel_err": err})
-                    if best is None or t < best[1]:
-                        best = (c, t)
+                tried: list[dict] = []
+                start_from = _table_config(kind, layout, k, n, m) if args.refine else None
+                todo = [start_from] if start_from else sweep(m, k, n, layout)[: args.max_configs]
+                todo = todo or [GemvConfig(32, 16, 1)]  # shapes too small for the sweep's filters (CPU smoke runs)
+                for round_ in range(args.refine + 1):  # the sweep (or the table's tiling), then one-step neighbours
+                    if round_:
+                        done = [t for t in tried if "us" in t]
+                        if not done:
+                            break
+                        best_config = GemvConfig(**min(done, key=lambda t: t["us"])["config"])
+                        todo = neighbours(best_config, m, k, n, layout)
+                    for c in todo:
+                        if all(t["config"] != dataclasses.asdict(c) for t in tried):
+                            tried.append(_try(c, layout, x, ws, ref, args, interpret))
+                failures += sum("error" in t for t in tried)
+                done = [t for t in tried if "us" in t]
+                best = min(done, key=lambda t: t["us"]) if done else None
                 row = dict(tp=tp, product=name, layout=layout, m=m, k=k, n=n, weight_bytes=wbytes, xla_us=xla * 1e6,
                            tried=tried)  # fmt: skip
                 if best is not None:
-                    row.update(best_us=best[1] * 1e6, best=dataclasses.asdict(best[0]))
+                    row.update(best_us=best["us"], best=best["config"])
                 rows.append(row)
                 b_us = row.get("best_us", float("nan"))
                 tbs = wbytes / (min(b_us, row["xla_us"]) * 1e-6) / 1e12
