@@ -9,7 +9,7 @@ decode kernels (``xla``: XLA's products; ``auto``: the measured GEMV kernels whe
 them) and batch, it times, through :mod:`spmd.bench.harness`:
 
 * ``allreduce``: one TP all-reduce of ``bf16[batch, hidden]`` (what each row-parallel layer does);
-* ``decode``: ``--chunk`` decode steps in one call of the model's decode loop (the ``lax.while_loop``
+* ``decode``: ``--chunk`` decode steps in one call of the model's decode loop (the ``lax.fori_loop``
   ``generate`` runs: all layers, LM head, greedy pick, EOS test), per token = call time / chunk;
   each timed call continues from the last one's tokens and donated cache; no weights are returned;
 * ``generate``: what ``models.generate`` does after its prefill, ``--generate-tokens`` tokens
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"decode products: xla and/or auto (the GEMV table's choice) (default: {acc['kernels']}; "
              f"CPU {cpu['kernels']})",
     )  # fmt: skip
-    p.add_argument("--chunk", type=harness.positive_int, default=32, help="decode steps per device call")
+    p.add_argument("--chunk", type=harness.positive_int, default=16, help="decode steps per device call")
     p.add_argument("--profile", default=None, help="trace each decode row's loop into this folder; top kernels")
     p.add_argument("--hbm-tbps", type=float, default=4.8, help="HBM bandwidth for the roofline, TB/s (H200: 4.8)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU, TFLOP/s (H200: 989)")
@@ -230,28 +230,21 @@ def _decode_trial(setup: _Setup, tp: int, mode: str, kernels: str, batch: int, c
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from models.runner import BATCH_AXES
 
     model = setup.model(tp, mode, kernels)
     a = setup.args
     loop = model.decode_loop(chunk)
-    done = jax.device_put(np.zeros(batch, bool), NamedSharding(model.mesh, P(BATCH_AXES)))
-    never = jnp.asarray(np.full(1, -1, np.int32))  # no EOS: every step runs
-    rest = (jnp.int32(1), jnp.int32(chunk), jax.random.key(0), jnp.float32(0), jnp.float32(1), never)
+    rest = (jnp.int32(1), jax.random.key(0), jnp.float32(0), jnp.float32(1))
 
     def args_from(tokens, positions, cache):
-        return (model.state, cache, tokens, positions, done, *rest)
+        return (model.state, cache, tokens, positions, *rest)
 
     def once():
-        *_, new, steps = loop(*args_from(*_first(model, batch, a.max_len)))
-        return np.asarray(new), int(steps)
+        *_, new = loop(*args_from(*_first(model, batch, a.max_len)))
+        return np.asarray(new)
 
     def check(out):
-        new, steps = out
-        return {"ok": bool(steps == chunk and ((new >= 0) & (new < a.vocab)).all())}
+        return {"ok": bool(out.shape[1] == chunk and ((out >= 0) & (out < a.vocab)).all())}
 
     tokens, positions, cache = _first(model, batch, a.max_len)
     compiled = loop.lower(*args_from(tokens, positions, cache)).compile()

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-DEFAULT_CHUNK_SIZE = 32  # decode steps per device call
+DEFAULT_CHUNK_SIZE = 16  # decode steps per device call
 
 
 def bucket(n: int, *, minimum: int = 1, multiple: int = 1) -> int:
@@ -196,49 +196,36 @@ def _options(op, max_new_tokens, temperature, top_p, seed, eos_token_id, chunk_s
     )
 
 
-def _eos_array(eos: set[int]) -> np.ndarray:
-    """The EOS ids padded with -1 to a power of two (one compiled loop per few sizes, not per set)."""
-    ids = sorted(eos)
-    out = np.full(bucket(len(ids)), -1, np.int32)
-    out[: len(ids)] = ids
-    return out
-
-
 def _decode_chunks(model: CausalLM, pre: Prefill, opts: _Options) -> Iterator[list[list[int]]]:
     """Decode on the device, ``opts.chunk_size`` steps per call; yield each chunk's new tokens per prompt.
 
-    The first yield is the prefill's tokens. Chunk ``c + 1`` is dispatched before chunk ``c``'s tokens
-    are read back, so the host's work (one dispatch and one read per chunk) overlaps the device's. A
-    sequence's tokens end with its first EOS; a chunk that finds every sequence done stops there, and
-    the one queued behind it runs no step.
+    The first yield is the prefill's tokens. Calls return at once (the loop's trip count is static),
+    so two chunks are kept queued: the device runs one while the host reads the one before, and the
+    host's work per chunk (one dispatch, one read) hides behind the device's. A sequence's tokens end
+    with its first EOS or at the budget; once every sequence has ended, no chunk is dispatched
+    (the one already queued still runs: at most two chunks of steps past the last EOS).
     """
     n, eos, chunk = pre.num_prompts, opts.eos, opts.chunk_size
     first = np.asarray(pre.tokens)
-    done = np.arange(first.shape[0]) >= n  # padding rows are done from the start
-    if eos:
-        done |= np.isin(first, list(eos))
-    finished = done[:n].copy()
+    finished = np.isin(first[:n], list(eos)) if eos else np.zeros(n, bool)
     yield [[int(t)] for t in first[:n]]
 
     loop = model.decode_loop(chunk)
-    eos_ids = jnp.asarray(_eos_array(eos))
     tokens, positions, cache = pre.tokens, pre.lengths, pre.cache
-    done = jax.device_put(done, NamedSharding(model.mesh, P(BATCH_AXES)))
     total, dispatched, pending = pre.max_new_tokens - 1, 0, []
     while not finished.all():
         while dispatched < total and len(pending) < 2:  # one chunk runs while the one before is read
-            budget = min(chunk, total - dispatched)
-            tokens, positions, cache, done, new, steps = loop(
-                model.state, cache, tokens, positions, done, jnp.int32(1 + dispatched), jnp.int32(budget),
-                opts.key, opts.temperature, opts.top_p, eos_ids,
+            tokens, positions, cache, new = loop(
+                model.state, cache, tokens, positions, jnp.int32(1 + dispatched), opts.key, opts.temperature,
+                opts.top_p,
             )  # fmt: skip
-            pending.append((new, steps))
-            dispatched += budget
+            pending.append((new, min(chunk, total - dispatched)))  # the steps past the budget are dropped
+            dispatched += chunk
         if not pending:
             return
         new, steps = pending.pop(0)
         out = []
-        for i, row in enumerate(np.asarray(new)[:n, : int(steps)]):
+        for i, row in enumerate(np.asarray(new)[:n, :steps]):
             seq = []
             for tok in row if not finished[i] else ():
                 seq.append(int(tok))
@@ -403,8 +390,10 @@ def generate(
     """Generate up to ``max_new_tokens`` new tokens for each prompt.
 
     The prefill is one call; decoding runs on the device, ``chunk_size`` steps per call (a
-    ``lax.while_loop`` that stops once every sequence has sampled an EOS or the budget is spent),
-    and the host reads the tokens back once per chunk.
+    ``lax.fori_loop``), two calls queued at a time, and the host reads the tokens back once per chunk
+    and stops dispatching once every sequence has sampled an EOS or the budget is spent (the chunk
+    already queued then runs to its end: up to ``2 * chunk_size - 1`` steps computed past the last
+    EOS, never returned).
 
     Args:
       model: from :func:`models.from_pretrained`.

@@ -6,9 +6,9 @@ says) and builds, once per model, one ``jax.jit(spmd.shard_map(...))`` per entry
 * ``score``: logits for every position, ``f32[batch, tokens, vocab]``;
 * ``prefill``: right-padded prompts -> the first sampled token per sequence and a new KV cache
   (compiled once per batch / prompt-length / cache-length bucket);
-* ``decode``: up to ``chunk`` tokens per sequence against the cache in one call, a ``lax.while_loop``
-  on the device that stops on EOS or the token budget; the cache donated (compiled once per batch
-  bucket, cache length and chunk).
+* ``decode``: ``chunk`` tokens per sequence against the cache in one call, a ``lax.fori_loop`` on
+  the device (a static trip count: no per-step host sync); the cache donated (compiled once per
+  batch bucket, cache length and chunk).
 
 Sampling (greedy at temperature 0, else temperature + top-p, seeded per sequence) runs in the same
 jitted step, so the host dispatches once per chunk, not once per token. Sequences are split over ("dp", "ep")
@@ -186,60 +186,50 @@ class CausalLM:
         return self._steps["prefill"]
 
     def decode_loop(self, chunk: int):
-        """Up to ``chunk`` decode steps in one call, on the device (a ``lax.while_loop`` inside the sharded step).
+        """``chunk`` decode steps in one call, on the device (a ``lax.fori_loop`` inside the sharded step).
 
-        ``(state, cache, tokens int32[B], positions int32[B], done bool[B], start int32, budget int32, key,
-        temperature, top_p, eos int32[E]) -> (tokens, positions, cache, done, new int32[B, chunk], steps int32)``
+        ``(state, cache, tokens int32[B], positions int32[B], start int32, key, temperature, top_p)
+        -> (tokens, positions, cache, new int32[B, chunk])``
 
-        Each step feeds the last tokens at ``positions``, writes them into the cache (donated), samples
-        the next ones with ``fold_in(key, start + i)`` and stores them in column ``i`` of ``new``. The loop
-        stops after ``min(budget, chunk)`` steps or once every row is ``done`` (a row is done once it
-        sampled a token in ``eos``; pass padding rows done); ``steps`` says how many ran (columns past
-        it hold -1). Every device runs the same number of steps (the stop test is reduced over the batch
-        axes), so the TP and EP collectives inside the step stay in step.
+        Step ``i`` feeds the last tokens at ``positions`` (clamped to the cache: steps past a caller's
+        budget compute garbage but never write outside it), writes them into the cache (donated),
+        samples the next ones with ``fold_in(key, start + i)`` and stores them in column ``i`` of
+        ``new``. The trip count is static: XLA runs the loop without reading a flag back to the host
+        each step, and the call returns at once (the host can queue the next chunk while this one
+        runs). Stopping on EOS or at a token budget is the caller's: it reads ``new`` per chunk.
         """
         if chunk not in self._steps.setdefault("decode", {}):
             graphdef = self.graphdef
             cache_specs = self.cache_specs()
 
-            def per_device(state, cache, tokens, positions, done, start, budget, key, temperature, top_p, eos):
+            def per_device(state, cache, tokens, positions, start, key, temperature, top_p):
                 module = nnx.merge(graphdef, state)
-                b = tokens.shape[0]
+                b, last = tokens.shape[0], cache.keys[0].shape[2] - 1 if cache.keys else 0
                 rows = spmd.axis_index(BATCH_AXES) * b + jnp.arange(b, dtype=jnp.int32)
 
-                def all_done(done):
-                    return spmd.all_reduce(jnp.sum(~done, dtype=jnp.int32), BATCH_AXES) == 0
-
-                def cond(carry):
-                    i, *_, finished = carry
-                    return (i < jnp.minimum(budget, chunk)) & ~finished
-
-                def body(carry):
-                    i, tokens, positions, cache, done, new, _ = carry
-                    logits, cache = module.decode(tokens, positions, cache)
+                def body(i, carry):
+                    tokens, positions, cache, new = carry
+                    logits, cache = module.decode(tokens, jnp.minimum(positions, last), cache)
                     nxt = sample_tokens(logits, jax.random.fold_in(key, start + i), temperature, top_p, rows)
                     new = lax.dynamic_update_slice(new, nxt[:, None], (0, i))
-                    done = done | jnp.isin(nxt, eos)
-                    return i + 1, nxt, positions + 1, cache, done, new, all_done(done)
+                    return nxt, positions + 1, cache, new
 
                 new = jnp.full((b, chunk), -1, jnp.int32)
-                carry = (jnp.int32(0), tokens, positions, cache, done, new, all_done(done))
-                steps, tokens, positions, cache, done, new, _ = lax.while_loop(cond, body, carry)
-                return tokens, positions, cache, done, new, steps
+                return lax.fori_loop(0, chunk, body, (tokens, positions, cache, new))
 
             rows, scalar = P(BATCH_AXES), P()
             sharded = self._shard_map(
                 per_device,
-                (cache_specs, rows, rows, rows, scalar, scalar, scalar, scalar, scalar, scalar),
-                (rows, rows, cache_specs, rows, P(BATCH_AXES, None), scalar),
+                (cache_specs, rows, rows, scalar, scalar, scalar, scalar),
+                (rows, rows, cache_specs, P(BATCH_AXES, None)),
             )
 
-            def step(state, cache, tokens, positions, done, start, budget, key, temperature, top_p, eos):
+            def step(state, cache, tokens, positions, start, key, temperature, top_p):
                 self.trace_counts["decode"] += 1
-                return sharded(state, cache, tokens, positions, done, start, budget, key, temperature, top_p, eos)
+                return sharded(state, cache, tokens, positions, start, key, temperature, top_p)
 
             shard = self._shardings
-            out = (shard(rows), shard(rows), shard(cache_specs), shard(rows), shard(P(BATCH_AXES, None)), shard(P()))
+            out = (shard(rows), shard(rows), shard(cache_specs), shard(P(BATCH_AXES, None)))
             self._steps["decode"][chunk] = jax.jit(step, donate_argnums=(1,), out_shardings=out)
         return self._steps["decode"][chunk]
 

@@ -304,3 +304,36 @@ def test_kv_ipc_bench_refuses_a_size_the_cache_cannot_have(tmp_path):
 def test_fused_norm_bench_needs_a_gpu(tmp_path):
     r = _run("spmd.bench.fused_norm", "--rows", "1", cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "needs a GPU" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# models.bench_decode and models.bench_gemv (CPU smoke runs: every row checks, times and is written)
+
+
+def test_decode_bench_times_the_loop_and_the_generate_path(tmp_path):
+    out = tmp_path / "decode.json"
+    r = _run(
+        "models.bench_decode",
+        *("--platform", "cpu", "--tp", "1,2", "--batches", "1", "--all-reduce", "psum", "--kernels", "xla"),
+        *("--chunk", "4", "--generate-tokens", "6", "--iters", "2", "--repeats", "1", "--json", str(out)),
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads(out.read_text())["results"]
+    phases = {(row["tp"], row["phase"]) for row in rows}
+    assert phases == {(t, p) for t in (1, 2) for p in ("allreduce", "decode", "generate", "prefill")}
+    for row in rows:
+        assert row["ok"] and row["us"] > 0
+        if row["phase"] in ("decode", "generate"):
+            assert row["kernels_per_step"] > 0 and row["roofline_us"] > 0 and row["tok_per_s"] > 0
+        if row["phase"] == "prefill":
+            assert 0 < row["mfu_pct"] < 100
+
+
+def test_gemv_bench_checks_every_tiling_it_times(tmp_path):
+    out = tmp_path / "gemv.json"
+    r = _run("models.bench_gemv", "--platform", "cpu", "--only", "qkv", "--json", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["product"] == "qkv" and row["tried"] and all(t["rel_err"] < 1e-2 for t in row["tried"])
+    assert row["best_us"] == min(t["us"] for t in row["tried"])

@@ -67,27 +67,36 @@ def test_eos_ends_each_sequence_at_its_own_step(ckpt):
         assert seq == (ref if j is None else ref[: j + 1])
 
 
-def test_the_device_loop_stops_once_every_sequence_is_done(ckpt):
-    """The while_loop exits at the step where the last sequence samples an EOS, not at the budget."""
+def test_one_call_runs_a_static_chunk_of_reference_steps(ckpt):
+    """The loop's call: ``chunk`` greedy steps from the prefill, column i the token of step i (the reference's)."""
+    model = _model(ckpt, 2, 4)
+    pre = prefill(model, ckpt["prompts"], NEW_TOKENS)
+    loop = model.decode_loop(NEW_TOKENS - 1)
+    tokens, positions, _, new = loop(
+        model.state, pre.cache, pre.tokens, pre.lengths, jnp.int32(1), jax.random.key(0), jnp.float32(0),
+        jnp.float32(1),
+    )  # fmt: skip
+    new = np.asarray(new)
+    for i, ref in enumerate(ckpt["greedy"]):
+        np.testing.assert_array_equal(new[i], ref[1:])
+    np.testing.assert_array_equal(np.asarray(tokens)[:3], new[:3, -1])
+    np.testing.assert_array_equal(np.asarray(positions), np.asarray(pre.lengths) + NEW_TOKENS - 1)
+
+
+def test_host_stops_dispatching_once_every_sequence_is_done(ckpt):
+    """After the chunk in which the last sequence samples its EOS, at most the one already queued runs."""
     model = _model(ckpt, 2, 4)
     greedy = ckpt["greedy"]
     eos = [greedy[0][3], greedy[1][3], greedy[2][3]]
-    last = max(_first_seen(g, eos) for g in greedy)  # the step (in new tokens) that finishes the batch
-    pre = prefill(model, ckpt["prompts"], NEW_TOKENS)
-    n = pre.num_prompts
-    done = np.arange(np.shape(pre.tokens)[0]) >= n
-    done[:n] |= np.isin(np.asarray(pre.tokens)[:n], eos)
-    loop = model.decode_loop(16)
-    eos_ids = jnp.asarray(np.array([*eos, -1], np.int32))
-    *_, new, steps = loop(
-        model.state, pre.cache, pre.tokens, pre.lengths, jnp.asarray(done), jnp.int32(1), jnp.int32(NEW_TOKENS - 1),
-        jax.random.key(0), jnp.float32(0), jnp.float32(1), eos_ids,
-    )  # fmt: skip
-    assert int(steps) == last  # decode steps = new tokens after the prefill's first
-    new = np.asarray(new)
-    assert (new[:, last:] == -1).all()
-    for i, ref in enumerate(greedy):
-        np.testing.assert_array_equal(new[i, :last], ref[1 : last + 1])
+    last = max(_first_seen(g, eos) for g in greedy)  # the new-token index that ends the batch
+    chunk, budget = 2, 40
+    loop = model.decode_loop(chunk)
+    calls = []
+    model._steps["decode"][chunk] = lambda *a: calls.append(1) or loop(*a)
+    out = models.generate(model, ckpt["prompts"], budget, eos_token_id=eos, chunk_size=chunk)
+    assert out == [g[: _first_seen(g, eos) + 1] for g in greedy]
+    needed = -(-last // chunk)  # the chunks that hold decode steps 1 .. last
+    assert needed <= len(calls) <= needed + 1 < (budget - 1) // chunk
 
 
 def test_with_stats_counts_the_steps_that_ran(ckpt):
