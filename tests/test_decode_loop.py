@@ -212,3 +212,26 @@ def test_decode_with_the_decode_kernels_matches_reference(tp, dp, monkeypatch):
     assert xla == out and not traced and not attended
     with pytest.raises(ValueError, match=r"with_kernels: expected one of \('auto', 'xla', 'pallas', 'interp"):
         model.with_kernels("gpu")
+
+
+def test_steps_past_the_budget_stay_inside_the_cache(monkeypatch, rng):
+    """A chunk longer than the budget computes extra steps: they must not write past the cache's last row
+    (the GPU kernel's store has no bounds check), and the tokens returned are the budget's."""
+    import kernels.decode_attention
+
+    config = llama_config(hidden_size=128, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
+    seen = []
+    real = kernels.decode_attention.decode_attention
+
+    def spy(qkv, k_cache, v_cache, positions, *a, **kw):
+        jax.debug.callback(lambda p, s=k_cache.shape[2]: seen.append((int(p.max()), s)), positions)
+        return real(qkv, k_cache, v_cache, positions, *a, **kw)
+
+    monkeypatch.setattr(kernels.decode_attention, "decode_attention", spy)
+    spmd.destroy_model_parallel()
+    init(1)
+    model = models.load_state_dict(config, models.random_checkpoint(config, seed=3)).with_kernels("interpret")
+    prompts = [rng.integers(0, config.vocab_size, 8).tolist()]
+    out = models.generate(model, prompts, 8, chunk_size=16)  # cache of 16 rows, 7 steps budgeted, 16 computed
+    assert len(out[0]) == 8
+    assert seen and all(p < s for p, s in seen) and max(p for p, _ in seen) == 15
