@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 
-__all__ = ["backends_started", "distributed_client", "mesh_platform"]
+__all__ = ["backends_started", "coordinator_address", "distributed_client", "gloo_on_address", "mesh_platform"]
 
 
 def backends_started() -> bool:
@@ -38,6 +38,59 @@ def distributed_client() -> Any:
     from jax._src import distributed
 
     return distributed.global_state.client
+
+
+def coordinator_address() -> str | None:
+    """``host:port`` of the coordination service this process joined (``None`` outside a multi-process job).
+
+    Private: ``jax._src.distributed.global_state.coordinator_address``; it is also what JAX found
+    itself under SLURM or Open MPI, where the caller gave none.
+    """
+    try:
+        from jax._src import distributed
+    except ImportError:  # pragma: no cover - a JAX without the private module
+        return None
+    address = getattr(distributed.global_state, "coordinator_address", None)
+    return address if isinstance(address, str) and address else None
+
+
+def gloo_on_address(hostname: str) -> bool:
+    """Have the CPU backend's gloo collectives bind to, and advertise, ``hostname`` (an address or a name).
+
+    JAX builds gloo with the machine's hostname, which often resolves to loopback (containers,
+    Debian's ``127.0.1.1`` line, hosts sharing a name): then processes on other hosts dial
+    themselves. jaxlib's ``make_gloo_tcp_collectives(distributed_client, hostname=None,
+    interface=None)`` takes the address (the same signature in JAX 0.10.2 through 0.12), but
+    ``jax._src.xla_bridge.make_cpu_client`` calls it without one; so this registers a CPU backend
+    factory that builds gloo with ``hostname`` and hands it to ``make_cpu_client(collectives=...)``
+    (its public argument). Other implementations (``jax_cpu_collectives_implementation`` "mpi")
+    and a process outside a multi-process job get JAX's own client, unchanged.
+
+    Private: ``jax._src.xla_bridge.register_backend_factory`` / ``make_cpu_client``,
+    ``jax._src.distributed.global_state`` and ``jax._src.lib._jax.make_gloo_tcp_collectives``.
+    Call it before JAX starts its backends (the factory runs when they start).
+
+    Returns:
+      Whether the factory was registered (``False`` when this JAX lacks one of the private names:
+      gloo then uses the machine's hostname, as without this call).
+    """
+    try:
+        from jax._src import distributed, xla_bridge
+        from jax._src.lib import _jax
+
+        make_gloo = _jax.make_gloo_tcp_collectives
+        make_cpu_client, register = xla_bridge.make_cpu_client, xla_bridge.register_backend_factory
+    except (ImportError, AttributeError):  # pragma: no cover - a JAX that moved them: JAX's default gloo
+        return False
+
+    def cpu_client() -> Any:
+        client = distributed.global_state.client
+        if client is None or jax.config.jax_cpu_collectives_implementation != "gloo":
+            return make_cpu_client()
+        return make_cpu_client(collectives=make_gloo(distributed_client=client, hostname=hostname))
+
+    register("cpu", cpu_client, priority=0, fail_quietly=False)
+    return True
 
 
 def mesh_platform(mesh: Any) -> str:

@@ -9,17 +9,16 @@ collectives (NCCL on GPU, gloo on CPU) span processes. Nothing here changes proc
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 
-from spmd import compat
+from spmd import compat, net
 from spmd.envs import SpmdEnv
 
-__all__ = ["distributed_is_initialized", "init_distributed_environment"]
+__all__ = ["distributed_is_initialized", "init_distributed_environment", "job_host_address"]
 
 
 class _Joined:
@@ -34,13 +33,19 @@ def distributed_is_initialized() -> bool:
 
 
 def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return net.is_loopback(address.rpartition(":")[0].strip("[]"))
+
+
+def job_host_address(configured: str | None) -> net.HostAddress | None:
+    """This host's address in the job this process joined (:func:`spmd.net.host_address`); ``None``: loopback.
+
+    Args:
+      configured: ``SPMD_HOST_ADDRESS`` as :mod:`spmd.envs` parsed it (or ``None``).
+
+    Raises:
+      ValueError: the address is a loopback one but the coordinator is not (set ``SPMD_HOST_ADDRESS``).
+    """
+    return net.host_address(compat.coordinator_address(), configured)
 
 
 def _cuda_possible() -> bool:
@@ -83,7 +88,10 @@ def init_distributed_environment(
     process and there is nothing to start.
 
     The coordination service binds to the coordinator's own address when that is a loopback
-    address (one host), and to every interface only when a non-loopback address was given. A
+    address (one host), and to every interface only when a non-loopback address was given.
+    gloo (the CPU collectives across processes) binds to and advertises this host's address
+    (:func:`spmd.net.host_address`): ``SPMD_HOST_ADDRESS`` when set, else the local address of the
+    route to the coordinator, else the hostname; loopback when the coordinator is on loopback. A
     multi-process job that may run on NVIDIA GPUs (a CUDA plugin installed, not excluded by
     ``JAX_PLATFORMS``) gets ``--xla_gpu_shard_autotuning=false`` in ``XLA_FLAGS`` unless it sets
     the flag already: the custom all-reduce's cross-process peer buffers need it.
@@ -97,6 +105,9 @@ def init_distributed_environment(
       timeout_s: seconds to wait for every process to join.
 
     Raises:
+      ValueError: this host's address is a loopback one while the coordinator is not (the other
+        hosts would dial themselves; set ``SPMD_HOST_ADDRESS``), or ``coordinator_address`` is not
+        ``host:port``.
       RuntimeError: JAX already started its backend in this process (an array was made or a
         computation ran), so devices can no longer be configured or a job joined; or joining failed.
     """
@@ -125,6 +136,9 @@ def init_distributed_environment(
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if multi and not cpu and _cuda_possible():
         _no_sharded_autotuning()
+    address = None
+    if multi and coordinator_address is not None:  # before joining: a host that others cannot reach fails here
+        address = net.host_address(coordinator_address, env.host_address)
     if multi:
         kwargs: dict[str, Any] = {"initialization_timeout": int(timeout)}
         if explicit:
@@ -140,4 +154,19 @@ def init_distributed_environment(
                 f"init_distributed_environment: could not join the job (coordinator {coordinator_address}, "
                 f"process {process_id} of {num_processes}, timeout {timeout} s): {type(e).__name__}: {e}"
             ) from e
+        if coordinator_address is None:  # SLURM / Open MPI: JAX found the coordinator
+            address = job_host_address(env.host_address)
+        _gloo_address(address, compat.coordinator_address() or coordinator_address)
     _Joined.done = True
+
+
+def _gloo_address(address: net.HostAddress | None, coordinator: str | None) -> None:
+    """Give gloo this host's address: ``address.advertise``, or the coordinator's loopback host on one host."""
+    if address is not None:
+        host = address.advertise
+    elif coordinator is not None and net.is_loopback(coordinator.rpartition(":")[0].strip("[]")):
+        host = coordinator.rpartition(":")[0].strip("[]")
+        host = "127.0.0.1" if host.lower().startswith("localhost") else host
+    else:
+        return
+    compat.gloo_on_address(host)

@@ -17,7 +17,8 @@ by SLURM, by Open MPI) may set them itself or leave them unset and let
 | ``SPMD_COLLECTIVE_TIMEOUT_S`` | seconds any host-level wait may block, every side (default 300; float) |
 | ``SPMD_HOST_MAX_BYTES`` | most bytes of arrays (or of JSON tree) one host-level message may carry (default 4 GiB) |
 | ``SPMD_HOST_TRANSPORT`` | host-level messages over ``auto`` (default), ``tcp`` or ``store``; the same everywhere |
-| ``SPMD_HOST_ADDRESS`` | this host's address, reachable by the others: listen there, not on loopback (no wildcard) |
+| ``SPMD_HOST_ADDRESS`` | this host's address, reachable by the others: gloo and the host-level connections use it |
+| ``SPMD_ALLOW_WILDCARD_HOST_ADDRESS`` | ``1``: ``SPMD_HOST_ADDRESS`` may be a wildcard (``0.0.0.0``, ``::``) |
 
 Also read: ``SLURM_NTASKS``, ``OMPI_COMM_WORLD_SIZE``, ``PMI_SIZE`` (a cluster manager started
 several processes: ``jax.distributed.initialize`` then finds the coordinator itself).
@@ -27,13 +28,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import ipaddress
 import math
 import os
-import socket
 from collections.abc import Mapping
 
+from spmd.net import is_wildcard
+
 __all__ = ["HOST_TRANSPORTS", "SpmdEnv", "host_env"]
+
+_ALLOW_WILDCARD = "SPMD_ALLOW_WILDCARD_HOST_ADDRESS"
 
 HOST_TRANSPORTS = ("auto", "tcp", "store")
 """Values of ``SPMD_HOST_TRANSPORT`` (see :mod:`spmd.host`)."""
@@ -90,23 +93,27 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str 
     return raw.lower()
 
 
-def _address(env: Mapping[str, str], name: str) -> str | None:
-    """A host name or IP address (IPv6 with or without brackets), never a wildcard such as ``0.0.0.0``."""
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"environment variable {name}={env[name]!r}: expected 1 or 0 (true/false, yes/no, on/off).")
+
+
+def _address(env: Mapping[str, str], name: str, *, allow_wildcard: bool) -> str | None:
+    """A host name or IP address (IPv6 with or without brackets); a wildcard (``0.0.0.0``) only if allowed."""
     raw = env.get(name, "").strip()
     if not raw:
         return None
     host = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw
-    try:
-        wildcard = ipaddress.ip_address(host).is_unspecified
-    except ValueError:  # a host name, or a short IPv4 form the socket calls accept ("0" is 0.0.0.0)
-        try:
-            wildcard = socket.inet_aton(host) == bytes(4)
-        except OSError:
-            wildcard = host in ("", "*")
-    if wildcard:
+    if host in ("*", "") or (is_wildcard(host) and not allow_wildcard):
         raise ValueError(
             f"environment variable {name}={raw!r}: expected this host's address that the other processes can reach "
-            f"(e.g. 10.0.0.5), not a wildcard."
+            f"(e.g. 10.0.0.5), not a wildcard: a wildcard listens on every interface, so every network this host "
+            f"is on can reach the port. To listen on every interface all the same, also set "
+            f"{_ALLOW_WILDCARD}=1 (the address the others dial is then chosen as without {name})."
         )
     return host
 
@@ -149,14 +156,20 @@ class SpmdEnv:
             collective_timeout_s=300.0 if coll_timeout is None else coll_timeout,
             host_max_bytes=(4 << 30) if host_max_bytes is None else host_max_bytes,
             host_transport=host_transport or "auto",
-            host_address=_address(env, "SPMD_HOST_ADDRESS"),
+            host_address=_address(env, "SPMD_HOST_ADDRESS", allow_wildcard=_flag(env, _ALLOW_WILDCARD)),
             cluster_launched=any(
                 (_int(env, name) or 1) > 1 for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
             ),
         )
 
 
-_HOST_VARS = ("SPMD_COLLECTIVE_TIMEOUT_S", "SPMD_HOST_MAX_BYTES", "SPMD_HOST_TRANSPORT", "SPMD_HOST_ADDRESS")
+_HOST_VARS = (
+    "SPMD_COLLECTIVE_TIMEOUT_S",
+    "SPMD_HOST_MAX_BYTES",
+    "SPMD_HOST_TRANSPORT",
+    "SPMD_HOST_ADDRESS",
+    _ALLOW_WILDCARD,
+)
 
 
 def host_env() -> SpmdEnv:

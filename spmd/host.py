@@ -70,6 +70,7 @@ import jax
 import numpy as np
 
 from spmd import compat, host_net
+from spmd.distributed import job_host_address
 from spmd.envs import SpmdEnv, host_env
 from spmd.wire import (
     ALLOWED_DTYPES,
@@ -257,7 +258,9 @@ class _Meshes:
         if m is None or m.client is not client or (m.me, m.n_proc) != (me, n_proc):
             if m is not None:
                 m.close()
-            m = self.mesh = host_net.Mesh(client, me, n_proc, host_net.NetConfig(env.host_transport, env.host_address))
+            address = job_host_address(env.host_address)  # None: one host, loopback
+            config = host_net.NetConfig(env.host_transport, address and address.advertise, address and address.bind)
+            m = self.mesh = host_net.Mesh(client, me, n_proc, config)
         return m
 
 

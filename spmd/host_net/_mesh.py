@@ -1,8 +1,8 @@
 """Setting up the direct connections: addresses in the key-value store, the transport decision, the mesh.
 
 Lazily, inside the first host-level call, bounded by its deadline, and resumable if that call
-fails. Every process binds a listening socket: to loopback, or to ``SPMD_HOST_ADDRESS`` when the
-user gives one (never to a wildcard address). It publishes ``{host, port, machine}`` in the
+fails. Every process binds a listening socket: to loopback, or across hosts to this host's address
+(:func:`spmd.net.host_address`; a wildcard only if allowed). It publishes ``{host, port, machine}`` in the
 key-value store (the trust root; ``machine`` is the hostname, boot id and network namespace), and
 process 0 publishes a random 32-byte secret. Every process reads every record and makes the same
 decision: direct connections when every process runs on this machine (same ``machine``) or every
@@ -51,11 +51,13 @@ class NetConfig:
       transport: ``auto`` (direct connections where every process can reach every other, else the
         key-value store), ``tcp`` (direct connections or an error) or ``store``.
       address: an address of this host that the other processes can reach, to listen on instead of
-        loopback; ``None``: loopback.
+        loopback (and to publish); ``None``: loopback.
+      bind: where to listen when that differs from ``address`` (a wildcard the user allowed).
     """
 
     transport: str = "auto"
     address: str | None = None
+    bind: str | None = None
 
     def __post_init__(self) -> None:
         if self.transport not in HOST_TRANSPORTS:
@@ -189,10 +191,11 @@ class Mesh:
         if self._records.get(self.me):
             return
         host = self.config.address or "127.0.0.1"
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        bind = self.config.bind or host
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:
-            listener.bind((host, 0))
+            listener.bind((bind, 0))
             listener.listen(max(8, self.n_proc))
             record = {"v": VERSION, "host": host, "port": listener.getsockname()[1], "machine": machine()}
             record["explicit"] = self.config.address is not None
