@@ -14,10 +14,13 @@ process prints is prefixed with ``[rank N]``.
 Exit codes: 0 when every rank exits 0; otherwise the first rank to fail (by time of exit) is
 named and decides the code: its own exit code (``rank 1 exited with code 3``), or ``128 + S`` when
 signal ``S`` killed it (``rank 1 was killed by SIGKILL`` -> 137). The launcher then stops the
-others (SIGTERM to each rank's process group, SIGKILL after 3 s). SIGINT (Ctrl-C), SIGTERM and
+others (SIGTERM to each rank's whole process group, so the processes a rank forked stop too, SIGKILL
+after 3 s; it never waits longer on their output). SIGINT (Ctrl-C), SIGTERM and
 SIGHUP to the launcher stop every rank (SIGTERM or SIGHUP is forwarded as is) and exit
 ``128 + signal`` (130, 143, 129); ``--timeout`` bounds the whole run (124); a script that does not
-exist, or bad arguments, exit 2 before any rank starts.
+exist, or bad arguments, exit 2 before any rank starts: ``--coordinator`` must be ``HOST:PORT`` with
+a host that resolves and a port from 1 to 65535 that, on node 0, is free; ``--timeout`` a positive,
+finite number of seconds.
 
 ``--backend ray`` runs the ranks as Ray actors through :func:`spmd.ray.run` (joining the cluster
 at ``--ray-address``, ``RAY_ADDRESS`` or the one ``ray start`` started here, else starting a local
@@ -28,17 +31,21 @@ cluster that cannot be joined exits 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.machinery
+import math
 import os
 import pathlib
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
 
+from spmd import net
 from spmd.net import free_port
 
 __all__ = ["free_port", "main"]
@@ -46,6 +53,7 @@ __all__ = ["free_port", "main"]
 _GRACE_S = 3.0  # JAX catches SIGTERM (preemption notice), so SIGKILL follows soon
 _FORWARDED = (signal.SIGTERM, signal.SIGHUP)
 _RAY_LOG_DRAIN_S = 1.0
+_PUMP_DRAIN_S = 0.5  # at most this long for the ranks' last output once they are stopped
 _RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launch_runner.py")
 
 
@@ -124,15 +132,57 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--node-rank {a.node_rank} is out of range for --nnodes {a.nnodes}")
     if a.nnodes > 1 and not a.coordinator:
         p.error("--coordinator HOST:PORT is required with --nnodes > 1 (the address of node 0, reachable from all)")
-    if a.coordinator and ":" not in a.coordinator:
-        p.error(f"--coordinator must be HOST:PORT, got {a.coordinator!r}")
+    if a.coordinator:
+        problem = _coordinator_problem(a.coordinator, serve=a.node_rank == 0)
+        if problem:
+            p.error(problem)
     for name in ("cpu_devices_per_process", "devices_per_process"):
         v = getattr(a, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
-    if a.timeout is not None and a.timeout <= 0:
-        p.error(f"--timeout must be positive, got {a.timeout}")
+    if a.timeout is not None and not (math.isfinite(a.timeout) and a.timeout > 0):
+        p.error(f"--timeout must be a positive, finite number of seconds, got {a.timeout}")
     return a
+
+
+def _coordinator_problem(address: str, *, serve: bool) -> str | None:
+    """What is wrong with ``--coordinator`` (``None``: nothing): its form, its host, and, on node 0, its port.
+
+    Node 0's rank 0 serves the coordination service there: JAX binds the address itself when it is
+    a loopback one, else every interface. A port that is taken would crash that rank, so it is
+    tried here first (nothing else can take it between this check and the bind but a race).
+    """
+    try:
+        host, port = net.split_host_port(address, what="--coordinator")
+    except ValueError as e:
+        return str(e)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        return f"--coordinator {address}: cannot resolve the host {host!r} ({e}); give node 0's address or name"
+    if not serve:
+        return None
+    loopback = net.is_loopback(host)
+    binds = [(host, port)] if loopback else [("::", port), ("0.0.0.0", port)]  # JAX binds [::]:port there
+    for where in binds:
+        family = socket.AF_INET6 if ":" in where[0] else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the gRPC server: TIME_WAIT is no conflict
+                s.bind(where)
+            return None
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (
+                    f"--coordinator {address}: port {port} is already in use on this host (node 0 serves the "
+                    f"coordination service there); pick a free port"
+                )
+            if e.errno == errno.EACCES:
+                return f"--coordinator {address}: no permission to listen on port {port} here; pick a port above 1023"
+            if not loopback and where[0] == "::":  # no IPv6 here: JAX then binds IPv4 (tried next)
+                continue
+            return f"--coordinator {address}: cannot listen there on node 0 ({e}); give an address of this host"
+    return None
 
 
 def _env_for(a: argparse.Namespace, local_rank: int, coordinator: str) -> dict[str, str]:
@@ -167,24 +217,40 @@ def _pump(stream, prefix: str, lock: threading.Lock) -> None:
     stream.close()
 
 
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to process group ``pgid``; whether the group still had a member."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member changed its credentials: the rest of the group is already signalled
+        return True
+
+
 def _stop(procs: list[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
-    """Send ``sig`` to every live process (its whole process group), then SIGKILL what is left."""
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                pass
+    """Stop every rank's whole process group (children a rank forked too): ``sig``, then SIGKILL after the grace.
+
+    Each rank leads its own group (``start_new_session``), so its group id is its pid, which
+    Linux does not hand to a new process while the group has a member, even after the rank
+    itself exited. Waits at most ``_GRACE_S`` in all.
+    """
+    groups = [p.pid for p in procs]
+    live = [g for g in groups if _signal_group(g, sig)]
     deadline = time.monotonic() + _GRACE_S
     for p in procs:
         try:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
+            pass
+    while live and time.monotonic() < deadline:  # the ranks' children, which this process cannot wait for
+        live = [g for g in live if _signal_group(g, 0)]
+        if live:
+            time.sleep(0.02)
+    for g in live:
+        _signal_group(g, signal.SIGKILL)
+    for p in procs:
+        p.wait()
 
 
 def _say(msg: str) -> None:
@@ -391,8 +457,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = {**_set_handlers(signal.SIG_IGN, (signal.SIGINT, *_FORWARDED)), **previous}
         try:
             _stop(procs, stop_signal)
+            # Every rank's group is gone, so its pipe is closed unless a process that left the group
+            # (setsid) still holds it: read what is left, briefly, never seconds.
+            pumps_deadline = time.monotonic() + _PUMP_DRAIN_S
             for t in pumps:
-                t.join(timeout=2.0)
+                t.join(timeout=max(0.0, pumps_deadline - time.monotonic()))
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
