@@ -228,6 +228,29 @@ def _signal_group(pgid: int, sig: int) -> bool:
         return True
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether process group ``pgid`` has a member that is not a zombie.
+
+    An orphan that exited stays a zombie until an init process reaps it, and some container init
+    processes never do; ``killpg(pgid, 0)`` counts zombies, so on Linux the members are read from /proc.
+    """
+    if not _signal_group(pgid, 0):
+        return False
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:  # no /proc: trust killpg
+        return True
+    for pid in entries:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
 def _stop(procs: list[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
     """Stop every rank's whole process group (children a rank forked too): ``sig``, then SIGKILL after the grace.
 
@@ -244,7 +267,7 @@ def _stop(procs: list[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
         except subprocess.TimeoutExpired:
             pass
     while live and time.monotonic() < deadline:  # the ranks' children, which this process cannot wait for
-        live = [g for g in live if _signal_group(g, 0)]
+        live = [g for g in live if _group_alive(g)]
         if live:
             time.sleep(0.02)
     for g in live:

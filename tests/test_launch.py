@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -262,3 +264,91 @@ def test_excepthook_is_left_alone_outside_spmd_launch():
     env["JAX_PLATFORMS"] = "cpu"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "hook untouched" in r.stdout, r.stderr[-2000:]
+
+
+# Bad --coordinator / --timeout, and the ranks' children (issue 22, items 15 and 16) -------------------
+
+
+@pytest.fixture
+def taken_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--coordinator", "127.0.0.1:notaport"], r"port must be an integer from 1 to 65535, got 'notaport'"),
+        (["--coordinator", "127.0.0.1:0"], r"from 1 to 65535, got '0'"),
+        (["--coordinator", "127.0.0.1:65536"], r"from 1 to 65535, got '65536'"),
+        (["--coordinator", "127.0.0.1"], r"--coordinator: expected HOST:PORT"),
+        (["--coordinator", "::1:29500"], r"an IPv6 host goes in brackets"),
+        (["--coordinator", "no-such-host.invalid:29500"], r"cannot resolve the host 'no-such-host.invalid'"),
+        (["--coordinator", "127.0.0.1:TAKEN"], r"port TAKEN is already in use on this host"),
+        (["--coordinator", "10.255.255.1:TAKEN"], r"port TAKEN is already in use on this host"),  # JAX binds [::]
+        (["--timeout", "nan"], r"--timeout must be a positive, finite number of seconds, got nan"),
+        (["--timeout", "inf"], r"--timeout must be a positive, finite number of seconds, got inf"),
+        (["--timeout", "-1"], r"--timeout must be a positive, finite number of seconds, got -1"),
+        (["--timeout", "0"], r"--timeout must be a positive, finite number of seconds, got 0"),
+    ],
+)
+def test_a_bad_coordinator_or_timeout_exits_2_before_any_rank_starts(args, match, taken_port, capsys):
+    from spmd import launch
+
+    args = [a.replace("TAKEN", str(taken_port)) for a in args]
+    with pytest.raises(SystemExit) as e:
+        launch.main(["--nproc-per-node", "1", *args, "docs/examples/multi_process.py"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(match.replace("TAKEN", str(taken_port)), err), err
+
+
+def test_a_taken_port_is_only_checked_on_node_0(taken_port):
+    from spmd import launch
+
+    node1 = ["--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "1"]
+    a = launch._parse([*node1, "--coordinator", f"127.0.0.1:{taken_port}", "x.py"])
+    assert a.coordinator == f"127.0.0.1:{taken_port}"
+
+
+FORKS = textwrap.dedent(
+    """
+    import os, pathlib, subprocess, sys, time
+    out = pathlib.Path(sys.argv[1])
+    if os.environ["SPMD_PROCESS_ID"] == "1":
+        child = subprocess.Popen(["sleep", "600"])  # in the rank's process group, holding its stdout
+        away = subprocess.Popen(["sleep", "600"], start_new_session=True)  # left the group, holds stdout too
+        (out / "children").write_text(f"{child.pid} {away.pid}")
+        (out / "exit_time").write_text(repr(time.time()))
+        os._exit(3)
+    time.sleep(600)
+    """
+)
+
+
+def test_stopping_the_ranks_stops_their_children_and_does_not_wait_on_their_pipes(tmp_path):
+    """Rank 1 forks two children and fails: the one in its process group is stopped; the one that left it
+    (setsid) keeps the rank's stdout open, and the launcher still ends within a second."""
+    script = tmp_path / "forks.py"
+    script.write_text(FORKS)
+    pids: list[int] = []
+    try:
+        r = subprocess.run(
+            _launcher("--nproc-per-node", "2", "--timeout", "60", str(script), str(tmp_path)),
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        ended = time.time()
+        pids = [int(p) for p in (tmp_path / "children").read_text().split()]
+        assert r.returncode == 3, r.stderr
+        assert "spmd-launch: rank 1 exited with code 3; stopping ranks [0]" in r.stderr
+        assert _gone_within(pids[:1], 1.0) == [], "a child in a failed rank's process group outlived the job"
+        waited = ended - float((tmp_path / "exit_time").read_text())
+        assert waited < 1.5, f"the launcher took {waited:.1f} s after rank 1 failed"
+    finally:
+        _kill_leftovers(pids)
