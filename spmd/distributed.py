@@ -10,6 +10,7 @@ collectives (NCCL on GPU, gloo on CPU) span processes. Nothing here changes proc
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,7 +110,8 @@ def init_distributed_environment(
         hosts would dial themselves; set ``SPMD_HOST_ADDRESS``), or ``coordinator_address`` is not
         ``host:port``.
       RuntimeError: JAX already started its backend in this process (an array was made or a
-        computation ran), so devices can no longer be configured or a job joined; or joining failed.
+        computation ran), so devices can no longer be configured or a job joined; the coordination
+        service did not come up within ``timeout_s`` (processes other than 0 wait for it); or joining failed.
     """
     if _Joined.done:
         return
@@ -140,7 +142,11 @@ def init_distributed_environment(
     if multi and coordinator_address is not None:  # before joining: a host that others cannot reach fails here
         address = net.host_address(coordinator_address, env.host_address)
     if multi:
-        kwargs: dict[str, Any] = {"initialization_timeout": int(timeout)}
+        started = time.monotonic()
+        if coordinator_address is not None and process_id:  # it may start before process 0: wait, bounded
+            _wait_for_coordinator(coordinator_address, timeout)
+        left = max(1, round(timeout - (time.monotonic() - started)))
+        kwargs: dict[str, Any] = {"initialization_timeout": left}
         if explicit:
             kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
             if coordinator_address is not None and _is_loopback(coordinator_address):
@@ -158,6 +164,26 @@ def init_distributed_environment(
             address = job_host_address(env.host_address)
         _gloo_address(address, compat.coordinator_address() or coordinator_address)
     _Joined.done = True
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Wait until the coordination service at ``address`` accepts connections (process 0 may start later).
+
+    JAX's own client ends the process (SIGABRT, in C++) when the service is not there in time; this
+    wait turns that into an error that says what to do.
+
+    Raises:
+      RuntimeError: nothing listened there within ``timeout_s``.
+    """
+    host, port = net.split_host_port(address, what="the coordinator address")
+    last = net.wait_until_listening(host, port, timeout_s)
+    if last is not None:
+        raise RuntimeError(
+            f"init_distributed_environment: the coordination service at {address} (process 0 serves it) did not "
+            f"accept connections within {timeout_s:g} s (last: {last}). Start process 0 (on node 0: spmd-launch "
+            f"--node-rank 0), check that this host reaches {host} (routes, firewall), or raise SPMD_INIT_TIMEOUT_S "
+            f"(spmd-launch --timeout)."
+        )
 
 
 def _gloo_address(address: net.HostAddress | None, coordinator: str | None) -> None:

@@ -14,8 +14,18 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import socket
+import time
 
-__all__ = ["HostAddress", "free_port", "host_address", "is_loopback", "is_wildcard", "route_address", "split_host_port"]
+__all__ = [
+    "HostAddress",
+    "free_port",
+    "host_address",
+    "is_loopback",
+    "is_wildcard",
+    "route_address",
+    "split_host_port",
+    "wait_until_listening",
+]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -104,6 +114,26 @@ def route_address(host: str, port: int) -> str | None:
         if not is_wildcard(local):
             return local
     return None
+
+
+def wait_until_listening(host: str, port: int, timeout_s: float) -> str | None:
+    """Wait until something accepts TCP connections at ``host:port`` (connect, then close at once).
+
+    Returns:
+      ``None`` once it did, within ``timeout_s`` (one deadline); else the last error, as text.
+    """
+    deadline = time.monotonic() + timeout_s
+    last = "nothing tried"
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return last
+        try:
+            with socket.create_connection((host, port), timeout=min(1.0, left)):
+                return None
+        except OSError as e:  # refused while the server starts, unreachable, or timed out
+            last = f"{type(e).__name__}: {e}"
+        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import socket
 import threading
+import time
 
 import pytest
 from test_host_net import Job
@@ -252,9 +253,12 @@ def test_init_gives_gloo_the_address_and_refuses_loopback_before_joining(monkeyp
     monkeypatch.setattr(distributed, "_cuda_possible", lambda: False)
     monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: joined.append(kw))
     monkeypatch.setattr(net, "route_address", lambda h, p: "10.77.0.2")
+    waited = []
+    monkeypatch.setattr(net, "wait_until_listening", lambda h, p, t: waited.append((h, p, t)))
     monkeypatch.delenv("SPMD_HOST_ADDRESS", raising=False)
-    distributed.init_distributed_environment("10.77.0.1:29500", 2, 1)
+    distributed.init_distributed_environment("10.77.0.1:29500", 2, 1, timeout_s=30)
     assert gloo == ["10.77.0.2"] and "coordinator_bind_address" not in joined[0]
+    assert waited == [("10.77.0.1", 29500, 30)]  # process 1 waited for the coordinator first
 
     monkeypatch.setattr(distributed._Joined, "done", False)
     distributed.init_distributed_environment("127.0.0.1:29500", 2, 1)
@@ -265,3 +269,29 @@ def test_init_gives_gloo_the_address_and_refuses_loopback_before_joining(monkeyp
     with pytest.raises(ValueError, match=r"'127.0.0.1' \(SPMD_HOST_ADDRESS\), a loopback address, but the coordin"):
         distributed.init_distributed_environment("10.77.0.1:29500", 2, 1)
     assert len(joined) == 2 and not distributed.distributed_is_initialized()  # refused before joining
+
+
+def test_wait_until_listening():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        last = net.wait_until_listening("127.0.0.1", port, 0.3)  # bound, not listening: refused
+        assert "ConnectionRefusedError" in last and 0.3 <= time.monotonic() - t0 < 2
+        s.listen()
+        assert net.wait_until_listening("127.0.0.1", port, 5) is None
+
+
+def test_a_coordinator_that_never_comes_is_a_clear_error_not_an_abort(monkeypatch):
+    joined = []
+    monkeypatch.setattr(distributed._Joined, "done", False)
+    monkeypatch.setattr(compat, "backends_started", lambda: False)
+    monkeypatch.setattr(distributed, "_cuda_possible", lambda: False)
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: joined.append(kw))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # nothing listens there
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        with pytest.raises(RuntimeError, match=rf"coordination service at {address} .* did not accept connections "
+                           r"within 1 s \(last: ConnectionRefusedError.*Start process 0"):  # fmt: skip
+            distributed.init_distributed_environment(address, 2, 1, timeout_s=1)
+    assert joined == [] and not distributed.distributed_is_initialized()

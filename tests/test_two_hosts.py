@@ -1,0 +1,130 @@
+"""Multi-host for real: two "hosts" as network namespaces joined by a veth pair (tests/two_hosts.py).
+
+Each host runs its own ``spmd-launch --nnodes 2 --node-rank R`` (or its own worker), as a user
+would on two machines. Skipped, with the reason, where namespaces cannot be made (not root, no
+``ip``); CI runs as root, so it runs them. The namespaces are deleted on every exit path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import two_hosts
+
+pytestmark = pytest.mark.multiprocess
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+_PORTS = itertools.count(29500)  # each namespace is fresh: any port is free there; one per job all the same
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    try:
+        with two_hosts.two_hosts() as pair:
+            yield pair
+    except two_hosts.Unavailable as e:
+        pytest.skip(f"two hosts as network namespaces are unavailable here: {e}")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "SPMD_HOST_ADDRESS")}
+    env.update(SPMD_COLLECTIVE_TIMEOUT_S="30", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def _launch_cmd(node: int, port: int, *args: str, timeout: float = 60) -> list[str]:
+    return [
+        sys.executable, "-m", "spmd.launch", "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+        "--cpu-devices-per-process", "2", "--coordinator", f"10.77.0.1:{port}", "--timeout", str(timeout), *args,
+    ]  # fmt: skip
+
+
+class Node:
+    """One host's ``spmd-launch``, started in its namespace."""
+
+    def __init__(self, host: two_hosts.Host, node: int, port: int, args: list[str], env: dict[str, str]) -> None:
+        self.t0 = time.monotonic()
+        self.proc = host.popen(
+            _launch_cmd(node, port, *args), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.out = self.err = ""
+        self.elapsed = 0.0
+
+    def wait(self, timeout: float = 120) -> Node:
+        try:
+            self.out, self.err = self.proc.communicate(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.communicate()
+        self.elapsed = time.monotonic() - self.t0
+        return self
+
+    def log(self) -> str:
+        return f"exit {self.proc.returncode}\n--- stdout\n{self.out[-3000:]}\n--- stderr\n{self.err[-2000:]}"
+
+
+def _pair(hosts, args: list[str], *, envs=(None, None), node1_first_s: float = 0.0) -> tuple[Node, Node]:
+    port = next(_PORTS)
+    envs = [_env(**(e or {})) for e in envs]
+    n1 = Node(hosts[1], 1, port, args, envs[1])
+    time.sleep(node1_first_s)
+    n0 = Node(hosts[0], 0, port, args, envs[0])
+    return n0.wait(), n1.wait()
+
+
+def test_the_multi_process_example_across_two_hosts_node_1_first(hosts):
+    """The README's example, one process per host; node 1 starts first and waits for node 0's coordinator.
+
+    Node 1 gives SPMD_HOST_ADDRESS, node 0 leaves it unset (its address is the route to the coordinator)."""
+    n0, n1 = _pair(
+        hosts,
+        ["docs/examples/multi_process.py"],
+        envs=(None, {"SPMD_HOST_ADDRESS": hosts[1].address}),
+        node1_first_s=2.0,
+    )
+    assert n0.proc.returncode == 0, n0.log()
+    assert n1.proc.returncode == 0, n1.log()
+    table = [line for line in n0.out.splitlines() if line.startswith("[rank 0] ") and "e-" in line]
+    assert len(table) == 2, n0.out
+    assert "[rank 0] broadcast_tensor_dict ok: max_seq_len=4096, layer1.weight bfloat16[8, 4]" in n0.out
+
+
+def test_tensor_dicts_a_tp_all_reduce_and_peer_buffers_across_two_hosts(hosts):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    n0, n1 = _pair(hosts, ["tests/two_host_worker.py", "collectives", str(seed)])
+    assert n0.proc.returncode == 0, n0.log()
+    assert n1.proc.returncode == 0, n1.log()
+    for node, n in enumerate((n0, n1)):
+        assert f"[rank {node}] OK collectives" in n.out, n.log()
+        assert f"[rank {node}] broadcast_tensor_dict ok from both hosts (process {node} on {hosts[node].hostname})" in (
+            n.out
+        )
+        assert f"[rank {node}] peer buffers: process {node} fell back to psum" in n.out
+    assert "TP all-reduce over 4 devices on 2 hosts" in n0.out
+
+
+def test_a_rank_killed_on_one_host_is_named_by_the_other_hosts_launcher(hosts):
+    n0, n1 = _pair(hosts, ["tests/two_host_worker.py", "die", "0"])
+    assert n1.proc.returncode == 137, n1.log()
+    assert "spmd-launch: rank 1 was killed by SIGKILL" in n1.err
+    assert n0.proc.returncode == 1, n0.log()
+    assert "ConnectionError" in n0.out and "process 1" in n0.out, n0.log()
+    assert "spmd-launch: rank 0 exited with code 1" in n0.err
+    assert n0.elapsed < 45, n0.elapsed
+
+
+def test_node_1_without_node_0_gives_up_within_its_timeout(hosts):
+    port = next(_PORTS)
+    n1 = Node(hosts[1], 1, port, ["docs/examples/multi_process.py"], _env(SPMD_INIT_TIMEOUT_S="3")).wait()
+    assert n1.proc.returncode == 1, n1.log()  # not a SIGABRT in JAX's client
+    assert f"RuntimeError: init_distributed_environment: the coordination service at 10.77.0.1:{port}" in n1.out
+    assert "did not accept connections within 3 s" in n1.out, n1.log()
+    assert n1.elapsed < 20, n1.elapsed
