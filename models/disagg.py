@@ -26,6 +26,11 @@ shared memory on one host) join two independent processes (``P`` and ``D`` devic
 so the command runs ``spmd-launch`` with two processes (rank 0 prefills, rank 1 decodes).
 The decode worker listens; the pipes authenticate with a random secret written to a private file.
 
+Two hosts: ``--decode-host ADDR`` is where the decode worker listens (and the prefill worker dials),
+and ``--prefill-exec`` / ``--decode-exec`` run a worker under a command prefix, e.g. in two network
+namespaces (``--decode-exec 'ip netns exec B' --prefill-exec 'ip netns exec A'``, docs/multi_host.md);
+the checkpoint and the run directory must be at the same paths for both.
+
 Failures (vLLM's ``recompute`` policy): every wait has a timeout (``--transfer-timeout``); when the
 transfer fails (the prefill worker died, timed out or sent something else), the decode worker
 reports why and recomputes the prefill itself, so the run still ends with the right tokens.
@@ -46,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -206,6 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--corrupt-kv-head", action="store_true", help="test hook: the decode worker negates KV head 0 it received"
     )
+    p.add_argument(
+        "--decode-host",
+        default="127.0.0.1",
+        help="the address the decode worker listens on and the prefill worker dials (default 127.0.0.1)",
+    )
+    for role in ("prefill", "decode"):
+        p.add_argument(
+            f"--{role}-exec",
+            default="",
+            metavar="PREFIX",
+            help=f"run the {role} worker under this command prefix, e.g. 'ip netns exec NS' (docs/multi_host.md)",
+        )
     # The workers' own arguments (the command passes them).
     p.add_argument("--worker", choices=("prefill", "decode", "rank"), help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -253,11 +271,11 @@ def _open_pipe(args: argparse.Namespace, role: str, devices: list[Any]) -> Any:
 
     kw = dict(role="server" if role == "decode" else "client", timeout_s=args.transfer_timeout, secret=_secret(args))
     if args.pipe == "tcp":
-        return TCPKVPipe("127.0.0.1", args.port, **kw)
+        return TCPKVPipe(args.decode_host, args.port, **kw)
     if args.pipe == "transfer":
-        return TransferServerKVPipe("127.0.0.1", args.port, devices=devices, **kw)
+        return TransferServerKVPipe(args.decode_host, args.port, devices=devices, **kw)
     if args.pipe == "ipc":
-        return IpcKVPipe("127.0.0.1", args.port, devices=devices, **kw)
+        return IpcKVPipe(args.decode_host, args.port, devices=devices, **kw)
     import jax
 
     side = [[d for d in jax.devices() if d.process_index == i] for i in (0, 1)]
@@ -414,6 +432,7 @@ def _forward(args: argparse.Namespace, path: str, run_dir: str, port: int) -> li
     """The arguments every worker gets (the command's own, with the checkpoint and the run directory)."""
     out = ["--pipe", args.pipe, "--prefill-tp", str(args.prefill_tp), "--decode-tp", str(args.decode_tp)]
     out += ["--checkpoint", path, "--run-dir", run_dir, "--port", str(port), "--seed", str(args.seed)]
+    out += ["--decode-host", args.decode_host]
     out += ["--max-new-tokens", str(args.max_new_tokens), "--dtype", args.dtype]
     out += ["--temperature", repr(args.temperature), "--top-p", repr(args.top_p)]
     out += ["--transfer-timeout", repr(args.transfer_timeout)]
@@ -433,7 +452,8 @@ def _start(args: argparse.Namespace, path: str, run_dir: str) -> list[tuple[str,
         launch += ["--timeout", repr(args.timeout), "-m", "models.disagg", "--worker", "rank"]
         commands = [("spmd-launch", launch + fwd)]
     else:  # the decode worker first: it listens
-        commands = [(role, [*me, "--worker", role, *fwd]) for role in ("decode", "prefill")]
+        prefix = {"prefill": shlex.split(args.prefill_exec), "decode": shlex.split(args.decode_exec)}
+        commands = [(role, [*prefix[role], *me, "--worker", role, *fwd]) for role in ("decode", "prefill")]
     procs = []
     for name, cmd in commands:
         log = os.path.join(run_dir, f"{name}.log")
@@ -540,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
             models.write_checkpoint(path, config, models.random_checkpoint(config, seed=args.seed))
         if config.is_moe:
             parser.error("the disaggregated demo runs LlamaForCausalLM checkpoints only")
+        if args.pipe == "device_put" and (args.prefill_exec or args.decode_exec or args.decode_host != "127.0.0.1"):
+            parser.error("--pipe device_put runs both workers in one spmd-launch job on this host; --decode-host and "
+                         "--prefill-exec / --decode-exec are for the tcp, transfer and ipc pipes")  # fmt: skip
         for flag, tp in (("--prefill-tp", args.prefill_tp), ("--decode-tp", args.decode_tp)):
             try:
                 config.check_parallel(tp)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 import time
@@ -128,3 +129,61 @@ def test_node_1_without_node_0_gives_up_within_its_timeout(hosts):
     assert f"RuntimeError: init_distributed_environment: the coordination service at 10.77.0.1:{port}" in n1.out
     assert "did not accept connections within 3 s" in n1.out, n1.log()
     assert n1.elapsed < 20, n1.elapsed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipe", ["tcp", "transfer"])
+def test_disaggregated_prefill_on_one_host_and_decode_on_the_other(hosts, pipe):
+    """``python -m models.disagg --check``: the prefill worker in host 0, the decode worker in host 1 (listening
+    on 10.77.0.2), the KV cache over the TCP or the transfer-server pipe; the tokens equal one-device generation."""
+    prefix = [shlex.join(h.command([])) for h in hosts]
+    args = ["--pipe", pipe, "--prefill-tp", "2", "--decode-tp", "1", "--max-new-tokens", "4", "--check"]
+    args += ["--decode-host", hosts[1].address, "--prefill-exec", prefix[0], "--decode-exec", prefix[1]]
+    args += ["--timeout", "100", "--transfer-timeout", "60"]
+    r = subprocess.run(
+        [sys.executable, "-m", "models.disagg", *args],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"over the {pipe} pipe (TP 2 -> 1)" in r.stdout and "transfer: FAILED" not in r.stdout, r.stdout
+    assert f"check: the tokens equal single-process generation on one device (after a transfer over the {pipe}" in (
+        r.stdout
+    )
+
+
+IPC_END = """
+import sys
+import jax
+jax.config.update("jax_num_cpu_devices", 1)
+from spmd.kv_transfer import IpcKVPipe
+role, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+try:
+    IpcKVPipe(host, port, role=role, timeout_s=20, secret=bytes(range(32)))
+except ValueError as e:
+    print("REFUSED", e)
+else:
+    print("OPENED")
+"""
+
+
+def test_ipc_pipe_refuses_a_peer_on_another_host(hosts):
+    """Shared memory needs one machine: both ends learn the other runs elsewhere (hostname and boot id)."""
+    port = str(next(_PORTS))
+    server = hosts[1].popen(
+        [sys.executable, "-c", IPC_END, "server", hosts[1].address, port], env=_env(), stdout=subprocess.PIPE, text=True
+    )
+    client = hosts[0].run(
+        [sys.executable, "-c", IPC_END, "client", hosts[1].address, port],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    out, _ = server.communicate(timeout=60)
+    for side, text in (("server", out), ("client", client.stdout)):
+        assert "REFUSED IpcKVPipe: the peer runs on another machine" in text, (side, text, client.stderr)
+        assert "use TransferServerKVPipe or TCPKVPipe" in text

@@ -30,6 +30,7 @@ import numpy as np
 from spmd.kv_transfer import _device
 from spmd.kv_transfer.base import KVPipeBase
 from spmd.kv_transfer.tcp import TCPKVPipe, as_host_array
+from spmd.net import route_address
 
 __all__ = ["TransferServerKVPipe"]
 
@@ -39,7 +40,7 @@ class TransferServerKVPipe(KVPipeBase):
 
     Args:
       host, port, role, timeout_s, secret: the control channel's (see :class:`TCPKVPipe`); the
-        transfer server binds ``host`` too.
+        server's transfer server binds ``host`` too, the client's its own address on the route to ``host``.
       devices: this side's devices in TP rank order (default: all local devices).
 
     Raises:
@@ -72,7 +73,8 @@ class TransferServerKVPipe(KVPipeBase):
         self._control = TCPKVPipe(host, port, role=role, timeout_s=timeout_s, secret=secret)
         self._server = None
         try:
-            bind = f"[{host}]:0" if ":" in host else f"{host}:0"
+            local = host if role == "server" else (route_address(host, port) or host)  # the client's own address
+            bind = f"[{local}]:0" if ":" in local else f"{local}:0"
             self._server = transfer.start_transfer_server(self.devices[0].client, bind, [bind])
             self._control.send_tensor(_device.meta_bytes({"address": self._server.address(), "tp": len(self.devices)}))
             hello = _device.meta_from(self._control.recv_tensor(), "TransferServerKVPipe")
