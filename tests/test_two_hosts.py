@@ -7,12 +7,17 @@ would on two machines. Skipped, with the reason, where namespaces cannot be made
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pathlib
+import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -187,3 +192,44 @@ def test_ipc_pipe_refuses_a_peer_on_another_host(hosts):
     for side, text in (("server", out), ("client", client.stdout)):
         assert "REFUSED IpcKVPipe: the peer runs on another machine" in text, (side, text, client.stderr)
         assert "use TransferServerKVPipe or TCPKVPipe" in text
+
+
+@pytest.mark.slow
+def test_ray_across_two_hosts_one_actor_per_node(hosts):
+    """``ray start --head`` in host 0, ``ray start --address`` in host 1, then ``spmd-launch --backend ray
+    --placement strict_spread`` runs the example with one actor on each node."""
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
+    ray_cli = str(pathlib.Path(sys.executable).with_name("ray"))
+    env = _env(RAY_USAGE_STATS_ENABLED="0")
+    head = f"{hosts[0].address}:{next(_PORTS)}"
+    temp = [tempfile.mkdtemp(prefix=f"spmd-ray{i}-", dir="/tmp") for i in range(2)]  # short: Ray's socket paths
+    try:
+        head_args = ["--head", "--port", head.rpartition(":")[2], "--include-dashboard", "false"]
+        for i, role in enumerate((head_args, ["--address", head])):
+            node = ["--node-ip-address", hosts[i].address, "--num-cpus", "1", "--temp-dir", temp[i]]
+            r = hosts[i].run(
+                [ray_cli, "start", *role, *node],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert r.returncode == 0, f"ray start on host {i}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
+        launch = [sys.executable, "-m", "spmd.launch", "--backend", "ray", "--nproc", "2", "--placement"]
+        launch += ["strict_spread", "--cpu-devices-per-process", "2", "--ray-address", head, "--timeout", "120"]
+        r = hosts[0].run(
+            [*launch, "docs/examples/multi_process.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+        )
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        out = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout)
+        assert "broadcast_tensor_dict ok: max_seq_len=4096" in out, out[-3000:]
+        labels = {rank: set(re.findall(rf"\(rank {rank} pid=\d+(, ip=[\d.]+)?\)", out)) for rank in (0, 1)}
+        # One actor on each node: the driver (host 0) labels the other node's actor with its address.
+        assert sorted(map(sorted, labels.values())) == [[""], [f", ip={hosts[1].address}"]], labels
+    finally:
+        for h in hosts:  # Ray's daemons in the namespaces (never `ray stop`: it stops every Ray on the machine)
+            for pid in h.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for t in temp:
+            shutil.rmtree(t, ignore_errors=True)
