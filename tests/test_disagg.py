@@ -132,6 +132,11 @@ def test_cli_rejects_tp_sizes_that_do_not_split_the_model(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--pipe", "nccl"])
     assert "invalid choice: 'nccl'" in capsys.readouterr().err
+    for flag in (["--decode-host", "10.0.0.2"], ["--decode-exec", "ip netns exec b"]):
+        with pytest.raises(SystemExit) as e:
+            main(["--pipe", "device_put", *flag])
+        assert e.value.code == 2
+        assert "--pipe device_put runs both workers in one spmd-launch job" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------
