@@ -31,14 +31,12 @@ cluster that cannot be joined exits 2.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib.machinery
 import math
 import os
 import pathlib
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -133,7 +131,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if a.nnodes > 1 and not a.coordinator:
         p.error("--coordinator HOST:PORT is required with --nnodes > 1 (the address of node 0, reachable from all)")
     if a.coordinator:
-        problem = _coordinator_problem(a.coordinator, serve=a.node_rank == 0)
+        problem = net.coordinator_problem(a.coordinator, serve=a.node_rank == 0, what="--coordinator")
         if problem:
             p.error(problem)
     for name in ("cpu_devices_per_process", "devices_per_process"):
@@ -143,46 +141,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if a.timeout is not None and not (math.isfinite(a.timeout) and a.timeout > 0):
         p.error(f"--timeout must be a positive, finite number of seconds, got {a.timeout}")
     return a
-
-
-def _coordinator_problem(address: str, *, serve: bool) -> str | None:
-    """What is wrong with ``--coordinator`` (``None``: nothing): its form, its host, and, on node 0, its port.
-
-    Node 0's rank 0 serves the coordination service there: JAX binds the address itself when it is
-    a loopback one, else every interface. A port that is taken would crash that rank, so it is
-    tried here first (nothing else can take it between this check and the bind but a race).
-    """
-    try:
-        host, port = net.split_host_port(address, what="--coordinator")
-    except ValueError as e:
-        return str(e)
-    try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as e:
-        return f"--coordinator {address}: cannot resolve the host {host!r} ({e}); give node 0's address or name"
-    if not serve:
-        return None
-    loopback = net.is_loopback(host)
-    binds = [(host, port)] if loopback else [("::", port), ("0.0.0.0", port)]  # JAX binds [::]:port there
-    for where in binds:
-        family = socket.AF_INET6 if ":" in where[0] else socket.AF_INET
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the gRPC server: TIME_WAIT is no conflict
-                s.bind(where)
-            return None
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                return (
-                    f"--coordinator {address}: port {port} is already in use on this host (node 0 serves the "
-                    f"coordination service there); pick a free port"
-                )
-            if e.errno == errno.EACCES:
-                return f"--coordinator {address}: no permission to listen on port {port} here; pick a port above 1023"
-            if not loopback and where[0] == "::":  # no IPv6 here: JAX then binds IPv4 (tried next)
-                continue
-            return f"--coordinator {address}: cannot listen there on node 0 ({e}); give an address of this host"
-    return None
 
 
 def _env_for(a: argparse.Namespace, local_rank: int, coordinator: str) -> dict[str, str]:

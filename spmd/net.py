@@ -12,12 +12,14 @@ other hosts would dial themselves.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import socket
 import time
 
 __all__ = [
     "HostAddress",
+    "coordinator_problem",
     "free_port",
     "host_address",
     "is_loopback",
@@ -58,6 +60,50 @@ def split_host_port(address: str, *, what: str = "address") -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ValueError(f"{what}: the port must be an integer from 1 to 65535, got {port_text!r} in {address!r}.")
     return host, port
+
+
+def coordinator_problem(address: str, *, serve: bool, what: str = "the coordinator") -> str | None:
+    """What is wrong with a coordinator address (``None``: nothing): its form, its host, and its port.
+
+    Args:
+      address: ``host:port``.
+      serve: this host serves it (node 0 of ``spmd-launch``, whose rank 0 runs the coordination
+        service): then the port must be free here. JAX binds the address itself when it is a
+        loopback one, else every interface; a taken port would crash that rank, so it is tried
+        here first (only a race can take it between this check and the bind).
+      what: how the caller names the address, for the message (e.g. ``"--coordinator"``).
+    """
+    try:
+        host, port = split_host_port(address, what=what)
+    except ValueError as e:
+        return str(e)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        return f"{what} {address}: cannot resolve the host {host!r} ({e}); give node 0's address or name"
+    if not serve:
+        return None
+    loopback = is_loopback(host)
+    binds = [(host, port)] if loopback else [("::", port), ("0.0.0.0", port)]  # JAX binds [::]:port there
+    for where in binds:
+        family = socket.AF_INET6 if ":" in where[0] else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the gRPC server: TIME_WAIT is no conflict
+                s.bind(where)
+            return None
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (
+                    f"{what} {address}: port {port} is already in use on this host (node 0 serves the "
+                    f"coordination service there); pick a free port"
+                )
+            if e.errno == errno.EACCES:
+                return f"{what} {address}: no permission to listen on port {port} here; pick a port above 1023"
+            if not loopback and where[0] == "::":  # no IPv6 here: JAX then binds IPv4 (tried next)
+                continue
+            return f"{what} {address}: cannot listen there on node 0 ({e}); give an address of this host"
+    return None
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

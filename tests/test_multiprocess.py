@@ -94,8 +94,8 @@ def test_docs_example_runs():
             ["--nproc-per-node", "2", "--nnodes", "2", "--node-rank", "2", "--coordinator", "h:1", "x.py"],
             "out of range",
         ),
-        (["--nproc-per-node", "2", "--coordinator", "nohostport", "x.py"], "must be HOST:PORT"),
-        (["--nproc-per-node", "2", "--timeout", "-1", "x.py"], "--timeout must be positive"),
+        (["--nproc-per-node", "2", "--coordinator", "nohostport", "x.py"], "--coordinator: expected HOST:PORT"),
+        (["--nproc-per-node", "2", "--timeout", "-1", "x.py"], "--timeout must be a positive, finite number"),
         (["--nproc-per-node", "2", "--cpu-devices-per-process", "0", "x.py"], "must be a positive integer"),
     ],
 )
