@@ -71,8 +71,8 @@ def gloo_on_address(hostname: str) -> bool:
     Call it before JAX starts its backends (the factory runs when they start).
 
     Returns:
-      Whether the factory was registered (``False`` when this JAX lacks one of the private names:
-      gloo then uses the machine's hostname, as without this call).
+      Whether the factory was registered (``False`` when this JAX lacks one of the private names,
+      or the CPU backend already started: gloo then uses the machine's hostname, as without this call).
     """
     try:
         from jax._src import distributed, xla_bridge
@@ -89,7 +89,10 @@ def gloo_on_address(hostname: str) -> bool:
             return make_cpu_client()
         return make_cpu_client(collectives=make_gloo(distributed_client=client, hostname=hostname))
 
-    register("cpu", cpu_client, priority=0, fail_quietly=False)
+    try:
+        register("cpu", cpu_client, priority=0, fail_quietly=False)
+    except RuntimeError:  # the CPU backend already started: too late to choose gloo's address
+        return False
     return True
 
 

@@ -244,6 +244,10 @@ def test_gloo_is_built_with_the_given_address(monkeypatch):
     assert built == [{"distributed_client": "the job's client", "hostname": "10.77.0.2"}]
 
 
+def test_gloo_address_after_the_backend_started_is_a_no_op():
+    assert not compat.gloo_on_address("10.77.0.2")  # this test process's CPU backend is running
+
+
 def test_init_gives_gloo_the_address_and_refuses_loopback_before_joining(monkeypatch):
     joined, gloo = [], []
     monkeypatch.setattr(distributed._Joined, "done", False)

@@ -200,9 +200,10 @@ def test_ray_across_two_hosts_one_actor_per_node(hosts):
     --placement strict_spread`` runs the example with one actor on each node."""
     pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
     ray_cli = str(pathlib.Path(sys.executable).with_name("ray"))
-    env = _env(RAY_USAGE_STATS_ENABLED="0")
+    temp = [tempfile.mkdtemp(prefix=f"spmd-ray{i}-", dir="/tmp") for i in range(3)]  # short: Ray's socket paths
+    # Token authentication off, and a private HOME: a ~/.ray/auth_token left by another Ray run must not matter.
+    env = _env(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", HOME=temp[2])
     head = f"{hosts[0].address}:{next(_PORTS)}"
-    temp = [tempfile.mkdtemp(prefix=f"spmd-ray{i}-", dir="/tmp") for i in range(2)]  # short: Ray's socket paths
     try:
         head_args = ["--head", "--port", head.rpartition(":")[2], "--include-dashboard", "false"]
         for i, role in enumerate((head_args, ["--address", head])):
