@@ -86,6 +86,7 @@ def _pair(hosts, args: list[str], *, envs=(None, None), node1_first_s: float = 0
     return n0.wait(), n1.wait()
 
 
+@pytest.mark.slow  # 5-16 s on 2 shared cores
 def test_the_multi_process_example_across_two_hosts_node_1_first(hosts):
     """The README's example, one process per host; node 1 starts first and waits for node 0's coordinator.
 
@@ -103,6 +104,7 @@ def test_the_multi_process_example_across_two_hosts_node_1_first(hosts):
     assert "[rank 0] broadcast_tensor_dict ok: max_seq_len=4096, layer1.weight bfloat16[8, 4]" in n0.out
 
 
+@pytest.mark.slow  # 5-16 s on 2 shared cores
 def test_tensor_dicts_a_tp_all_reduce_and_peer_buffers_across_two_hosts(hosts):
     seed = int(np.random.SeedSequence().entropy % 2**31)
     n0, n1 = _pair(hosts, ["tests/two_host_worker.py", "collectives", str(seed)])
@@ -117,6 +119,7 @@ def test_tensor_dicts_a_tp_all_reduce_and_peer_buffers_across_two_hosts(hosts):
     assert "TP all-reduce over 4 devices on 2 hosts" in n0.out
 
 
+@pytest.mark.slow  # 5-16 s on 2 shared cores
 def test_a_rank_killed_on_one_host_is_named_by_the_other_hosts_launcher(hosts):
     n0, n1 = _pair(hosts, ["tests/two_host_worker.py", "die", "0"])
     assert n1.proc.returncode == 137, n1.log()
@@ -127,6 +130,7 @@ def test_a_rank_killed_on_one_host_is_named_by_the_other_hosts_launcher(hosts):
     assert n0.elapsed < 45, n0.elapsed
 
 
+@pytest.mark.slow  # 5-16 s on 2 shared cores
 def test_node_1_without_node_0_gives_up_within_its_timeout(hosts):
     port = next(_PORTS)
     n1 = Node(hosts[1], 1, port, ["docs/examples/multi_process.py"], _env(SPMD_INIT_TIMEOUT_S="3")).wait()
