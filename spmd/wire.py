@@ -19,6 +19,7 @@ import base64
 import functools
 import math
 import struct
+import types
 from typing import Any
 
 import jax
@@ -31,6 +32,7 @@ __all__ = [
     "MalformedMessageError",
     "array_specs",
     "decode",
+    "dtype_from_name",
     "encode",
     "fail",
     "layout",
@@ -77,9 +79,20 @@ def _dtype_name(dt: np.dtype) -> str:
     return str(dt)  # (numpy computes the name in Python each time: this is on every message's path)
 
 
-@functools.cache
-def _dtype(name: str) -> np.dtype:
-    return jnp.dtype(name)
+_DTYPES = types.MappingProxyType({name: np.dtype(jnp.dtype(name)) for name in sorted(ALLOWED_DTYPES)})
+"""The one table from a dtype's name to its numpy dtype (``ml_dtypes``' for ``bfloat16`` and ``float8_*``)."""
+
+
+def dtype_from_name(name: str) -> np.dtype:
+    """``"bfloat16"`` -> its numpy dtype; only the names in :data:`ALLOWED_DTYPES`.
+
+    Raises:
+      ValueError: any other name (or not a string).
+    """
+    dt = _DTYPES.get(name) if isinstance(name, str) else None
+    if dt is None:
+        raise ValueError(f"dtype {name!r:.40} is not allowed; expected one of {sorted(ALLOWED_DTYPES)}.")
+    return dt
 
 
 def specs_of(arrays: list[np.ndarray]) -> list[tuple[str, list[int]]]:
@@ -196,7 +209,7 @@ def _array_spec(node: Any) -> tuple[str, list[int], str]:
 
 
 def nbytes(dtype: str, shape: list[int]) -> int:
-    return math.prod(shape) * _dtype(dtype).itemsize  # Python ints: no overflow
+    return math.prod(shape) * _DTYPES[dtype].itemsize  # Python ints: no overflow
 
 
 def _check_key(k: Any) -> Any:
@@ -223,7 +236,7 @@ def decode(tree: Any, arrays: list[np.ndarray] | None = None) -> Any:
             raw = base64.b64decode(node["b64"], validate=True)
             if len(raw) != nbytes(dtype, shape):
                 fail(f"array of {dtype}{shape} with {len(raw)} bytes")
-            a = np.frombuffer(raw, dtype=_dtype(dtype)).reshape(shape).copy()
+            a = np.frombuffer(raw, dtype=_DTYPES[dtype]).reshape(shape).copy()
         else:
             i = node.get("index")
             if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(arrays):
@@ -337,7 +350,7 @@ def views(buf: Any, specs: list[tuple[str, list[int]]], offsets: list[int]) -> l
     """Zero-copy arrays over ``buf`` (a writable buffer holding the packed payload)."""
     out = []
     for (dtype, shape), off in zip(specs, offsets, strict=True):
-        dt = _dtype(dtype)
+        dt = _DTYPES[dtype]
         count = math.prod(shape)
         if count == 0:
             out.append(np.empty(shape, dt))

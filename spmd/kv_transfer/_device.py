@@ -10,34 +10,12 @@ only the layer's dtype and shape need to travel.
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 
 import numpy as np
 
 from spmd.kv_transfer import heads as _heads
-from spmd.kv_transfer.tcp import dtype_from_name
-
-_64BIT = {"int64", "uint64", "float64", "complex128"}
-
-
-def check_dtype(a: Any, fn: str) -> None:
-    """64-bit arrays cannot live on devices unless ``jax_enable_x64`` is on: refuse, never truncate."""
-    import jax
-
-    name = str(np.dtype(a.dtype))
-    if name in _64BIT and not jax.config.jax_enable_x64:
-        raise TypeError(
-            f"{fn}: a {name} array would be truncated to 32 bits on the device (jax_enable_x64 is off); "
-            f"enable jax_enable_x64 or send it through TCPKVPipe."
-        )
-
-
-@functools.lru_cache(maxsize=64)
-def dtype_name(dtype: Any) -> str:
-    """``np.dtype(dtype)``'s name (``"bfloat16"`` for ml_dtypes' types), remembered per dtype."""
-    return str(np.dtype(dtype))
 
 
 def meta_bytes(meta: dict[str, Any]) -> np.ndarray:
@@ -52,17 +30,6 @@ def meta_from(raw: Any, fn: str) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ValueError(f"{fn}: malformed metadata from the peer: {meta!r:.100}")
     return meta
-
-
-def array_spec(meta: dict[str, Any], fn: str) -> tuple[np.dtype, tuple[int, ...]]:
-    dtype, shape = meta.get("dtype"), meta.get("shape")
-    if (
-        not isinstance(dtype, str)
-        or not isinstance(shape, list)
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
-    ):
-        raise ValueError(f"{fn}: malformed array metadata {meta!r:.200}")
-    return dtype_from_name(dtype), tuple(shape)
 
 
 def groups(num_heads: int, dst_tp: int) -> list[tuple[int, int, list[int]]]:

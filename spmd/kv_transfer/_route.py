@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from spmd.kv_transfer import _device
+from spmd.kv_transfer import _arrays, _device
 from spmd.kv_transfer import heads as _heads
 
 
@@ -40,8 +40,9 @@ from spmd.kv_transfer import heads as _heads
 class KVRoute:
     """What moves between which devices for one KV cache (the same on both sides).
 
-    Build it with :func:`kv_route`, which keeps the routes of recent shapes: everything below is
-    worked out once per shape, not per message.
+    Build it with :func:`kv_route` (the sender) or :meth:`from_metadata` (the receiver, from the
+    sender's metadata), which keep the routes of recent shapes: everything below is worked out once
+    per shape, not per message.
 
     Attributes:
       num_heads: the KV heads of every layer.
@@ -55,6 +56,42 @@ class KVRoute:
     dst_tp: int
     head_axis: int
     layers: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @classmethod
+    def from_metadata(cls, kv: Any, src_tp: int, dst_tp: int, fn: str) -> KVRoute:
+        """The route a sender's KV metadata names, checked against this pipe's TP sizes.
+
+        ``kv`` is the JSON the sender wrote: ``{"heads", "head_axis", "src_tp", "dst_tp", "layers":
+        [[dtype name, shape], ...]}`` (other keys are the pipe's own).
+
+        Raises:
+          ValueError: malformed metadata, a cache cut for other TP sizes, a layer without ``heads``
+            heads on the head axis, or TP sizes that do not fit the heads.
+        """
+        if not isinstance(kv, dict) or not isinstance(kv.get("layers"), list) or not kv["layers"]:
+            raise ValueError(f"{fn}: malformed KV-cache metadata {kv!r:.200}.")
+        heads, axis = kv.get("heads"), kv.get("head_axis")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (heads, axis)) or heads < 1 or axis < 0:
+            raise ValueError(f"{fn}: malformed KV-cache metadata (heads={heads!r}, head_axis={axis!r}).")
+        if (kv.get("src_tp"), kv.get("dst_tp")) != (src_tp, dst_tp):
+            raise ValueError(
+                f"{fn}: the sender cut the cache for TP {kv.get('src_tp')!r} -> {kv.get('dst_tp')!r}, but this pipe "
+                f"is TP {src_tp} -> {dst_tp}; both sides must build the pipe alike."
+            )
+        specs = []
+        for i, entry in enumerate(kv["layers"]):
+            if not (isinstance(entry, list) and len(entry) == 2):
+                raise ValueError(f"{fn}: malformed metadata for layer {i}: {entry!r:.100}.")
+            dtype, shape = _arrays.array_spec({"dtype": entry[0], "shape": entry[1]}, fn)
+            if len(shape) <= axis or shape[axis] != heads:
+                raise ValueError(f"{fn}: layer {i} has shape {list(shape)}, not {heads} heads on axis {axis}.")
+            specs.append((str(dtype), shape))
+        try:
+            _heads.kv_head_ranges(heads, src_tp)
+            _heads.kv_head_ranges(heads, dst_tp)
+        except ValueError as e:
+            raise ValueError(f"{fn}: {e}") from None
+        return kv_route(heads, src_tp, dst_tp, axis, tuple(specs))
 
     @functools.cached_property
     def groups(self) -> list[tuple[int, int, list[int]]]:
@@ -94,7 +131,7 @@ class KVRoute:
 
     @functools.cached_property
     def _dtypes(self) -> list[np.dtype]:
-        return [_device.dtype_from_name(d) for d, _ in self.layers]
+        return [_arrays.dtype_from_name(d) for d, _ in self.layers]
 
     def carrier(self, i: int) -> str:
         """The unsigned integer dtype layer ``i`` travels as when packed (its bits; ``bool`` as ``uint8``)."""
@@ -163,7 +200,7 @@ def _to_bits(x: Any, carrier: str) -> Any:
 def _from_bits(bits: Any, dtype: str) -> Any:
     import jax
 
-    dt = _device.dtype_from_name(dtype)
+    dt = _arrays.dtype_from_name(dtype)
     if dt == np.bool_:
         return bits != 0
     return bits if dt == bits.dtype else jax.lax.bitcast_convert_type(bits, dt)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from spmd.kv_transfer._arrays import num_heads
 from spmd.wire import ALLOWED_DTYPES
 
 __all__ = ["ALLOWED_DTYPES", "KVPipeBase"]
@@ -85,7 +86,7 @@ class KVPipeBase(abc.ABC):
         layers = list(layers)
         if not layers:
             raise ValueError("send_kv_cache: expected at least one layer, got none.")
-        heads = _num_heads(layers, head_axis)
+        heads = num_heads(layers, head_axis)
         self.send_tensor(np.array([_KV_MAGIC, _KV_VERSION, len(layers), heads, head_axis], np.int32))
         for layer in layers:
             self._send_kv_layer(layer, head_axis)
@@ -144,16 +145,3 @@ class KVPipeBase(abc.ABC):
                 f"{'None' if layer is None else list(np.shape(layer))}."
             )
         return jax.device_put(layer, sharding)
-
-
-def _num_heads(layers: list[Any], head_axis: int) -> int:
-    if isinstance(head_axis, bool) or not isinstance(head_axis, int) or head_axis < 0:
-        raise ValueError(f"send_kv_cache: head_axis must be a non-negative int, got {head_axis!r}.")
-    shapes = [tuple(np.shape(x)) for x in layers]
-    for i, s in enumerate(shapes):
-        if len(s) <= head_axis or s[head_axis] < 1:
-            raise ValueError(f"send_kv_cache: layer {i} has shape {list(s)}, with no KV heads on axis {head_axis}.")
-    heads = {s[head_axis] for s in shapes}
-    if len(heads) != 1:
-        raise ValueError(f"send_kv_cache: layers disagree on the number of KV heads: {sorted(heads)}.")
-    return heads.pop()

@@ -44,10 +44,9 @@ from typing import Any
 import numpy as np
 
 from spmd import compat
-from spmd.kv_transfer import _device, _route
-from spmd.kv_transfer.base import KVPipeBase, _num_heads
+from spmd.kv_transfer import _arrays, _device, _route
+from spmd.kv_transfer.base import KVPipeBase
 from spmd.kv_transfer.heads import kv_head_ranges, kv_head_sharding
-from spmd.kv_transfer.tcp import as_host_array
 
 __all__ = ["DevicePutKVPipe"]
 
@@ -246,12 +245,10 @@ class DevicePutKVPipe(KVPipeBase):
         if tensor is None:
             self._put_meta({"none": True})
             return
-        if not isinstance(tensor, jax.Array):
-            tensor = as_host_array(tensor, fn="DevicePutKVPipe.send_tensor")
-        _device.check_dtype(tensor, "DevicePutKVPipe.send_tensor")
+        tensor = _arrays.as_device_array(tensor, "DevicePutKVPipe.send_tensor")
         meta: dict[str, Any] = {"none": False, "dtype": str(np.dtype(tensor.dtype)), "shape": list(np.shape(tensor))}
         if np.size(tensor) * np.dtype(tensor.dtype).itemsize <= INLINE_BYTES:
-            host = as_host_array(tensor, fn="DevicePutKVPipe.send_tensor")
+            host = _arrays.as_host_array(tensor, fn="DevicePutKVPipe.send_tensor")
             meta["data"] = base64.b64encode(host.tobytes()).decode("ascii")
             self._put_meta(meta)
             return
@@ -290,7 +287,7 @@ class DevicePutKVPipe(KVPipeBase):
 
         fn = f"DevicePutKVPipe.{op}"
         try:
-            dtype, shape = _device.array_spec(meta, fn)
+            dtype, shape = _arrays.array_spec(meta, fn)
         except ValueError as e:
             raise self._break(str(e)) from None
         nbytes = int(np.prod(shape)) * dtype.itemsize
@@ -323,15 +320,15 @@ class DevicePutKVPipe(KVPipeBase):
         layers = list(layers)
         if not layers:
             raise ValueError("send_kv_cache: expected at least one layer, got none.")
-        heads = _num_heads(layers, head_axis)
+        heads = _arrays.num_heads(layers, head_axis)
         fn = "DevicePutKVPipe.send_kv_cache"
-        layers = [x if isinstance(x, jax.Array) else as_host_array(x, fn=fn) for x in layers]
+        layers = [x if isinstance(x, jax.Array) else _arrays.as_host_array(x, fn=fn) for x in layers]
         for x in {x.dtype: x for x in layers}.values():  # one layer of each dtype
-            _device.check_dtype(x, fn)
+            _arrays.check_dtype(x, fn)
         src_tp, dst_tp = len(self.src_devices), len(self.dst_devices)
         kv_head_ranges(heads, src_tp)
         kv_head_ranges(heads, dst_tp)
-        specs = tuple((_device.dtype_name(x.dtype), tuple(x.shape)) for x in layers)
+        specs = tuple((_arrays.dtype_name(x.dtype), tuple(x.shape)) for x in layers)
         route = _route.kv_route(heads, src_tp, dst_tp, head_axis, specs)
         sharding, src = _sharding(tuple(self.src_devices), heads, head_axis), self.src_devices
         live = set(route.live)
@@ -375,37 +372,14 @@ class DevicePutKVPipe(KVPipeBase):
         return self._recv_kv(raw, "recv_kv_cache", meta)
 
     def _kv_route(self, kv: Any, fn: str) -> tuple[_route.KVRoute, bool]:
-        """The route (and ``pack``) a KV record names, after checking it against this pipe."""
-        if not isinstance(kv, dict) or not isinstance(kv.get("layers"), list) or not kv["layers"]:
-            raise self._break(f"{fn}: malformed KV-cache metadata {kv!r:.200}.")
-        heads, axis, pack = kv.get("heads"), kv.get("head_axis"), kv.get("pack")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (heads, axis)) or heads < 1 or axis < 0:
-            raise self._break(f"{fn}: malformed KV-cache metadata (heads={heads!r}, head_axis={axis!r}).")
-        if not isinstance(pack, bool):
-            raise self._break(f"{fn}: malformed KV-cache metadata (pack={pack!r}).")
-        tps = (kv.get("src_tp"), kv.get("dst_tp"))
-        if tps != (len(self.src_devices), len(self.dst_devices)):
-            raise self._break(
-                f"{fn}: the sender cut the cache for TP {tps[0]} -> {tps[1]}, but this pipe is TP "
-                f"{len(self.src_devices)} -> {len(self.dst_devices)}; both sides must build the pipe alike."
-            )
-        specs = []
-        for i, entry in enumerate(kv["layers"]):
-            if not (isinstance(entry, list) and len(entry) == 2):
-                raise self._break(f"{fn}: malformed metadata for layer {i}: {entry!r:.100}.")
-            try:
-                dtype, shape = _device.array_spec({"dtype": entry[0], "shape": entry[1]}, fn)
-            except ValueError as e:
-                raise self._break(str(e)) from None
-            if len(shape) <= axis or shape[axis] != heads:
-                raise self._break(f"{fn}: layer {i} has shape {list(shape)}, not {heads} heads on axis {axis}.")
-            specs.append((str(dtype), shape))
+        """The route (and ``pack``) a KV record names; metadata it cannot follow closes the pipe."""
+        pack = kv.get("pack") if isinstance(kv, dict) else None
         try:
-            kv_head_ranges(heads, len(self.src_devices))
-            kv_head_ranges(heads, len(self.dst_devices))
+            if not isinstance(pack, bool):
+                raise ValueError(f"{fn}: malformed KV-cache metadata (pack={pack!r}).")
+            return _route.KVRoute.from_metadata(kv, len(self.src_devices), len(self.dst_devices), fn), pack
         except ValueError as e:
-            raise self._break(f"{fn}: {e}") from None
-        return _route.kv_route(heads, len(self.src_devices), len(self.dst_devices), axis, tuple(specs)), pack
+            raise self._break(str(e)) from None
 
     def _recv_kv(self, raw: str, op: str, meta: dict[str, Any] | None = None) -> list[Any]:
         """Receive the KV cache of record ``raw`` (``meta``: the record parsed, unless its route is known)."""

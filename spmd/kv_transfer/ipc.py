@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from spmd.kv_transfer import _device, _route, _shared_memory
-from spmd.kv_transfer.base import KVPipeBase, _num_heads
+from spmd.kv_transfer import _arrays, _device, _route, _shared_memory
+from spmd.kv_transfer.base import KVPipeBase
 from spmd.kv_transfer.heads import kv_head_ranges, kv_head_sharding
-from spmd.kv_transfer.tcp import TCPKVPipe, as_host_array
+from spmd.kv_transfer.tcp import TCPKVPipe
 
 __all__ = ["BACKENDS", "INLINE_BYTES", "IpcKVPipe"]
 
@@ -254,14 +254,6 @@ class IpcKVPipe(KVPipeBase):
         self._control.send_tensor(_device.meta_bytes({**meta, "kind": "data", "seq": seq, "pieces": descs}))
         self._sent += 1
 
-    def _as_device_array(self, tensor: Any, fn: str) -> Any:
-        import jax
-
-        if not isinstance(tensor, jax.Array):
-            tensor = as_host_array(tensor, fn=fn)
-        _device.check_dtype(tensor, fn)
-        return tensor
-
     def send_tensor(self, tensor: Any | None) -> None:
         """Send an array (or ``None``); returns once it is staged (the receiver copies it later).
 
@@ -277,8 +269,8 @@ class IpcKVPipe(KVPipeBase):
         if tensor is None:
             self._control.send_tensor(None)
             return
-        x = self._as_device_array(tensor, fn)
-        meta = {"dtype": _device.dtype_name(x.dtype), "shape": list(np.shape(x))}
+        x = _arrays.as_device_array(tensor, fn)
+        meta = {"dtype": _arrays.dtype_name(x.dtype), "shape": list(np.shape(x))}
         nbytes = int(np.size(x)) * np.dtype(x.dtype).itemsize
         if nbytes <= INLINE_BYTES:
             host = np.asarray(x)  # first: a slow or failing computation must not split the message
@@ -302,14 +294,14 @@ class IpcKVPipe(KVPipeBase):
         layers = list(layers)
         if not layers:
             raise ValueError("send_kv_cache: expected at least one layer, got none.")
-        heads = _num_heads(layers, head_axis)
-        layers = [x if isinstance(x, jax.Array) else as_host_array(x, fn=fn) for x in layers]
+        heads = _arrays.num_heads(layers, head_axis)
+        layers = [x if isinstance(x, jax.Array) else _arrays.as_host_array(x, fn=fn) for x in layers]
         for x in {x.dtype: x for x in layers}.values():
-            _device.check_dtype(x, fn)
+            _arrays.check_dtype(x, fn)
         src_tp = len(self.devices)
         kv_head_ranges(heads, src_tp)
         kv_head_ranges(heads, self.peer_tp)
-        specs = tuple((_device.dtype_name(x.dtype), tuple(x.shape)) for x in layers)
+        specs = tuple((_arrays.dtype_name(x.dtype), tuple(x.shape)) for x in layers)
         route = _route.kv_route(heads, src_tp, self.peer_tp, head_axis, specs)
         sharding = kv_head_sharding(self.devices, heads, head_axis=head_axis)
         live = set(route.live)
@@ -333,7 +325,7 @@ class IpcKVPipe(KVPipeBase):
         used: list[Any] = []
         try:
             for desc, (device, dtype, shape) in zip(pieces, specs, strict=True):
-                _device.check_dtype(np.empty(0, dtype), fn)  # a 64-bit array would not fit: refuse, never truncate
+                _arrays.check_dtype(np.empty(0, dtype), fn)  # a 64-bit array would not fit: refuse, never truncate
                 out.append(self._fetch_piece(desc, device, dtype, shape, fn))
                 used.append(device)
         except BaseException:
@@ -390,39 +382,15 @@ class IpcKVPipe(KVPipeBase):
             raise ValueError(
                 f"{fn}: the peer sent a KV cache (send_kv_cache); receive it with recv_kv_cache. It was dropped."
             )
-        dtype, shape = _device.array_spec(meta, fn)
+        dtype, shape = _arrays.array_spec(meta, fn)
         if meta.get("inline"):
-            _device.check_dtype(np.empty(0, dtype), fn)
+            _arrays.check_dtype(np.empty(0, dtype), fn)
             host = np.asarray(inline)
             if host.dtype != dtype or host.shape != shape:
                 raise ValueError(f"{fn}: the inline array is {host.dtype}{list(host.shape)}, not {dtype}{list(shape)}.")
             return jax.device_put(host, self.devices[0])
         (out,) = self._fetch(meta, [(self.devices[0], dtype, shape)], fn)
         return out
-
-    def _kv_route(self, kv: Any, fn: str) -> _route.KVRoute:
-        """The route a KV message names, after checking it against this pipe."""
-        if not isinstance(kv, dict) or not isinstance(kv.get("layers"), list) or not kv["layers"]:
-            raise ValueError(f"{fn}: malformed KV-cache metadata {kv!r:.200}.")
-        heads, axis = kv.get("heads"), kv.get("head_axis")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (heads, axis)) or heads < 1 or axis < 0:
-            raise ValueError(f"{fn}: malformed KV-cache metadata (heads={heads!r}, head_axis={axis!r}).")
-        if (kv.get("src_tp"), kv.get("dst_tp")) != (self.peer_tp, len(self.devices)):
-            raise ValueError(
-                f"{fn}: the sender cut the cache for TP {kv.get('src_tp')!r} -> {kv.get('dst_tp')!r}, but this pipe "
-                f"joins TP {self.peer_tp} -> {len(self.devices)}."
-            )
-        specs = []
-        for i, entry in enumerate(kv["layers"]):
-            if not (isinstance(entry, list) and len(entry) == 2):
-                raise ValueError(f"{fn}: malformed metadata for layer {i}: {entry!r:.100}.")
-            dtype, shape = _device.array_spec({"dtype": entry[0], "shape": entry[1]}, fn)
-            if len(shape) <= axis or shape[axis] != heads:
-                raise ValueError(f"{fn}: layer {i} has shape {list(shape)}, not {heads} heads on axis {axis}.")
-            specs.append((str(dtype), shape))
-        kv_head_ranges(heads, self.peer_tp)
-        kv_head_ranges(heads, len(self.devices))
-        return _route.kv_route(heads, self.peer_tp, len(self.devices), axis, tuple(specs))
 
     def _drop(self, meta: dict[str, Any]) -> None:
         """Take a staged message without copying it (the caller asked for something else): free its slot."""
@@ -456,7 +424,7 @@ class IpcKVPipe(KVPipeBase):
                 f"recv_kv_cache: expected the KV cache sent by send_kv_cache, got {got}; both sides must call "
                 "send_kv_cache / recv_kv_cache in the same order."
             )
-        route = self._kv_route(meta["kv"], fn)
+        route = _route.KVRoute.from_metadata(meta["kv"], self.peer_tp, len(self.devices), fn)
         devices = self.devices
         wanted = [
             (devices[g], dtype, shape) for s_, g in route.pairs for dtype, shape in route.buffer_specs(s_, g, True)

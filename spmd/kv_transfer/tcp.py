@@ -42,10 +42,10 @@ import threading
 import time
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
-from spmd.kv_transfer.base import ALLOWED_DTYPES, KVPipeBase
+from spmd.kv_transfer._arrays import as_host_array, dtype_from_name
+from spmd.kv_transfer.base import KVPipeBase
 
 __all__ = ["MAX_HEADER_BYTES", "TCPKVPipe"]
 
@@ -59,38 +59,9 @@ _REPLY = struct.Struct("!4sHH32s32s")  # client -> server: magic, version, flags
 _VERDICT = struct.Struct("!4s32s")  # server -> client: b"SKOK" | b"SKNO", digest of the client nonce
 _AUTH = 1
 _HEADER_KEYS = frozenset(["none", "dtype", "shape", "nbytes"])
-_EXTRA_DTYPES = {"bfloat16", "float8_e4m3fn", "float8_e5m2"}
 _MAX_NDIM = 64
 _RECYCLE_MIN_BYTES = 1 << 20
 _POOL_SIZE = 4
-
-
-def dtype_from_name(name: str) -> np.dtype:
-    """``"bfloat16"`` -> ``np.dtype(ml_dtypes.bfloat16)``; only :data:`ALLOWED_DTYPES`."""
-    if name not in ALLOWED_DTYPES:
-        raise ValueError(f"dtype {name!r} is not allowed; expected one of {sorted(ALLOWED_DTYPES)}.")
-    return np.dtype(getattr(ml_dtypes, name)) if name in _EXTRA_DTYPES else np.dtype(name)
-
-
-def as_host_array(tensor: Any, *, fn: str) -> np.ndarray:
-    """A C-contiguous, native-order numpy view of ``tensor`` (a copy only when it must be made contiguous).
-
-    Raises:
-      TypeError: not a numpy / JAX array, or a dtype outside :data:`ALLOWED_DTYPES`.
-    """
-    if isinstance(tensor, (np.ndarray, np.generic)):
-        a = np.asarray(tensor)
-    elif hasattr(tensor, "__jax_array__") or type(tensor).__module__.startswith(("jax", "jaxlib")):
-        a = np.asarray(tensor)
-    else:
-        raise TypeError(f"{fn}: expected a numpy or JAX array (or None), got {type(tensor).__qualname__}.")
-    if not a.dtype.isnative:
-        a = a.astype(a.dtype.newbyteorder("="))
-    if str(a.dtype) not in ALLOWED_DTYPES:
-        raise TypeError(f"{fn}: cannot send an array of dtype {a.dtype}; allowed: {sorted(ALLOWED_DTYPES)}.")
-    if not a.flags.c_contiguous:
-        a = a.copy(order="C")  # (np.ascontiguousarray would turn a 0-d array into 1-d)
-    return a
 
 
 def encode_header(a: np.ndarray | None) -> bytes:

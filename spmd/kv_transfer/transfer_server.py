@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from spmd.kv_transfer import _device
+from spmd.kv_transfer import _arrays, _device
 from spmd.kv_transfer.base import KVPipeBase
-from spmd.kv_transfer.tcp import TCPKVPipe, as_host_array
+from spmd.kv_transfer.tcp import TCPKVPipe
 from spmd.net import route_address
 
 __all__ = ["TransferServerKVPipe"]
@@ -111,14 +111,6 @@ class TransferServerKVPipe(KVPipeBase):
         self._server.await_pull(self._next_id, arrays, timeout=deadline)
         return str(self._next_id)
 
-    def _as_device_array(self, tensor: Any, fn: str) -> Any:
-        import jax
-
-        if not isinstance(tensor, jax.Array):
-            tensor = as_host_array(tensor, fn=fn)
-        _device.check_dtype(tensor, fn)
-        return tensor
-
     def send_tensor(self, tensor: Any | None) -> None:
         """Register an array (or send ``None``) for the peer to pull.
 
@@ -132,14 +124,14 @@ class TransferServerKVPipe(KVPipeBase):
         if tensor is None:
             self._control.send_tensor(None)
             return
-        x = self._as_device_array(tensor, "TransferServerKVPipe.send_tensor")
+        x = _arrays.as_device_array(tensor, "TransferServerKVPipe.send_tensor")
         meta = {"dtype": str(np.dtype(x.dtype)), "shape": list(np.shape(x)), "id": None}
         if np.size(x):
             meta["id"] = self._register([jax.device_put(x, self.devices[0])])
         self._control.send_tensor(_device.meta_bytes(meta))
 
     def _send_kv_layer(self, layer: Any, head_axis: int) -> None:
-        x = self._as_device_array(layer, "TransferServerKVPipe.send_kv_cache")
+        x = _arrays.as_device_array(layer, "TransferServerKVPipe.send_kv_cache")
         meta = {"dtype": str(np.dtype(x.dtype)), "shape": list(np.shape(x)), "id": None}
         if np.size(x):
             meta["id"] = self._register(_device.sender_pieces(x, head_axis, self.devices, self.peer_tp))
@@ -173,7 +165,7 @@ class TransferServerKVPipe(KVPipeBase):
         meta = self._recv_meta("recv_tensor")
         if meta is None:
             return None
-        dtype, shape = _device.array_spec(meta, "TransferServerKVPipe.recv_tensor")
+        dtype, shape = _arrays.array_spec(meta, "TransferServerKVPipe.recv_tensor")
         if meta["id"] is None:
             return jax.device_put(jnp.zeros(shape, dtype), self.devices[0])
         (out,) = self._pull(
@@ -194,7 +186,7 @@ class TransferServerKVPipe(KVPipeBase):
         meta = self._recv_meta("recv_kv_cache")
         if meta is None:
             raise ValueError("TransferServerKVPipe.recv_kv_cache: expected a KV layer, got None.")
-        dtype, shape = _device.array_spec(meta, "TransferServerKVPipe.recv_kv_cache")
+        dtype, shape = _arrays.array_spec(meta, "TransferServerKVPipe.recv_kv_cache")
         if len(shape) <= head_axis or shape[head_axis] != num_heads:
             raise ValueError(
                 f"TransferServerKVPipe.recv_kv_cache: a layer of shape {list(shape)}, not {num_heads} heads."
