@@ -69,6 +69,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from kernels.rendezvous import Rendezvous
 from spmd import compat, host_net
 from spmd.distributed import job_host_address
 from spmd.envs import SpmdEnv, host_env
@@ -279,6 +280,7 @@ class _Call:
         self.n = _CALLS.next()
         self.prefix = f"spmd/host/{self.n}"
         self.client = _client()
+        self.store = Rendezvous(self.client, self.timeout, self.where(), deadline=self.deadline)
         self.finished = False
         self.sent_error = False  # this process's record already says what failed
 
@@ -299,10 +301,10 @@ class _Call:
         return (mesh, net_call) if mesh.ready(net_call) else None
 
     def publish(self, record: bytes, *, overwrite: bool = False) -> None:
-        self.client.key_value_set_bytes(f"{self.prefix}/{self.me}", record, allow_overwrite=overwrite)
+        self.store.publish(f"{self.prefix}/{self.me}", record, overwrite=overwrite)
 
     def publish_error(self, e: BaseException) -> None:
-        self.publish(_record(self.header("error", error=f"{type(e).__name__}: {str(e)[:2000]}")))
+        self.store.publish_error(f"{self.prefix}/{self.me}", e, note="could not send its value")
         self.sent_error = True
 
     def header(self, role: str, **extra: Any) -> dict[str, Any]:
@@ -313,22 +315,16 @@ class _Call:
 
         Raises:
           TimeoutError: nothing within what is left of the call's timeout.
-          RuntimeError: ``p`` made another call, or gave up on this one.
+          RuntimeError: ``p`` made another call, gave up on this one, or could not send its value.
           MalformedMessageError: ``p``'s record does not follow the wire format.
         """
-        left_ms = max(1, int((self.deadline - time.monotonic()) * 1000))
-        try:
-            raw = self.client.blocking_key_value_get_bytes(f"{self.prefix}/{p}", left_ms)
-        except Exception as e:  # the runtime raises its own error type on deadline
-            raise TimeoutError(
-                f"{self.where()}: waited {self.timeout:g} s for process {p} and got nothing "
-                f"({type(e).__name__}: {str(e)[:120]}). Every process must make the same host-level calls in "
-                f"the same order; check that process {p} is alive and reached this call, or raise "
-                f"SPMD_COLLECTIVE_TIMEOUT_S."
-            ) from e
+        raw = self.store.read(
+            f"{self.prefix}/{p}",
+            who=f"process {p}",
+            hint=f"Every process must make the same host-level calls in the same order; check that process {p} "
+            f"is alive and reached this call, or raise SPMD_COLLECTIVE_TIMEOUT_S.",
+        )
         header, payload = _parse_record(raw, who=f"{self.where()}, process {p}")
-        if header["role"] == "abort":
-            raise RuntimeError(f"{self.where()}: process {p} gave up on this call: {str(header.get('error'))[:500]}")
         if header.get("call") != self.n or header["op"] != self.op or header["sources"] != self.sources:
             raise RuntimeError(
                 f"{self.where()}: the processes made different calls: this process ({self.me}) called "
@@ -336,8 +332,6 @@ class _Call:
                 f"Every process must make the same host-level calls, with the same src, in the same order "
                 f"(a process that skipped a call or passed another src shows up here)."
             )
-        if header["role"] == "error":
-            raise RuntimeError(f"{self.op}: process {p} could not send its value: {str(header.get('error'))[:2000]}")
         return header, payload
 
     def finish(self) -> None:
@@ -356,8 +350,7 @@ class _Call:
             self.finish()
             return
         try:
-            note = self.header("abort", error=f"{type(e).__name__}: {str(e)[:500]}")
-            self.publish(_record(note), overwrite=True)
+            self.store.publish_error(f"{self.prefix}/{self.me}", e, note="gave up on this call", overwrite=True)
         finally:
             self.finish()
 

@@ -23,7 +23,7 @@ import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from kernels import symmetric_memory
+from kernels import rendezvous, symmetric_memory
 from kernels.symmetric_memory import Layout
 
 NATIVE, MAPPED = 0x7000_0000_0000, 0x2000_0000_0000
@@ -103,12 +103,12 @@ class FakeStore:
     """The coordination service's key-value store: no overwrites, blocking reads with a deadline."""
 
     def __init__(self) -> None:
-        self.data: dict[str, str] = {}
+        self.data: dict[str, bytes] = {}
         self.writes: list[tuple[int, str]] = []
         self.cond = threading.Condition()
 
-    def key_value_set(self, key: str, value: str, allow_overwrite: bool = False) -> None:
-        assert isinstance(value, str)
+    def key_value_set_bytes(self, key: str, value: bytes, allow_overwrite: bool = False) -> None:
+        assert isinstance(value, bytes)
         with self.cond:
             if key in self.data and not allow_overwrite:
                 raise RuntimeError(f"ALREADY_EXISTS: key {key} already exists.")
@@ -116,7 +116,7 @@ class FakeStore:
             self.writes.append((_LOCAL.pid, key))
             self.cond.notify_all()
 
-    def blocking_key_value_get(self, key: str, timeout_in_ms: int) -> str:
+    def blocking_key_value_get_bytes(self, key: str, timeout_in_ms: int) -> bytes:
         with self.cond:
             if not self.cond.wait_for(lambda: key in self.data, timeout_in_ms / 1000):
                 raise RuntimeError(f"DEADLINE_EXCEEDED: GetKeyValue({key}) timed out")
@@ -272,10 +272,12 @@ def test_a_process_that_never_comes_times_out_with_a_clear_error(job):
     t0 = time.monotonic()
     got = run_processes(lambda p: symmetric_memory.allocate(mesh, "tp", timeout_s=0.3), [0])
     assert time.monotonic() - t0 < 10
-    with pytest.raises(TimeoutError, match=r"waited 0\.3 s for process 1's handle record .*in the same order"):
+    with pytest.raises(TimeoutError, match=r"waited 0\.3 s for process 1 and got nothing \(its handle record.*same"):
         raise got[0]
     # It said so, for a late process 1.
-    assert "TimeoutError" in json.loads(store.data["spmd/symmetric_memory/1/opened/0"])["error"]
+    late = rendezvous.Rendezvous(store, 1.0, "late")
+    with pytest.raises(rendezvous.PeerFailed, match=r"late: process 0 failed \(opened\): TimeoutError: "):
+        late.read("spmd/symmetric_memory/1/opened/0", who="process 0")
 
 
 @pytest.mark.parametrize("where,stage", [("mem_alloc", "handle"), ("ipc_open", "opened")])
@@ -303,7 +305,7 @@ def test_different_allocations_are_refused(job):
 def test_a_foreign_record_is_refused(job):
     _, store = job
     mesh = fake_mesh((2,), ("tp",), [0, 1])
-    store.data["spmd/symmetric_memory/1/handle/1"] = "pickle?"
+    store.data["spmd/symmetric_memory/1/handle/1"] = b"pickle?"
     got = run_processes(lambda p: symmetric_memory.allocate(mesh, "tp", timeout_s=20), [0])
     with pytest.raises(RuntimeError, match=r"a record this module did not write under"):
         raise got[0]

@@ -55,7 +55,6 @@ import json
 import math
 import os
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from kernels.rendezvous import Rendezvous
 from kernels.symmetric_memory import cuda
 
 __all__ = [
@@ -399,7 +399,7 @@ class _Share:
         self.ordinal = int(self.local.local_hardware_id)
         self.n, self.prefix = n, f"{_KEY}/{n}"
         self.what = {"group": list(group), "devices": [int(d.id) for d in devices], "nbytes": layout.nbytes}
-        self.deadline = time.monotonic() + timeout_s
+        self.store = Rendezvous(client, timeout_s, f"symmetric_memory.allocate (cross-process allocation #{n})")
 
     def run(self) -> tuple[int, ...]:
         """This process's addresses of every buffer, in ``devices`` order.
@@ -455,10 +455,12 @@ class _Share:
         return f"symmetric_memory.allocate (cross-process allocation #{self.n}, process {p})"
 
     def _publish(self, stage: str, *, error: BaseException | None = None, **extra: Any) -> None:
-        record = {"v": _VERSION, "call": self.n, **self.what, **extra}
+        key = f"{self.prefix}/{stage}/{self.me}"
         if error is not None:
-            record["error"] = f"{type(error).__name__}: {str(error)[:1000]}"
-        self.client.key_value_set(f"{self.prefix}/{stage}/{self.me}", json.dumps(record, separators=(",", ":")))
+            self.store.publish_error(key, error, note=f"failed ({stage})")
+            return
+        record = {"v": _VERSION, "call": self.n, **self.what, **extra}
+        self.store.publish(key, json.dumps(record, separators=(",", ":")).encode())
 
     def _read(self, stage: str, p: int) -> dict[str, Any]:
         """Process ``p``'s record of this allocation's ``stage``, checked to be the same allocation.
@@ -468,16 +470,13 @@ class _Share:
           RuntimeError: ``p`` failed (its error quoted), made another allocation, or wrote garbage.
         """
         key = f"{self.prefix}/{stage}/{p}"
-        left_ms = max(1, int((self.deadline - time.monotonic()) * 1000))
-        try:
-            raw = self.client.blocking_key_value_get(key, left_ms)
-        except Exception as e:  # the runtime raises its own error type on deadline
-            raise TimeoutError(
-                f"{self._where(p)}: waited {self.timeout_s:g} s for process {p}'s {stage} record ({key!r}) and got "
-                f"nothing ({type(e).__name__}: {str(e)[:120]}). Every process of the mesh must call allocate "
-                f"(spmd.initialize_model_parallel does) for the same meshes and groups in the same order; check "
-                f"that process {p} is alive and reached this call."
-            ) from e
+        raw = self.store.read(
+            key,
+            who=f"process {p}",
+            what=f"its {stage} record",
+            hint="Every process of the mesh must call allocate (spmd.initialize_model_parallel does) for the same "
+            f"meshes and groups in the same order; check that process {p} is alive and reached this call.",
+        )
         try:
             record = json.loads(raw)
         except (TypeError, ValueError):
@@ -492,8 +491,6 @@ class _Share:
                 f"process {p} {theirs}. Every process of the mesh must call allocate for the same meshes, groups "
                 f"and layouts in the same order."
             )
-        if "error" in record:
-            raise RuntimeError(f"{self._where(p)}: process {p} failed ({stage}): {str(record['error'])[:1000]}")
         return record
 
 

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from kernels.rendezvous import Rendezvous, publish
 from spmd.envs import HOST_TRANSPORTS
 from spmd.host_net import _ops
 from spmd.host_net._call import Call
@@ -39,6 +40,7 @@ from spmd.host_net._handshake import Refused, client_handshake, server_handshake
 from spmd.wire import fail
 
 _KEY = "spmd/host_net"
+_WHERE = "setting up the direct host-level connections"
 _HANDSHAKE_S = 10.0
 _RETRY_S = 0.02
 
@@ -201,8 +203,8 @@ class Mesh:
             record["explicit"] = self.config.address is not None
             if self.me == 0:  # (nobody reads the secret before process 0's record, written after it)
                 self._secret = os.urandom(32)
-                self.client.key_value_set_bytes(f"{_KEY}/secret", self._secret, allow_overwrite=True)
-            self.client.key_value_set_bytes(f"{_KEY}/{self.me}", json.dumps(record).encode())
+                publish(self.client, f"{_KEY}/secret", self._secret, where=_WHERE, overwrite=True)
+            publish(self.client, f"{_KEY}/{self.me}", json.dumps(record).encode(), where=_WHERE)
         except BaseException:
             listener.close()
             raise
@@ -210,17 +212,13 @@ class Mesh:
         self._records[self.me] = record
 
     def _get(self, key: str, p: int, call: Call, what: str) -> bytes:
-        left_ms = max(1, int((call.deadline - time.monotonic()) * 1000))
-        try:
-            raw = self.client.blocking_key_value_get_bytes(key, left_ms)
-        except Exception as e:  # the runtime raises its own error type on deadline
-            raise TimeoutError(
-                f"{call.where()}: waited {call.timeout:g} s for process {p} and got nothing (setting up the direct "
-                f"host-level connections: {what} never appeared in the key-value store; {type(e).__name__}: "
-                f"{str(e)[:120]}). Every process must make the same host-level calls, with the same "
-                f"SPMD_HOST_TRANSPORT; check that process {p} is alive and reached this call, or raise "
-                f"SPMD_COLLECTIVE_TIMEOUT_S."
-            ) from e
+        raw = Rendezvous(self.client, call.timeout, call.where(), deadline=call.deadline).read(
+            key,
+            who=f"process {p}",
+            what=f"setting up the direct host-level connections: {what}",
+            hint=f"Every process must make the same host-level calls, with the same SPMD_HOST_TRANSPORT; check that "
+            f"process {p} is alive and reached this call, or raise SPMD_COLLECTIVE_TIMEOUT_S.",
+        )
         if not isinstance(raw, (bytes, bytearray)):
             fail(f"process {p}'s {what}: {type(raw).__name__}")
         return bytes(raw)
