@@ -122,7 +122,7 @@ def main() -> None:
     # Process 1 dies 1 MiB into a 64 MiB message: process 0 raises at once, not at its timeout.
     seq = host._CALLS._n + 1
     if PID == 1:
-        from spmd.host_net._frame import INTENT, MSG, preamble
+        from spmd.host_net._frame import FRAMES, INTENT, MSG
 
         sock = mesh.peers[0].sock
         sock.setblocking(True)
@@ -136,7 +136,7 @@ def main() -> None:
             ),
         ):
             h = json_bytes({"op": "broadcast_object", "sources": [1], **header})
-            sock.sendall(preamble(kind, seq, len(h), size) + h + payload)
+            sock.sendall(FRAMES.preamble(kind, seq, len(h), size) + h + payload)
         print("OK host_net (dying now)", flush=True)
         os._exit(0)
     expect_error(ConnectionError, "1048576 of the 67108864 payload bytes", lambda: recv(1), within_s=1.5)

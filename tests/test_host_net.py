@@ -28,7 +28,9 @@ import numpy as np
 import pytest
 from helpers import assert_same
 
-from spmd.host_net import ABORT, INTENT, MSG, Call, Mesh, NetConfig, _handshake, _mesh
+from spmd import stream
+from spmd.host_net import ABORT, INTENT, MSG, Call, Mesh, NetConfig, _mesh
+from spmd.host_net._frame import HANDSHAKE
 from spmd.wire import MalformedMessageError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -383,7 +385,7 @@ _HDR = {"op": "b", "sources": [0]}
 @pytest.mark.parametrize(
     "raw,match",
     [
-        (b"GET / HTTP/1.1\r\n\r\n" + bytes(20), "not a host-message frame"),
+        (b"GET / HTTP/1.1\r\n\r\n" + bytes(20), "not a frame of this protocol"),
         (_frame(7, 1, _HDR), "unknown frame kind 7"),
         (_frame(MSG, 1, _HDR, payload_len=1 << 62), "a 4611686018427387904-byte payload, over the limit"),
         (struct.pack("!4sBBHQQQ", b"SPHM", 1, MSG, 0, 1, 1 << 40, 0), "kind MSG with a 1099511627776-byte header"),
@@ -480,12 +482,12 @@ def test_strangers_are_refused_and_the_job_still_connects(rng):
             threading.Thread(target=lambda m=m: results.append(m.ready(job.call("setup", seq=1)))) for m in job.meshes
         ]
         threads[0].start()
-        garbage.recv(_handshake.HELLO.size)
-        garbage.sendall(b"\x00" * _handshake.REPLY.size)
+        garbage.recv(stream.HELLO.size)
+        garbage.sendall(b"\x00" * stream.REPLY.size)
         assert garbage.recv(100)[:4] in (b"", b"DENY")
-        magic, version, _, nonce = _handshake.HELLO.unpack(stranger.recv(_handshake.HELLO.size))
-        proof = _handshake.digest(os.urandom(32), b"client", nonce, 1, 0)  # the wrong secret
-        stranger.sendall(_handshake.REPLY.pack(magic, version, 1, os.urandom(32), proof))
+        magic, version, flags, _, nonce = stream.HELLO.unpack(stranger.recv(stream.HELLO.size))
+        proof = HANDSHAKE.digest(os.urandom(32), b"client", nonce, 1, 0)  # the wrong secret
+        stranger.sendall(stream.REPLY.pack(magic, version, flags, 1, os.urandom(32), proof))
         assert stranger.recv(4) == b"DENY"
         threads[1].start()
         for t in threads:
@@ -494,7 +496,7 @@ def test_strangers_are_refused_and_the_job_still_connects(rng):
         stranger.close()
         assert results == [True, True]
         refused = job.meshes[0]._refused
-        assert len(refused) == 2 and "does not speak" in refused[0] and "without the job's secret" in refused[1]
+        assert len(refused) == 2 and "does not speak" in refused[0] and "without the secret" in refused[1]
         value = random_value(rng)
         assert_same(job.bcast([value, None], 0)[1], value)
     finally:
@@ -511,16 +513,16 @@ def test_a_server_without_the_secret_is_refused_by_the_client():
 
     def impostor():
         conn, _ = listener.accept()
-        conn.sendall(_handshake.HELLO.pack(b"SPHN", 1, 0, os.urandom(32)))
-        conn.recv(_handshake.REPLY.size)
-        conn.sendall(_handshake.VERDICT.pack(b"OKAY", os.urandom(32)))  # cannot prove the secret
+        conn.sendall(HANDSHAKE.hello(b"not the job's secret", 0)[0])
+        conn.recv(stream.REPLY.size)
+        conn.sendall(stream.VERDICT.pack(b"OKAY", os.urandom(32)))  # cannot prove the secret
         time.sleep(0.5)
         conn.close()
 
     t = threading.Thread(target=impostor)
     t.start()
     mesh = Mesh(kv, 1, 2, NetConfig())
-    with pytest.raises(PermissionError, match="failed to prove it holds the job's secret"):
+    with pytest.raises(PermissionError, match="process 0's port failed to prove it holds the secret"):
         mesh.ready(Call(1, "setup", (0, 1), 5, time.monotonic() + 5, 1 << 30))
     t.join()
     mesh.close()
@@ -652,7 +654,7 @@ def test_an_interrupt_during_the_handshake_leaks_no_socket():
 
     def slow_server():  # says hello, then never gives its verdict
         conn, _ = listener.accept()
-        conn.sendall(_handshake.HELLO.pack(b"SPHN", 1, 0, os.urandom(32)))
+        conn.sendall(HANDSHAKE.hello(os.urandom(32), 0)[0])
         done.wait(10)
         conn.close()
 
@@ -740,8 +742,8 @@ def test_a_flood_of_strangers_is_counted_not_kept():
         t.start()
         for _ in range(20):
             with socket.create_connection((rec["host"], rec["port"]), timeout=5) as s:
-                s.recv(_handshake.HELLO.size)
-                s.sendall(b"\x00" * _handshake.REPLY.size)
+                s.recv(stream.HELLO.size)
+                s.sendall(b"\x00" * stream.REPLY.size)
                 s.recv(100)  # closed
         t.join(10)
         assert len(results) == 1 and "refused 20 connection(s), last: Refused" in str(results[0]), results

@@ -172,7 +172,7 @@ def test_recv_times_out_and_the_pipe_stays_usable():
 def test_stall_mid_message_times_out_and_closes():
     server, client = pair(timeout_s=0.3)
     with server, client:
-        client._sock.sendall(_frame({"none": False, "dtype": "float32", "shape": [100], "nbytes": 400}, b"\0" * 100))
+        client._sock.sendall(_frame({"dtype": "float32", "shape": [100]}, b"\0" * 100, payload_len=400))
         with pytest.raises(TimeoutError, match="300 of 400 bytes missing"):
             _within(3, server.recv_tensor)
         assert server.closed
@@ -214,30 +214,34 @@ def test_server_gives_up_after_its_timeout():
 # Framing faults -----------------------------------------------------------------------------
 
 
-def _frame(header: dict, payload: bytes = b"", *, magic=b"SKVP", length=None) -> bytes:
+def _frame(header: dict, payload: bytes = b"", *, kind=1, seq=0, magic=b"SKVP", length=None, payload_len=None):
+    """A frame as the module docstring describes it (written here, not by the code under test)."""
     body = json.dumps(header).encode()
     n = len(body) if length is None else length
-    return struct.pack("!4sHHI", magic, 1, 0, n) + body + payload
+    p = len(payload) if payload_len is None else payload_len
+    return struct.pack("!4sBBHQQQ", magic, 2, kind, 0, seq, n, p) + body + payload
 
 
 @pytest.mark.parametrize(
     "raw,match",
     [
-        (b"GET / HTTP/1.1\r\n\r\n" + b"x" * 32, "not a KV-pipe frame"),
+        (b"GET / HTTP/1.1\r\n\r\n" + b"x" * 32, "not a frame of this protocol"),
         (_frame({"a": 1}, length=MAX_HEADER_BYTES + 1), "maximum is"),
-        (struct.pack("!4sHHI", b"SKVP", 1, 0, 5) + b"{bad}", "not valid JSON"),
-        (
-            _frame({"none": False, "dtype": "float32", "shape": [1 << 40, 1 << 20], "nbytes": 1 << 62}),
-            "refusing before",
-        ),
-        (_frame({"none": False, "dtype": "float32", "shape": [4], "nbytes": 17}), "header says 17"),
-        (_frame({"none": False, "dtype": "object", "shape": [1], "nbytes": 8}), "not allowed"),
-        (_frame({"none": False, "dtype": "float32", "shape": [-1], "nbytes": 4}), "bad shape"),
-        (_frame({"none": True, "dtype": "float32", "shape": None, "nbytes": 0}), "carries no array"),
-        (_frame({"none": False, "dtype": "float32", "shape": [1], "nbytes": 4, "pickle": 1}), "expected"),
+        (struct.pack("!4sBBHQQQ", b"SKVP", 2, 1, 0, 0, 5, 4) + b"{bad}", "not JSON"),
+        (_frame({"dtype": "float32", "shape": [1 << 40, 1 << 20]}, payload_len=1 << 62), "refusing before"),
+        (_frame({"dtype": "float32", "shape": [4]}, payload_len=17), "the frame carries 17"),
+        (_frame({"dtype": "object", "shape": [1]}, payload_len=8), "not allowed"),
+        (_frame({"dtype": "float32", "shape": [-1]}, payload_len=4), "malformed array shape"),
+        (_frame({"dtype": "float32", "shape": [1]}, kind=2), "carries no array"),
+        (_frame({"dtype": "float32", "shape": [1], "pickle": 1}, payload_len=4), "expected"),
+        (_frame({"dtype": "float32", "shape": [1]}, seq=5, payload_len=4), r"message #5 arrived where #0 was due"),
+        (_frame({}, kind=9), "unknown frame kind 9"),
     ],
-    ids=["garbage", "huge-header", "bad-json", "absurd-size", "inconsistent", "dtype", "shape", "none", "keys"],
-)
+    ids=[
+        "garbage", "huge-header", "bad-json", "absurd-size", "inconsistent", "dtype", "shape", "none", "keys", "seq",
+        "kind",
+    ],
+)  # fmt: skip
 def test_bad_frames_raise_valueerror_and_close(raw, match):
     server, client = pair()
     with server, client:
@@ -253,7 +257,7 @@ def test_absurd_size_is_refused_without_allocating(monkeypatch):
     real = np.empty
     monkeypatch.setattr(np, "empty", lambda *a, **k: calls.append(a) or real(*a, **k))
     with server, client:
-        client._sock.sendall(_frame({"none": False, "dtype": "uint8", "shape": [2 << 20], "nbytes": 2 << 20}))
+        client._sock.sendall(_frame({"dtype": "uint8", "shape": [2 << 20]}, payload_len=2 << 20))
         with pytest.raises(ValueError, match="at most 1048576"):
             server.recv_tensor()
     assert calls == []
@@ -262,7 +266,7 @@ def test_absurd_size_is_refused_without_allocating(monkeypatch):
 def test_peer_gone_mid_message_says_how_much_is_missing():
     server, client = pair()
     with server:
-        client._sock.sendall(_frame({"none": False, "dtype": "float32", "shape": [256], "nbytes": 1024}, b"\0" * 24))
+        client._sock.sendall(_frame({"dtype": "float32", "shape": [256]}, b"\0" * 24, payload_len=1024))
         client.close()
         with pytest.raises(ConnectionError, match="1000 of 1024 bytes"):
             server.recv_tensor()

@@ -7,9 +7,8 @@ one concept each:
 
 * :mod:`~spmd.host_net._mesh`: setting up (addresses published in the key-value store, the
   transport decision, connecting and accepting) and :class:`Mesh`, this process's connections;
-* :mod:`~spmd.host_net._handshake`: authenticating a new connection (HMAC-SHA256 over a per-job
-  secret, both ways);
-* :mod:`~spmd.host_net._frame`: the frame format, and one connection's non-blocking writer and
+* :mod:`~spmd.host_net._frame`: this protocol's frames and handshake on :mod:`spmd.stream`'s wire
+  (HMAC-SHA256 over a per-job secret, both ways), and one connection's non-blocking writer and
   incremental reader (sizes checked before anything is allocated);
 * :mod:`~spmd.host_net._call` and :mod:`~spmd.host_net._exchange`: one call's identity, and its
   frames between every pair of processes within one deadline (mismatches, errors and aborts

@@ -1,8 +1,8 @@
 """Frames on one connection: their format, and a non-blocking writer and incremental reader.
 
-A frame is ``preamble | JSON header | payload``. The 32-byte preamble is (network order) magic
-``b"SPHM"``, version, kind, reserved, the call's sequence number (u64), the header length (u64)
-and the payload length (u64). The header always names the call's ``op`` and ``sources`` (every
+A frame is :mod:`spmd.stream`'s ``preamble | JSON header | payload``, with magic ``b"SPHM"`` and
+the call's number as the sequence number; connections open with :mod:`spmd.stream`'s handshake
+(:data:`HANDSHAKE`). The header always names the call's ``op`` and ``sources`` (every
 sender). Kinds: ``INTENT`` (``source``: the sender this process takes its value from;
 ``max_bytes``: its ``SPMD_HOST_MAX_BYTES``), ``MSG`` (``tree``; the payload is the packed arrays),
 ``ERROR`` (a sender could not encode its value: ``error``) and ``ABORT`` (this process gave up on
@@ -21,21 +21,22 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import json
 import socket
-import struct
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from spmd.host_net._call import describe
+from spmd.stream import FrameError, FrameFormat, Handshake, json_header
 from spmd.wire import MalformedMessageError, fail
 
-MAGIC = b"SPHM"
 VERSION = 1
 INTENT, MSG, ERROR, ABORT = 1, 2, 3, 4
 KIND_NAMES = {INTENT: "INTENT", MSG: "MSG", ERROR: "ERROR", ABORT: "ABORT"}
+FRAMES = FrameFormat(b"SPHM", VERSION, KIND_NAMES)
+HANDSHAKE = Handshake(b"SPHN", b"spmd-host", version=2)
+"""Authenticates every connection with the job's secret; the ids are the two process indices."""
 MAX_CONTROL_HEADER = 1 << 20
 """Longest header of a frame without a payload (intents, errors, aborts)."""
 EAGER_MAX_BYTES = 64 << 10
@@ -46,14 +47,9 @@ if larger, off the connection before checking them against that limit (and refus
 the connection kept)."""
 DRAIN_BYTES = 1 << 20
 """Size of the scratch buffer that payloads nobody keeps are read into and dropped."""
-_PRE = struct.Struct("!4sBBHQQQ")  # magic, version, kind, reserved, seq, header length, payload length
 _ZEROS = bytes(64)
 _MAX_IOV = 512
 _PREAMBLE, _HEADER, _READY, _BODY = 0, 1, 2, 3
-
-
-def preamble(kind: int, seq: int, header_len: int, payload_len: int) -> bytes:
-    return _PRE.pack(MAGIC, VERSION, kind, 0, seq, header_len, payload_len)
 
 
 def payload_parts(arrays: list[np.ndarray], offsets: list[int]) -> list[memoryview]:
@@ -70,12 +66,11 @@ def payload_parts(arrays: list[np.ndarray], offsets: list[int]) -> list[memoryvi
 
 def _check_header(raw: bytearray, who: str) -> dict[str, Any]:
     try:
-        header = json.loads(bytes(raw))
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
-        fail(f"{who}: the header is not JSON ({type(e).__name__}: {str(e)[:100]})")
+        header = json_header(raw)
+    except FrameError as e:
+        fail(f"{who}: {e}")
     if (
-        not isinstance(header, dict)
-        or not isinstance(header.get("op"), str)
+        not isinstance(header.get("op"), str)
         or not isinstance(header.get("sources"), list)
         or not all(isinstance(s, int) and not isinstance(s, bool) for s in header["sources"])
     ):
@@ -102,7 +97,7 @@ class Peer:
         self.fd = sock.fileno()
         self.closed: str | None = None
         self.out: collections.deque[memoryview] = collections.deque()
-        self.pre = bytearray(_PRE.size)
+        self.pre = bytearray(FRAMES.size)
         self.stage, self.got = _PREAMBLE, 0
         self.view: memoryview = memoryview(self.pre)
         self.kind = self.seq = self.header_len = self.payload_len = 0
@@ -122,7 +117,7 @@ class Peer:
 
     def queue(self, kind: int, seq: int, header: bytes, parts: list[memoryview] = (), payload_len: int = 0) -> None:
         """Append a frame to the outgoing bytes (:meth:`flush` hands them to the kernel)."""
-        self.out.append(memoryview(preamble(kind, seq, len(header), payload_len) + header))
+        self.out.append(memoryview(FRAMES.preamble(kind, seq, len(header), payload_len) + header))
         self.out.extend(parts)
 
     def flush(self) -> None:
@@ -272,22 +267,28 @@ class Peer:
         self.view = memoryview(_ZEROS)[:0]
 
     def _parse_preamble(self, max_bytes: int) -> None:
-        magic, version, kind, reserved, seq, header_len, payload_len = _PRE.unpack(self.pre)
         where = f"process {self.index}"
         problem = None
-        if magic != MAGIC or version != VERSION or reserved != 0:
-            problem = f"not a host-message frame (magic {bytes(magic)!r}, version {version}; garbage on the connection)"
-        elif kind not in KIND_NAMES:
-            problem = f"unknown frame kind {kind}"
-        elif header_len > (max(max_bytes, EAGER_MAX_BYTES) if kind == MSG else MAX_CONTROL_HEADER) or header_len < 2:
-            problem = f"a frame of kind {KIND_NAMES[kind]} with a {header_len}-byte header"
-        elif kind == MSG and payload_len > max(max_bytes, EAGER_MAX_BYTES):
-            problem = f"a {payload_len}-byte payload, over the limit SPMD_HOST_MAX_BYTES={max_bytes}"
-        elif kind != MSG and payload_len:
-            problem = f"a frame of kind {KIND_NAMES[kind]} with a {payload_len}-byte payload"
+        try:
+            kind, seq, header_len, payload_len = FRAMES.parse(self.pre)
+        except FrameError as e:
+            problem = str(e)
+        else:
+            problem = _limits(kind, header_len, payload_len, max_bytes)
         if problem is not None:
             self.close(f"it sent garbage: {problem}")
             fail(f"{where} sent {problem}; refused before allocating anything, and its connection is closed")
         self.kind, self.seq, self.header_len, self.payload_len = kind, seq, header_len, payload_len
         self.pre_header = bytearray(header_len)
         self.stage, self.got, self.view = _HEADER, 0, memoryview(self.pre_header)
+
+
+def _limits(kind: int, header_len: int, payload_len: int, max_bytes: int) -> str | None:
+    """What is wrong with a frame's sizes (``None``: within this process's limits)."""
+    if header_len > (max(max_bytes, EAGER_MAX_BYTES) if kind == MSG else MAX_CONTROL_HEADER) or header_len < 2:
+        return f"a frame of kind {KIND_NAMES[kind]} with a {header_len}-byte header"
+    if kind == MSG and payload_len > max(max_bytes, EAGER_MAX_BYTES):
+        return f"a {payload_len}-byte payload, over the limit SPMD_HOST_MAX_BYTES={max_bytes}"
+    if kind != MSG and payload_len:
+        return f"a frame of kind {KIND_NAMES[kind]} with a {payload_len}-byte payload"
+    return None

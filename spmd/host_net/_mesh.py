@@ -8,8 +8,10 @@ process 0 publishes a random 32-byte secret. Every process reads every record an
 decision: direct connections when every process runs on this machine (same ``machine``) or every
 process was given an address; otherwise the store (``SPMD_HOST_TRANSPORT=tcp`` makes that an error
 instead). Process ``i`` connects to every ``j < i`` and accepts every ``j > i`` (this order cannot
-deadlock). Every connection is authenticated both ways (:mod:`spmd.host_net._handshake`); a peer
-without the secret, or garbage, is refused and the process goes on waiting for the right peer.
+deadlock). Every connection is authenticated both ways (:mod:`spmd.stream`'s handshake, the ids
+being the process indices), within the call's one deadline: the accepting side runs every
+handshake side by side (:class:`spmd.stream.Acceptor`), so a stranger, garbage or a peer without
+the secret is dropped while the right peers get in, silent or slow strangers included.
 
 A mesh serves one thread at a time: host-level calls are numbered in the order a process makes
 them, so two threads calling at once cannot agree with the other processes; a second thread's
@@ -24,7 +26,6 @@ import dataclasses
 import json
 import os
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,13 +36,12 @@ from spmd.envs import HOST_TRANSPORTS
 from spmd.host_net import _ops
 from spmd.host_net._call import Call
 from spmd.host_net._exchange import Exchange
-from spmd.host_net._frame import DRAIN_BYTES, VERSION, Peer
-from spmd.host_net._handshake import Refused, client_handshake, server_handshake
+from spmd.host_net._frame import DRAIN_BYTES, HANDSHAKE, VERSION, Peer
+from spmd.stream import Acceptor, Refused
 from spmd.wire import fail
 
 _KEY = "spmd/host_net"
 _WHERE = "setting up the direct host-level connections"
-_HANDSHAKE_S = 10.0
 _RETRY_S = 0.02
 
 
@@ -99,6 +99,7 @@ class Mesh:
         self.peers: dict[int, Peer] = {}
         self.scratch = memoryview(bytearray(DRAIN_BYTES))
         self._listener: socket.socket | None = None
+        self._acceptor: Acceptor | None = None
         self._records: dict[int, dict[str, Any]] = {}
         self._secret: bytes | None = None
         self._refused: collections.deque[str] = collections.deque(maxlen=8)  # the last few, for errors
@@ -253,6 +254,9 @@ class Mesh:
         return "store"
 
     def _close_listener(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.close()
+            self._acceptor = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -279,8 +283,15 @@ class Mesh:
                 time.sleep(min(_RETRY_S, max(0.0, call.deadline - time.monotonic())))
                 continue
             try:
-                sock.settimeout(max(0.05, call.deadline - time.monotonic()))
-                client_handshake(sock, self._secret, self.me, p)
+                HANDSHAKE.client(
+                    sock,
+                    self._secret,
+                    call.deadline,
+                    me=self.me,
+                    server=p,
+                    where=f"process {p}'s port",
+                    hint="Its secret differs: is this process part of the same job, with the same coordinator?",
+                )
                 self._add(p, sock)
                 return
             except (OSError, Refused) as e:
@@ -294,35 +305,37 @@ class Mesh:
                 raise
 
     def _accept(self, call: Call) -> None:
-        listener = self._listener
+        if self._acceptor is None:
+            self._acceptor = Acceptor(
+                self._listener,
+                HANDSHAKE,
+                self._secret,
+                me=self.me,
+                accept=lambda c: self.me < c < self.n_proc and c not in self.peers,
+                on_refused=self._note_refused,
+            )
         while True:
             missing = [p for p in range(self.me + 1, self.n_proc) if p not in self.peers]
             if not missing:
                 return
-            left = call.deadline - time.monotonic()
-            if left <= 0:
+            try:
+                sock, p = self._acceptor.next(call.deadline)
+            except TimeoutError:
                 why = f"; refused {self._n_refused} connection(s), last: {self._refused[-1]}" if self._refused else ""
                 raise TimeoutError(
                     f"{call.where()}: waited {call.timeout:g} s for process {missing[0]} and got nothing (it did not "
                     f"connect to this process's host-level port{why}). Check that process {missing[0]} is alive and "
                     f"reached this call, or raise SPMD_COLLECTIVE_TIMEOUT_S."
-                )
-            listener.settimeout(left)
+                ) from None
             try:
-                sock, _ = listener.accept()
-            except TimeoutError:
-                continue
-            try:
-                sock.settimeout(min(_HANDSHAKE_S, max(0.05, call.deadline - time.monotonic())))
-                p = server_handshake(sock, self._secret, self.me, self.n_proc, self.peers)
                 self._add(p, sock)
-            except (OSError, Refused, struct.error) as e:
-                self._refused.append(f"{type(e).__name__}: {str(e)[:200]}")
-                self._n_refused += 1
-                sock.close()
             except BaseException:
                 sock.close()
                 raise
+
+    def _note_refused(self, why: str) -> None:
+        self._refused.append(f"Refused: {why[:200]}")
+        self._n_refused += 1
 
     def close(self) -> None:
         """Close the listener and every connection (later calls that need one raise ``ConnectionError``)."""

@@ -1,27 +1,31 @@
 """``TCPKVPipe``: arrays over one TCP connection, framed, validated, authenticated, never pickled.
 
-Frame (every message, ``None`` included)::
+The wire is :mod:`spmd.stream`'s (the one the host-level messages use too): every message is one
+frame, ``None`` included::
 
-    preamble  12 bytes, network order: magic b"SKVP" | version u16 (=1) | flags u16 (=0) | header_len u32
-    header    header_len bytes (<= MAX_HEADER_BYTES) of UTF-8 JSON, exactly these keys:
-              {"none": bool, "dtype": str | null, "shape": [int, ...] | null, "nbytes": int}
-    payload   nbytes bytes: the array in C order, native byte order (absent for None)
+    preamble  32 bytes, network order: magic b"SKVP" | version u8 (=2) | kind u8 (1 ARRAY, 2 NONE) |
+              flags u16 (=0) | sequence number u64 | header length u64 | payload length u64
+    header    header length (<= MAX_HEADER_BYTES) bytes of UTF-8 JSON: {"dtype": str, "shape": [int, ...]}
+              for an ARRAY, {} for NONE
+    payload   the array in C order, native byte order (none for NONE)
 
-The receiver checks the magic, the version, the header length, then the header itself (an
-allowed dtype by name, ``bfloat16`` included; non-negative dimensions; ``nbytes`` equal to
-``prod(shape) * itemsize`` and at most ``max_message_bytes``) and only then allocates the
-payload buffer, which it fills with ``recv_into`` (no list of chunks, no join). The sender passes
-a ``memoryview`` of the array to the socket (no ``tobytes`` copy; only a non-contiguous array is
-made contiguous first).
+The receiver checks the preamble (magic, version, kind, the sequence number: the count of
+messages before it), the header's length and the payload's length against ``max_message_bytes``
+before reading anything else, then the header (an allowed dtype by name, ``bfloat16`` included;
+at most 64 non-negative dimensions; ``prod(shape) * itemsize`` equal to the payload length) and
+only then allocates the payload buffer, which it fills with ``recv_into`` (no list of chunks, no
+join). The sender passes a ``memoryview`` of the array to the socket (no ``tobytes`` copy; only a
+non-contiguous array is made contiguous first).
 
 Connection: the server binds (loopback unless told otherwise), accepts ONE peer inside the
 constructor and closes its listening socket; the client connects, retrying until ``timeout_s``.
-Then a handshake, which with a ``secret`` is a mutual HMAC-SHA256 challenge-response (as
-``multiprocessing.connection`` does): the server sends a random nonce, the client answers
-``HMAC(secret, "spmd-kv client" + nonce)`` and its own nonce, the server answers
-``HMAC(secret, "spmd-kv server" + client nonce)``. A peer without the right secret is refused
-(the server keeps waiting for a proper peer until its timeout); a client that has a secret
-refuses a server that does not ask for one.
+Then :mod:`spmd.stream`'s handshake, which with a ``secret`` is a mutual HMAC-SHA256
+challenge-response. The constructor has ONE deadline, ``timeout_s`` from its start, for
+connecting and the handshake together. The server runs the handshakes of every connection side
+by side, so strangers (garbage, the wrong secret, silent or dripping one byte at a time) are
+dropped and never keep the right peer out; a client that has a secret refuses a server that does
+not ask for one. WITHOUT a secret the server takes the first peer that speaks the protocol: any
+process that can reach the port (every local user, on loopback) can then read and inject arrays.
 
 Timeouts: every blocking socket operation waits at most ``timeout_s`` for progress; a wait for
 the next message that times out before any byte arrived leaves the pipe usable, any other
@@ -31,12 +35,7 @@ longer in step, and later calls say why.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
-import os
 import socket
-import struct
 import sys
 import threading
 import time
@@ -44,108 +43,80 @@ from typing import Any
 
 import numpy as np
 
-from spmd.kv_transfer._arrays import as_host_array, dtype_from_name
+from spmd.kv_transfer._arrays import as_host_array, check_shape, dtype_from_name
 from spmd.kv_transfer.base import KVPipeBase
+from spmd.stream import Acceptor, FrameError, FrameFormat, Handshake, Refused, json_header
 
 __all__ = ["MAX_HEADER_BYTES", "TCPKVPipe"]
 
-MAGIC = b"SKVP"
-VERSION = 1
+ARRAY, NONE = 1, 2
+FRAMES = FrameFormat(b"SKVP", 2, {ARRAY: "ARRAY", NONE: "NONE"})
+HANDSHAKE = Handshake(b"SKVH", b"spmd-kv", version=2)
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 36  # 64 GiB
-_PREAMBLE = struct.Struct("!4sHHI")
-_HELLO = struct.Struct("!4sHH32s")  # server -> client: magic, version, flags (bit 0: auth), nonce
-_REPLY = struct.Struct("!4sHH32s32s")  # client -> server: magic, version, flags, digest, client nonce
-_VERDICT = struct.Struct("!4s32s")  # server -> client: b"SKOK" | b"SKNO", digest of the client nonce
-_AUTH = 1
-_HEADER_KEYS = frozenset(["none", "dtype", "shape", "nbytes"])
-_MAX_NDIM = 64
 _RECYCLE_MIN_BYTES = 1 << 20
 _POOL_SIZE = 4
 
 
-def encode_header(a: np.ndarray | None) -> bytes:
-    """The preamble and JSON header of one frame."""
+def encode_frame(a: np.ndarray | None, seq: int) -> bytes:
+    """The preamble and JSON header of message ``seq`` (its payload, the array's bytes, follows)."""
     if a is None:
-        head = {"none": True, "dtype": None, "shape": None, "nbytes": 0}
-    else:
-        head = {"none": False, "dtype": str(a.dtype), "shape": list(a.shape), "nbytes": int(a.nbytes)}
-    body = json.dumps(head, separators=(",", ":")).encode()
-    return _PREAMBLE.pack(MAGIC, VERSION, 0, len(body)) + body
+        return FRAMES.frame(NONE, seq, {})
+    return FRAMES.frame(ARRAY, seq, {"dtype": str(a.dtype), "shape": list(a.shape)}, a.nbytes)
 
 
-def decode_preamble(raw: bytes | bytearray | memoryview) -> int:
-    """The header length announced by a preamble.
+def check_preamble(raw: bytes | bytearray, seq: int, max_message_bytes: int) -> tuple[int, int, int]:
+    """``(kind, header length, payload length)`` of message ``seq``'s preamble, within this side's limits.
 
     Raises:
-      ValueError: wrong magic, version or flags, or a header longer than :data:`MAX_HEADER_BYTES`.
-    """
-    magic, version, flags, length = _PREAMBLE.unpack(raw)
-    if magic != MAGIC:
-        raise ValueError(
-            f"not a KV-pipe frame: magic {bytes(magic)!r}, expected {MAGIC!r} (garbage on the connection)."
-        )
-    if version != VERSION or flags != 0:
-        raise ValueError(f"unsupported KV-pipe frame version {version} / flags {flags}; this side speaks {VERSION}.")
-    if length > MAX_HEADER_BYTES:
-        raise ValueError(f"KV-pipe header of {length} bytes announced; the maximum is {MAX_HEADER_BYTES}.")
-    return length
-
-
-def decode_header(raw: bytes | bytearray | memoryview, max_message_bytes: int) -> tuple[np.dtype, tuple, int] | None:
-    """``(dtype, shape, nbytes)`` of a validated JSON header, or ``None`` for a None message.
-
-    Raises:
-      ValueError: malformed JSON, unknown keys, a bad dtype or shape, or a payload size that is
-        inconsistent or larger than ``max_message_bytes``.
+      ValueError: garbage, a message out of order, a header over :data:`MAX_HEADER_BYTES`, or a
+        payload over ``max_message_bytes`` (refused before anything is read or allocated).
     """
     try:
-        head = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"KV-pipe header is not valid JSON: {e}") from None
-    if not isinstance(head, dict) or set(head) != _HEADER_KEYS:
+        kind, got, header_len, payload_len = FRAMES.parse(raw)
+    except FrameError as e:
+        raise ValueError(f"{e}.") from None
+    if got != seq:
+        raise ValueError(f"message #{got} arrived where #{seq} was due: the stream is out of step (or forged).")
+    if not 2 <= header_len <= MAX_HEADER_BYTES:
+        raise ValueError(f"a {header_len}-byte header announced; the maximum is {MAX_HEADER_BYTES}.")
+    if payload_len > max_message_bytes:
         raise ValueError(
-            f"KV-pipe header has keys {sorted(head) if isinstance(head, dict) else head!r:.200}; "
-            f"expected {sorted(_HEADER_KEYS)}."
-        )
-    if head["none"] is True:
-        if head["dtype"] is not None or head["shape"] is not None or head["nbytes"] != 0:
-            raise ValueError(f"KV-pipe header {head!r:.200}: a None message carries no array.")
-        return None
-    if head["none"] is not False:
-        raise ValueError(f"KV-pipe header: 'none' must be a bool, got {head['none']!r:.50}.")
-    dtype = head["dtype"]
-    if not isinstance(dtype, str):
-        raise ValueError(f"KV-pipe header: dtype must be a string, got {dtype!r:.50}.")
-    dt = dtype_from_name(dtype)
-    shape, nbytes = head["shape"], head["nbytes"]
-    if (
-        not isinstance(shape, list)
-        or len(shape) > _MAX_NDIM
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
-    ):
-        raise ValueError(f"KV-pipe header: bad shape {shape!r:.200}.")
-    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
-        raise ValueError(f"KV-pipe header: bad byte count {nbytes!r:.50}.")
-    if nbytes > max_message_bytes:
-        raise ValueError(
-            f"KV-pipe header announces {nbytes} bytes; this pipe accepts at most {max_message_bytes} "
+            f"a message of {payload_len} bytes announced; this pipe accepts at most {max_message_bytes} "
             f"(max_message_bytes); refusing before allocating."
         )
+    if kind == NONE and payload_len:
+        raise ValueError(f"a None message with a {payload_len}-byte payload.")
+    return kind, header_len, payload_len
+
+
+def check_header(raw: bytes | bytearray, kind: int, payload_len: int) -> tuple[np.dtype, tuple[int, ...]] | None:
+    """``(dtype, shape)`` of an ARRAY message's header, checked against its payload length; ``None`` for NONE.
+
+    Raises:
+      ValueError: not a JSON object of exactly the expected keys, a dtype that may not travel, a
+        bad shape, or a shape whose bytes are not the payload length.
+    """
+    try:
+        head = json_header(raw)
+    except FrameError as e:
+        raise ValueError(f"KV-pipe header: {e}.") from None
+    if kind == NONE:
+        if head:
+            raise ValueError(f"KV-pipe header {head!r:.200}: a None message carries no array.")
+        return None
+    if set(head) != {"dtype", "shape"}:
+        raise ValueError(f"KV-pipe header has keys {sorted(head)!r:.200}; expected ['dtype', 'shape'].")
+    dt = dtype_from_name(head["dtype"])
+    shape = check_shape(head["shape"], dt.itemsize, "KV-pipe header")
     expected = dt.itemsize
     for s in shape:
         expected *= s  # Python ints: no overflow
-    if expected != nbytes:
-        raise ValueError(f"KV-pipe header: {dtype}{shape} is {expected} bytes, but the header says {nbytes}.")
-    return dt, tuple(shape), nbytes
-
-
-def _digest(secret: bytes, role: bytes, nonce: bytes) -> bytes:
-    return hmac.new(secret, b"spmd-kv " + role + b" " + nonce, hashlib.sha256).digest()
-
-
-class _Refused(Exception):
-    """A connecting peer failed the handshake (the server goes on waiting for another)."""
+    if expected != payload_len:
+        raise ValueError(
+            f"KV-pipe header: {head['dtype']}{list(shape)} is {expected} bytes, but the frame carries {payload_len}."
+        )
+    return dt, shape
 
 
 class TCPKVPipe(KVPipeBase):
@@ -156,8 +127,11 @@ class TCPKVPipe(KVPipeBase):
         to the network, so use a ``secret`` then), or the address the client connects to.
       port: the TCP port.
       role: ``"server"`` (binds and accepts one peer) or ``"client"`` (connects).
-      timeout_s: the longest any wait (connect, accept, a send or receive making no progress) may block.
+      timeout_s: the constructor's deadline (connecting and the handshake, in all), and the longest
+        any later wait (a send or receive making no progress) may block.
       secret: a shared key; both sides must hold the same one (HMAC-SHA256 challenge-response).
+        Without one the server takes the first peer that speaks the protocol: any process that can
+        reach the port may read and inject arrays.
       max_message_bytes: the largest payload this side accepts (a header announcing more is refused).
       recycle_buffers: receive large payloads (>= 1 MiB) into buffers of earlier messages whose
         arrays the caller has dropped (no array, view or memoryview of them alive), which saves
@@ -197,6 +171,7 @@ class TCPKVPipe(KVPipeBase):
             raise TypeError(f"TCPKVPipe: secret must be non-empty bytes or None, got {type(secret).__name__}.")
         if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 0:
             raise ValueError(f"TCPKVPipe: max_message_bytes must be a non-negative int, got {max_message_bytes!r}.")
+        deadline = time.monotonic() + timeout_s  # one for connecting and the handshake together
         self.host, self.role, self.timeout_s = host, role, float(timeout_s)
         self.max_message_bytes = max_message_bytes
         self.recycle_buffers = bool(recycle_buffers)
@@ -206,12 +181,13 @@ class TCPKVPipe(KVPipeBase):
         self._broken: str | None = None
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
-        self._preamble = bytearray(_PREAMBLE.size)
+        self._preamble = bytearray(FRAMES.size)
+        self._sent = self._received = 0  # messages, for the frames' sequence numbers
         self.port = port
         if role == "server":
-            self._sock = self._accept(host, port)
+            self._sock = self._accept(host, port, deadline)
         else:
-            self._sock = self._connect(host, port)
+            self._sock = self._connect(host, port, deadline)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock.settimeout(self.timeout_s)
 
@@ -221,48 +197,41 @@ class TCPKVPipe(KVPipeBase):
 
     # Connection ------------------------------------------------------------------------------
 
-    def _accept(self, host: str, port: int) -> socket.socket:
-        deadline = time.monotonic() + self.timeout_s
+    def _accept(self, host: str, port: int, deadline: float) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         refused: list[str] = []
+        acceptor = None
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind((host, port))
-            listener.listen(1)
+            listener.listen(16)
             self.port = listener.getsockname()[1]
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    why = f"; refused {len(refused)} peer(s), last: {refused[-1]}" if refused else ""
-                    raise TimeoutError(
-                        f"TCPKVPipe server on {host}:{self.port}: no peer connected and passed the handshake "
-                        f"within {self.timeout_s:g} s{why}."
-                    )
-                listener.settimeout(left)
-                try:
-                    conn, _ = listener.accept()
-                except TimeoutError:
-                    continue
-                try:
-                    conn.settimeout(min(self.timeout_s, max(deadline - time.monotonic(), 0.05)))
-                    self._server_handshake(conn)
-                    return conn
-                except (_Refused, OSError, ValueError) as e:
-                    refused.append(f"{type(e).__name__}: {e}" if not isinstance(e, _Refused) else str(e))
-                    conn.close()
+            acceptor = Acceptor(listener, HANDSHAKE, self._secret, on_refused=refused.append)
+            try:
+                sock, _ = acceptor.next(deadline)
+            except TimeoutError:
+                why = f"; refused {len(refused)} peer(s), last: {refused[-1]}" if refused else ""
+                raise TimeoutError(
+                    f"TCPKVPipe server on {host}:{self.port}: no peer connected and passed the handshake "
+                    f"within {self.timeout_s:g} s{why}."
+                ) from None
+            return sock
         finally:
+            if acceptor is not None:
+                acceptor.close()
             listener.close()
 
-    def _connect(self, host: str, port: int) -> socket.socket:
-        deadline = time.monotonic() + self.timeout_s
+    def _connect(self, host: str, port: int, deadline: float) -> socket.socket:
+        where = f"{host}:{port}"
         last: Exception | None = None
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(
-                    f"TCPKVPipe client: could not connect to {host}:{port} within {self.timeout_s:g} s "
-                    f"(last error: {type(last).__name__}: {last}). Is the server started on that address?"
+                    f"TCPKVPipe client: could not connect to {where} and pass the handshake within "
+                    f"{self.timeout_s:g} s (last error: {type(last).__name__}: {last}). Is the server started on "
+                    f"that address?"
                 )
             try:
                 conn = socket.create_connection((host, port), timeout=left)
@@ -271,53 +240,20 @@ class TCPKVPipe(KVPipeBase):
                 time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
                 continue
             try:
-                conn.settimeout(min(self.timeout_s, max(deadline - time.monotonic(), 0.05)))
-                self._client_handshake(conn)
+                HANDSHAKE.client(conn, self._secret, deadline, where=where)
                 return conn
+            except Refused as e:
+                conn.close()
+                raise ValueError(f"TCPKVPipe client: {e}.") from None
+            except PermissionError as e:
+                conn.close()
+                raise PermissionError(f"TCPKVPipe client: {e}") from None
+            except (ConnectionError, TimeoutError) as e:  # dropped mid-handshake (or out of time): again
+                conn.close()
+                last = e
             except BaseException:
                 conn.close()
                 raise
-
-    def _server_handshake(self, conn: socket.socket) -> None:
-        nonce = os.urandom(32)
-        conn.sendall(_HELLO.pack(MAGIC, VERSION, _AUTH if self._secret else 0, nonce))
-        raw = _recv_small(conn, _REPLY.size, "the client's handshake")
-        magic, version, flags, digest, client_nonce = _REPLY.unpack(raw)
-        if magic != MAGIC or version != VERSION:
-            raise _Refused(f"a peer that does not speak the KV-pipe protocol (magic {magic!r}, version {version})")
-        if self._secret is not None:
-            if not flags & _AUTH or not hmac.compare_digest(digest, _digest(self._secret, b"client", nonce)):
-                conn.sendall(_VERDICT.pack(b"SKNO", bytes(32)))
-                raise _Refused("a peer without the right secret (HMAC check failed)")
-            conn.sendall(_VERDICT.pack(b"SKOK", _digest(self._secret, b"server", client_nonce)))
-        else:
-            conn.sendall(_VERDICT.pack(b"SKOK", bytes(32)))
-
-    def _client_handshake(self, conn: socket.socket) -> None:
-        where = f"{self.host}:{self.port}"
-        raw = _recv_small(conn, _HELLO.size, "the server's handshake")
-        magic, version, flags, nonce = _HELLO.unpack(raw)
-        if magic != MAGIC or version != VERSION:
-            raise ValueError(f"TCPKVPipe client: {where} does not speak the KV-pipe protocol (magic {magic!r}).")
-        if self._secret is not None and not flags & _AUTH:
-            raise PermissionError(
-                f"TCPKVPipe client: {where} does not authenticate, but this client was given a secret; "
-                f"refusing (give the server the same secret)."
-            )
-        client_nonce = os.urandom(32)
-        if flags & _AUTH and self._secret is not None:
-            conn.sendall(_REPLY.pack(MAGIC, VERSION, _AUTH, _digest(self._secret, b"client", nonce), client_nonce))
-        else:
-            conn.sendall(_REPLY.pack(MAGIC, VERSION, 0, bytes(32), client_nonce))
-        try:
-            verdict, digest = _VERDICT.unpack(_recv_small(conn, _VERDICT.size, "the server's verdict"))
-        except ConnectionError:
-            verdict, digest = b"SKNO", b""
-        if verdict != b"SKOK":
-            need = "the right secret" if self._secret is not None else "a secret (this client has none)"
-            raise PermissionError(f"TCPKVPipe client: {where} refused the connection: it requires {need}.")
-        if self._secret is not None and not hmac.compare_digest(digest, _digest(self._secret, b"server", client_nonce)):
-            raise PermissionError(f"TCPKVPipe client: {where} failed to prove it holds the secret; refusing it.")
 
     # State -----------------------------------------------------------------------------------
 
@@ -358,12 +294,12 @@ class TCPKVPipe(KVPipeBase):
             Either closes the pipe.
         """
         a = None if tensor is None else as_host_array(tensor, fn="TCPKVPipe.send_tensor")
-        head = encode_header(a)
-        parts = [memoryview(head)]
-        if a is not None and a.nbytes:
-            parts.append(memoryview(a.reshape(-1).view(np.uint8)))
         with self._send_lock:
+            parts = [memoryview(encode_frame(a, self._sent))]
+            if a is not None and a.nbytes:
+                parts.append(memoryview(a.reshape(-1).view(np.uint8)))
             self._send_parts(self._live("send_tensor"), parts)
+            self._sent += 1
 
     def _send_parts(self, sock: socket.socket, parts: list[memoryview]) -> None:
         total = sum(p.nbytes for p in parts)
@@ -392,33 +328,39 @@ class TCPKVPipe(KVPipeBase):
 
     # Receiving -------------------------------------------------------------------------------
 
-    def recv_tensor(self) -> np.ndarray | None:
+    def recv_tensor(self, *, deadline: float | None = None) -> np.ndarray | None:
         """The next array (a numpy array in its original dtype and shape) or ``None``.
+
+        Args:
+          deadline: (set-up exchanges) a ``time.monotonic()`` by which the whole message must be
+            in; by default each wait may take ``timeout_s``.
 
         Raises:
           TimeoutError: no message began within ``timeout_s`` (the pipe stays usable), or one
-            stalled midway (the pipe is closed).
+            stalled midway or missed ``deadline`` (the pipe is closed).
           ConnectionError: the peer closed or died; mid-message, the error says how many bytes are missing.
           ValueError: the pipe is closed, or garbage / an invalid or oversized header arrived
             (refused before allocating; the pipe is closed).
         """
         with self._recv_lock:
             sock = self._live("recv_tensor")
-            self._recv_into(sock, memoryview(self._preamble), "the next message", first=True)
+            self._recv_into(sock, memoryview(self._preamble), "the next message", deadline, first=True)
             try:
-                length = decode_preamble(self._preamble)
-                header = bytearray(length)
-                self._recv_into(sock, memoryview(header), "a message header")
-                spec = decode_header(header, self.max_message_bytes)
+                kind, header_len, nbytes = check_preamble(self._preamble, self._received, self.max_message_bytes)
+                header = bytearray(header_len)
+                self._recv_into(sock, memoryview(header), "a message header", deadline)
+                spec = check_header(header, kind, nbytes)
             except ValueError as e:
                 self._break(str(e))
                 raise ValueError(f"TCPKVPipe.recv_tensor: {e} The pipe is closed.") from None
             if spec is None:
+                self._received += 1
                 return None
-            dtype, shape, nbytes = spec
+            dtype, shape = spec
             buf = self._buffer(nbytes)
             if nbytes:
-                self._recv_into(sock, memoryview(buf), f"a {dtype}{list(shape)} payload")
+                self._recv_into(sock, memoryview(buf), f"a {dtype}{list(shape)} payload", deadline)
+            self._received += 1
             return buf.view(dtype).reshape(shape)
 
     def _buffer(self, nbytes: int) -> np.ndarray:
@@ -440,12 +382,32 @@ class TCPKVPipe(KVPipeBase):
             self._pool.pop(0)
         return buf
 
-    def _recv_into(self, sock: socket.socket, view: memoryview, what: str, *, first: bool = False) -> None:
+    def _recv_into(
+        self, sock: socket.socket, view: memoryview, what: str, deadline: float | None, *, first: bool = False
+    ) -> None:
+        try:
+            self._fill(sock, view, what, deadline, first)
+        finally:
+            if deadline is not None and self._sock is sock:
+                sock.settimeout(self.timeout_s)
+
+    def _fill(self, sock: socket.socket, view: memoryview, what: str, deadline: float | None, first: bool) -> None:
         total, got = view.nbytes, 0
         while got < total:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._break(f"{what} missed its deadline")
+                    raise TimeoutError(
+                        f"TCPKVPipe.recv_tensor: {what} did not arrive in time ({total - got} of {total} bytes "
+                        f"missing). The pipe is closed."
+                    )
+                sock.settimeout(min(self.timeout_s, left))
             try:
                 n = sock.recv_into(view[got:])
             except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    continue  # (the deadline's error, above)
                 if first and got == 0:
                     raise TimeoutError(
                         f"TCPKVPipe.recv_tensor: no message within {self.timeout_s:g} s (the pipe is still open)."
@@ -471,17 +433,3 @@ class TCPKVPipe(KVPipeBase):
                     f"of {what} missing. The pipe is closed."
                 )
             got += n
-
-
-def _recv_small(conn: socket.socket, n: int, what: str) -> bytes:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        try:
-            k = conn.recv_into(view[got:])
-        except TimeoutError:
-            raise TimeoutError(f"TCPKVPipe: timed out waiting for {what} ({n - got} of {n} bytes missing).") from None
-        if k == 0:
-            raise ConnectionError(f"TCPKVPipe: the peer closed the connection during {what}.")
-        got += k
-    return bytes(buf)
