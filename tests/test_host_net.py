@@ -750,3 +750,87 @@ def test_a_flood_of_strangers_is_counted_not_kept():
         assert len(job.meshes[0]._refused) <= 8
     finally:
         job.close()
+
+
+# Strangers on the port: one deadline, handshakes side by side (issue 22, items 1 and 2) -------------
+
+
+def _hold(addr: tuple, kind: str, stop: threading.Event) -> threading.Thread:
+    """A stranger's connection that never finishes the handshake: silent, or one byte every 50 ms."""
+
+    def run():
+        try:
+            with socket.create_connection(addr, timeout=5) as s:
+                while not stop.wait(0.05):
+                    if kind == "drip":
+                        s.sendall(b"\x01")
+        except OSError:  # dropped: what should happen
+            pass
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_silent_and_dripping_strangers_never_keep_the_job_from_connecting(rng):
+    """Three silent strangers and a dripping one reach process 0's port before process 1 does."""
+    job = Job(3, connect=False)
+    stop = threading.Event()
+    try:
+        job.seq = 1
+        for m in job.meshes:
+            m._publish()
+        rec = json.loads(job.kv.blocking_key_value_get_bytes("spmd/host_net/0", 10_000))
+        addr = (rec["host"], rec["port"])
+        strangers = [_hold(addr, kind, stop) for kind in ("silent", "silent", "silent", "drip")]
+        time.sleep(0.2)
+        assert all(t.is_alive() for t in strangers)  # connected, in their handshakes
+        t0 = time.monotonic()
+        got = run_threads([lambda m=m: m.ready(job.call("setup", seq=1, timeout=2.0)) for m in job.meshes])
+        assert got == [True, True, True], got
+        assert time.monotonic() - t0 < 1.5, "the processes waited for the strangers"
+        value = random_value(rng)
+        assert_same(job.bcast([value, None, None], 0)[2], value)
+    finally:
+        stop.set()
+        job.close()
+
+
+def test_a_dripping_stranger_on_a_peers_port_cannot_stretch_the_set_up():
+    """Process 0's published port is held by a stranger that says its HELLO one byte at a time."""
+    kv = MemoryKV()
+    listener = socket.create_server(("127.0.0.1", 0))
+    kv.key_value_set_bytes("spmd/host_net/secret", os.urandom(32))
+    rec = {"v": 1, "host": "127.0.0.1", "port": listener.getsockname()[1], "machine": _mesh.machine()}
+    kv.key_value_set_bytes("spmd/host_net/0", json.dumps({**rec, "explicit": False}).encode())
+    stop = threading.Event()
+
+    def drip():
+        while not stop.is_set():
+            listener.settimeout(0.1)
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                for b in bytes(64):
+                    if stop.wait(0.05):
+                        return
+                    try:
+                        conn.sendall(bytes([b]))
+                    except OSError:
+                        break
+
+    t = threading.Thread(target=drip, daemon=True)
+    t.start()
+    mesh = Mesh(kv, 1, 2, NetConfig())
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match=r"waited 0.8 s for process 0 and got nothing \(could not connect"):
+            mesh.ready(Call(1, "setup", (0, 1), 0.8, time.monotonic() + 0.8, 1 << 30))
+        assert time.monotonic() - t0 < 1.6
+    finally:
+        stop.set()
+        t.join(2)
+        mesh.close()
+        listener.close()

@@ -437,3 +437,103 @@ def test_benchmark_runs_and_checks(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["transport"] for r in rows] == ["naive", "raw", "tcp"]
     assert all(r["ok"] and r["GBps"] > 0 for r in rows) and "ratio_raw" in rows[2]
+
+
+# Strangers on the port: one deadline, handshakes side by side (issue 22, items 1 and 2) -------------
+
+
+def _stranger(port: int, kind: str, stop: threading.Event) -> threading.Thread:
+    """A connection to ``port`` that never completes the handshake: silent, or dripping one byte at a time."""
+
+    def run():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                while not stop.is_set():
+                    if kind == "drip":
+                        s.sendall(b"\x01")
+                    stop.wait(0.05)
+        except OSError:  # dropped by the server: what should happen
+            pass
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def _listening(port: int) -> None:
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.01)
+
+
+def test_silent_and_dripping_strangers_never_keep_the_right_peer_out():
+    port, stop, box = free_port(), threading.Event(), {}
+    t = threading.Thread(
+        target=lambda: box.setdefault("s", TCPKVPipe("127.0.0.1", port, timeout_s=2.0, secret=b"k")), daemon=True
+    )
+    t.start()
+    _listening(port)  # (a probe: refused, as a stranger)
+    strangers = [_stranger(port, kind, stop) for kind in ("silent", "silent", "silent", "drip", "drip")]
+    time.sleep(0.2)  # they are all in their handshakes
+    t0 = time.monotonic()
+    try:
+        client = TCPKVPipe("127.0.0.1", port, role="client", timeout_s=2.0, secret=b"k")
+        t.join(3)
+        assert time.monotonic() - t0 < 1.0, "the right peer waited for the strangers"
+        with box["s"] as server, client:
+            client.send_tensor(np.arange(3))
+            np.testing.assert_array_equal(server.recv_tensor(), np.arange(3))
+    finally:
+        stop.set()
+        for s in strangers:
+            s.join(2)
+
+
+def test_a_dripping_stranger_cannot_stretch_the_servers_deadline():
+    port, stop = free_port(), threading.Event()
+    box: dict = {}
+
+    def serve():
+        try:
+            TCPKVPipe("127.0.0.1", port, timeout_s=0.8, secret=b"k")
+        except TimeoutError as e:
+            box["e"] = e
+
+    t = threading.Thread(target=serve, daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    _listening(port)
+    dripper = _stranger(port, "drip", stop)  # 76 bytes at 20 a second: 4 s if each byte restarted the clock
+    t.join(5)
+    stop.set()
+    dripper.join(2)
+    assert "e" in box and time.monotonic() - t0 < 2.0, time.monotonic() - t0
+    assert "no peer connected and passed the handshake within 0.8 s" in str(box["e"])
+
+
+def test_a_dripping_server_cannot_stretch_the_clients_deadline():
+    listener = socket.create_server(("127.0.0.1", 0))
+    port, stop = listener.getsockname()[1], threading.Event()
+
+    def drip():  # a stranger holding the port: says its HELLO one byte at a time
+        conn, _ = listener.accept()
+        with conn:
+            for b in bytes(64):
+                if stop.wait(0.05):
+                    return
+                conn.sendall(bytes([b]))
+
+    t = threading.Thread(target=drip, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match=r"could not connect to .* and pass the handshake within 0\.6 s"):
+            TCPKVPipe("127.0.0.1", port, role="client", timeout_s=0.6, secret=b"k")
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        stop.set()
+        t.join(2)
+        listener.close()
