@@ -499,3 +499,33 @@ def test_half_an_inline_message_closes_the_pipe():
     finally:
         t.join()
         box["p"].close()
+
+
+def test_a_peer_dripping_its_hello_cannot_stretch_the_constructors_deadline():
+    """The control channel's handshake passes; then the hello arrives one byte every 50 ms (issue 22, item 1)."""
+    port, stop = free_port(), threading.Event()
+    box: dict = {}
+
+    def serve():
+        p = box["p"] = TCPKVPipe("127.0.0.1", port, timeout_s=5.0)
+        frame = bytearray()  # what send_tensor would write: captured, then dripped
+        real, p._sock = p._sock, type("Capture", (), {"sendmsg": lambda self, parts: frame.extend(b"".join(parts))
+                                                      or sum(len(x) for x in parts)})()  # fmt: skip
+        p.send_tensor(_device.meta_bytes(good_hello()))
+        p._sock = real
+        for b in frame:
+            if stop.wait(0.05):
+                return
+            real.sendall(bytes([b]))
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match="did not arrive in time"):
+            IpcKVPipe("127.0.0.1", port, role="client", timeout_s=0.8, devices=jax.devices()[:1])
+        assert time.monotonic() - t0 < 1.6, time.monotonic() - t0
+    finally:
+        stop.set()
+        t.join(5)
+        box["p"].close()

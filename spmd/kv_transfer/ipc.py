@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,6 +80,7 @@ class IpcKVPipe(KVPipeBase):
     ) -> None:
         import jax
 
+        deadline = time.monotonic() + timeout_s if isinstance(timeout_s, (int, float)) else None  # one for all
         if backend not in BACKENDS:
             raise ValueError(f"IpcKVPipe: expected backend in {BACKENDS}, got {backend!r}.")
         self.devices = list(jax.local_devices() if devices is None else devices)
@@ -102,12 +104,12 @@ class IpcKVPipe(KVPipeBase):
         self._acked = 0  # of those, taken by the peer
         self._received = 0  # staged messages received
         self._same_process = False
-        self._control = TCPKVPipe(host, port, role=role, timeout_s=timeout_s, secret=secret)
+        self._control = TCPKVPipe(host, port, role=role, timeout_s=timeout_s, secret=secret, deadline=deadline)
         try:
             host_id = _shared_memory.host_identity()
             me = {"backend": backend, "tp": len(self.devices), "host": host_id, "process": _PROCESS_TOKEN}
             self._control.send_tensor(_device.meta_bytes(me))
-            hello = _device.meta_from(self._control.recv_tensor(), "IpcKVPipe")
+            hello = _device.meta_from(self._control.recv_tensor(deadline=deadline), "IpcKVPipe")
             self.peer_tp = hello.get("tp")
             if not isinstance(self.peer_tp, int) or isinstance(self.peer_tp, bool) or self.peer_tp < 1:
                 raise ValueError(f"IpcKVPipe: malformed hello from the peer: {hello!r:.200}")

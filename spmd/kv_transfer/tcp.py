@@ -136,6 +136,8 @@ class TCPKVPipe(KVPipeBase):
       recycle_buffers: receive large payloads (>= 1 MiB) into buffers of earlier messages whose
         arrays the caller has dropped (no array, view or memoryview of them alive), which saves
         first-touch page faults; ``False`` allocates every time.
+      deadline: the constructor's ``time.monotonic()`` deadline, when it is part of a longer set-up
+        (the device pipes' constructors); default: ``timeout_s`` from now.
 
     Raises:
       TimeoutError: no (acceptable) peer within ``timeout_s``.
@@ -158,6 +160,7 @@ class TCPKVPipe(KVPipeBase):
         secret: bytes | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         recycle_buffers: bool = True,
+        deadline: float | None = None,
     ) -> None:
         if role not in ("server", "client"):
             raise ValueError(f"TCPKVPipe: role must be 'server' or 'client', got {role!r}.")
@@ -171,7 +174,8 @@ class TCPKVPipe(KVPipeBase):
             raise TypeError(f"TCPKVPipe: secret must be non-empty bytes or None, got {type(secret).__name__}.")
         if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 0:
             raise ValueError(f"TCPKVPipe: max_message_bytes must be a non-negative int, got {max_message_bytes!r}.")
-        deadline = time.monotonic() + timeout_s  # one for connecting and the handshake together
+        if deadline is None:
+            deadline = time.monotonic() + timeout_s  # one for connecting and the handshake together
         self.host, self.role, self.timeout_s = host, role, float(timeout_s)
         self.max_message_bytes = max_message_bytes
         self.recycle_buffers = bool(recycle_buffers)

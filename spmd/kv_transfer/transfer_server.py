@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,6 +61,7 @@ class TransferServerKVPipe(KVPipeBase):
     ) -> None:
         import jax
 
+        deadline = time.monotonic() + timeout_s if isinstance(timeout_s, (int, float)) else None  # one for all
         try:
             from jax.experimental import transfer
         except ImportError as e:  # pragma: no cover - every supported JAX has it
@@ -70,14 +72,14 @@ class TransferServerKVPipe(KVPipeBase):
         if not self.devices:
             raise ValueError("TransferServerKVPipe: expected at least one device.")
         self.timeout_s = float(timeout_s)
-        self._control = TCPKVPipe(host, port, role=role, timeout_s=timeout_s, secret=secret)
+        self._control = TCPKVPipe(host, port, role=role, timeout_s=timeout_s, secret=secret, deadline=deadline)
         self._server = None
         try:
             local = host if role == "server" else (route_address(host, port) or host)  # the client's own address
             bind = f"[{local}]:0" if ":" in local else f"{local}:0"
             self._server = transfer.start_transfer_server(self.devices[0].client, bind, [bind])
             self._control.send_tensor(_device.meta_bytes({"address": self._server.address(), "tp": len(self.devices)}))
-            hello = _device.meta_from(self._control.recv_tensor(), "TransferServerKVPipe")
+            hello = _device.meta_from(self._control.recv_tensor(deadline=deadline), "TransferServerKVPipe")
             address, self.peer_tp = hello.get("address"), hello.get("tp")
             if not isinstance(address, str) or not isinstance(self.peer_tp, int) or self.peer_tp < 1:
                 raise ValueError(f"TransferServerKVPipe: malformed hello from the peer: {hello!r:.200}")
