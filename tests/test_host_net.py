@@ -834,3 +834,22 @@ def test_a_dripping_stranger_on_a_peers_port_cannot_stretch_the_set_up():
         t.join(2)
         mesh.close()
         listener.close()
+
+
+def test_a_message_this_process_cannot_allocate_is_a_malformed_message_not_a_memory_error():
+    """Under a huge SPMD_HOST_MAX_BYTES a peer announces 64 TiB of arrays: ValueError, never MemoryError (item 5)."""
+    job = Job(2, max_bytes=1 << 50)
+    try:
+        seq = job.seq + 1
+        tree = {"array": {"dtype": "uint8", "shape": [1 << 46], "kind": "numpy", "index": 0}}
+        s = _raw_socket(job, 0, 1)
+        s.setblocking(True)
+        s.sendall(_frame(INTENT, seq, {"op": "b", "sources": [0], "source": 0, "max_bytes": 1 << 50}))
+        s.sendall(_frame(MSG, seq, {"op": "b", "sources": [0], "tree": tree}, payload_len=1 << 46))
+        s.setblocking(False)
+        job.seq = seq
+        (e,) = run_threads([lambda: job.meshes[1].broadcast(job.call("b", (0,), timeout=2.0), None, 0, None)])
+        assert isinstance(e, MalformedMessageError), e
+        assert "its arrays need 70368744177664 bytes, which this process cannot allocate" in str(e)
+    finally:
+        job.close()

@@ -264,9 +264,15 @@ def _errors_worker(seed: int) -> None:
         pipe.send_tensor(tensors[3])
         kv = {"heads": 2, "head_axis": 0, "src_tp": 3, "dst_tp": 2, "pack": True, "layers": [["float32", [2, 4]]]}
         pipe._put_meta({"none": False, "kv": kv})
-        for name, layer in (("errors-heads", ["float32", [3, 4]]), ("errors-dtype", ["object", [2, 4]])):
+        for name, layer in (
+            ("errors-heads", ["float32", [3, 4]]),
+            ("errors-dtype", ["object", [2, 4]]),
+            ("errors-huge-kv", ["float32", [2, 1 << 62]]),  # its bytes overflow int64 (issue 22, item 5)
+        ):
             bad = DevicePutKVPipe(src, dst, name=name)
             bad._put_meta({"none": False, "kv": {**kv, "src_tp": 2, "layers": [["float32", [2, 4]], layer]}})
+        huge = {"none": False, "dtype": "float32", "shape": [1 << 62, 8]}
+        DevicePutKVPipe(src, dst, name="errors-huge")._put_meta(huge)
         _barrier("done")
         print("OK errors send", flush=True)
         return
@@ -300,6 +306,10 @@ def _errors_worker(seed: int) -> None:
         DevicePutKVPipe(src, dst, name="errors-heads").recv_kv_cache()
     with pytest.raises(ValueError, match=r"dtype 'object' is not allowed"):
         DevicePutKVPipe(src, dst, name="errors-dtype").recv_tensor()  # a KV record, drained: malformed first
+    with pytest.raises(ValueError, match="holds more bytes than an int64 can count"):
+        DevicePutKVPipe(src, dst, name="errors-huge-kv").recv_kv_cache()
+    with pytest.raises(ValueError, match="holds more bytes than an int64 can count"):
+        DevicePutKVPipe(src, dst, name="errors-huge").recv_tensor()
     _barrier("done")
     print("OK errors recv", flush=True)
 

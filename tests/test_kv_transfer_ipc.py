@@ -529,3 +529,16 @@ def test_a_peer_dripping_its_hello_cannot_stretch_the_constructors_deadline():
         stop.set()
         t.join(5)
         box["p"].close()
+
+
+@pytest.mark.parametrize("shape", [[1 << 62, 8], [1 << 31, 1 << 31, 4]], ids=["wraps-to-0", "wraps-to-2**65"])
+def test_a_shape_whose_bytes_overflow_int64_is_refused_and_the_pipe_goes_on(shape):
+    s, c = pair()
+    with s, c:
+        piece = {"h": "spmd-kv-0-0_x", "off": 0, "n": 0, "cap": 1 << 20}
+        s._control.send_tensor(data_meta(dtype="float32", shape=shape, pieces=[piece]))
+        with pytest.raises(ValueError, match="holds more bytes than an int64 can count"):
+            c.recv_tensor()
+        x = np.arange(6, dtype=np.float32)
+        s.send_tensor(x)
+        np.testing.assert_array_equal(np.asarray(c.recv_tensor()), x)

@@ -537,3 +537,26 @@ def test_a_dripping_server_cannot_stretch_the_clients_deadline():
         stop.set()
         t.join(2)
         listener.close()
+
+
+# Sizes a receiver cannot hold (issue 22, item 5) -------------------------------------------------------
+
+
+def test_a_message_this_process_cannot_allocate_is_a_valueerror_and_closes_the_pipe():
+    server, client = pair(max_message_bytes=1 << 62)  # the header passes every limit; the memory is not there
+    with server, client:
+        client._sock.sendall(_frame({"dtype": "uint8", "shape": [1 << 46]}, payload_len=1 << 46))
+        with pytest.raises(ValueError, match=r"of 70368744177664 bytes announced; this process cannot allocate it"):
+            server.recv_tensor()
+        assert server.closed
+        with pytest.raises(ValueError, match="closed after an earlier fault"):
+            server.recv_tensor()
+
+
+def test_a_shape_whose_bytes_overflow_int64_is_refused():
+    server, client = pair(max_message_bytes=(1 << 64) - 1)
+    with server, client:
+        client._sock.sendall(_frame({"dtype": "float32", "shape": [1 << 31, 1 << 31]}, payload_len=1 << 63))
+        with pytest.raises(ValueError, match="holds more bytes than an int64 can count"):
+            server.recv_tensor()
+        assert server.closed

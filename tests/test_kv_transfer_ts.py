@@ -108,3 +108,13 @@ def test_closed_pipe_and_gone_peer():
 def test_wrong_secret_is_refused():
     with pytest.raises(PermissionError, match="requires the right secret"):
         pair(server_secret=b"a", client_secret=b"b", timeout_s=1.0)
+
+
+def test_a_shape_whose_bytes_overflow_int64_is_refused_before_pulling():
+    from spmd.kv_transfer import _device
+
+    s, c = pair(timeout_s=2.0)
+    with s, c:
+        s._control.send_tensor(_device.meta_bytes({"dtype": "float32", "shape": [1 << 62, 8], "id": "5"}))
+        with pytest.raises(ValueError, match="holds more bytes than an int64 can count"):
+            c.recv_tensor()

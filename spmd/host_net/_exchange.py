@@ -137,7 +137,11 @@ class Exchange:
         offsets, total = layout(specs, call.max_bytes, what=who)
         if total != peer.payload_len:
             fail(f"{who}: its arrays need {total} bytes; the frame carries {peer.payload_len}")
-        peer.keep(Frame(MSG, h, np.empty(total, np.uint8), specs, offsets))
+        try:
+            buf = np.empty(total, np.uint8)
+        except MemoryError:  # under SPMD_HOST_MAX_BYTES, yet more than this process has: refused (and drained)
+            fail(f"{who}: its arrays need {total} bytes, which this process cannot allocate")
+        peer.keep(Frame(MSG, h, buf, specs, offsets))
 
     def _after_eager(self, peer: Peer) -> None:
         self._notice(peer)  # an ABORT: the sender gave up on this call (it timed out waiting for this process)

@@ -2,12 +2,14 @@
 
 The dtypes that may travel are :data:`spmd.wire.ALLOWED_DTYPES`, named by :func:`spmd.wire.dtype_from_name`
 (one table for host-level messages and KV pipes). A shape announced by a peer is checked here before
-anything is allocated for it (:func:`array_spec`): non-negative ints, at most 64 dimensions.
+anything is allocated for it (:func:`array_spec`): non-negative ints, at most 64 dimensions, and
+a byte count that an ``int64`` can hold (numpy's own size arithmetic would wrap around silently).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,7 @@ __all__ = [
 ]
 
 MAX_NDIM = 64
+_INT64_MAX = (1 << 63) - 1
 _64BIT = frozenset(["int64", "uint64", "float64", "complex128"])
 
 
@@ -88,10 +91,10 @@ def as_device_array(tensor: Any, fn: str) -> Any:
 
 
 def check_shape(shape: Any, itemsize: int, fn: str) -> tuple[int, ...]:
-    """``shape`` as a tuple, once it is a list of at most 64 non-negative ints.
+    """``shape`` as a tuple, once it is a list of at most 64 non-negative ints whose bytes fit in an ``int64``.
 
     Raises:
-      ValueError: anything else.
+      ValueError: anything else (no such array can have been sent).
     """
     if (
         not isinstance(shape, (list, tuple))
@@ -99,6 +102,11 @@ def check_shape(shape: Any, itemsize: int, fn: str) -> tuple[int, ...]:
         or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
     ):
         raise ValueError(f"{fn}: malformed array shape {shape!r:.200}; expected at most {MAX_NDIM} ints >= 0.")
+    if math.prod(shape) * itemsize > _INT64_MAX:  # Python ints: the product itself cannot overflow
+        raise ValueError(
+            f"{fn}: an array of shape {list(shape)!r:.200} with {itemsize}-byte elements holds more bytes than an "
+            f"int64 can count; no such array can have been sent."
+        )
     return tuple(shape)
 
 

@@ -38,6 +38,7 @@ import base64
 import binascii
 import functools
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -290,7 +291,7 @@ class DevicePutKVPipe(KVPipeBase):
             dtype, shape = _arrays.array_spec(meta, fn)
         except ValueError as e:
             raise self._break(str(e)) from None
-        nbytes = int(np.prod(shape)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if "data" not in meta and nbytes:
             (out,) = self._move(self.src_devices[0], self.dst_devices[0], [(dtype, shape)])
             return out

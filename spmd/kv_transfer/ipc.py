@@ -29,6 +29,7 @@ Not thread-safe: one thread per pipe end. Both directions work (each side stages
 from __future__ import annotations
 
 import collections
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -342,7 +343,7 @@ class IpcKVPipe(KVPipeBase):
         return out
 
     def _fetch_piece(self, desc: Any, device: Any, dtype: Any, shape: tuple[int, ...], fn: str) -> Any:
-        want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        want = math.prod(shape) * np.dtype(dtype).itemsize
         h, off, n, cap = (desc.get(k) if isinstance(desc, dict) else None for k in ("h", "off", "n", "cap"))
         if (
             not isinstance(h, str)
@@ -384,7 +385,12 @@ class IpcKVPipe(KVPipeBase):
             raise ValueError(
                 f"{fn}: the peer sent a KV cache (send_kv_cache); receive it with recv_kv_cache. It was dropped."
             )
-        dtype, shape = _arrays.array_spec(meta, fn)
+        try:
+            dtype, shape = _arrays.array_spec(meta, fn)
+        except ValueError:
+            if not meta.get("inline"):
+                self._drop(meta)  # staged: acked unread, so the pipe stays in step
+            raise
         if meta.get("inline"):
             _arrays.check_dtype(np.empty(0, dtype), fn)
             host = np.asarray(inline)

@@ -344,7 +344,8 @@ class TCPKVPipe(KVPipeBase):
             stalled midway or missed ``deadline`` (the pipe is closed).
           ConnectionError: the peer closed or died; mid-message, the error says how many bytes are missing.
           ValueError: the pipe is closed, or garbage / an invalid or oversized header arrived
-            (refused before allocating; the pipe is closed).
+            (refused before allocating; the pipe is closed), or a message this process cannot
+            allocate (the pipe is closed: it is out of step).
         """
         with self._recv_lock:
             sock = self._live("recv_tensor")
@@ -361,7 +362,15 @@ class TCPKVPipe(KVPipeBase):
                 self._received += 1
                 return None
             dtype, shape = spec
-            buf = self._buffer(nbytes)
+            try:
+                buf = self._buffer(nbytes)
+            except MemoryError:
+                why = f"a {dtype}{list(shape)} message of {nbytes} bytes announced; this process cannot allocate it"
+                self._break(why)
+                raise ValueError(
+                    f"TCPKVPipe.recv_tensor: {why} (lower max_message_bytes to refuse such messages from the header). "
+                    f"The pipe is closed."
+                ) from None
             if nbytes:
                 self._recv_into(sock, memoryview(buf), f"a {dtype}{list(shape)} payload", deadline)
             self._received += 1
