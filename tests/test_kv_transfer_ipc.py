@@ -373,25 +373,65 @@ class _FakeGpu:
     platform = "gpu"
 
 
-def test_files_of_dead_processes_are_swept_and_live_ones_kept():
+def _dead_pid() -> int:
     import subprocess
     import sys
 
-    d = ipc_mod.Shm().dir
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = int(child.stdout)
-    stale, mine, other = f"spmd-kv-{dead}_stale", f"spmd-kv-{os.getpid()}_live", "spmd-kv-unrelated"
-    for name in (stale, mine, other):
-        with open(os.path.join(d, name), "wb") as f:
-            f.write(b"x")
+    return int(child.stdout)
+
+
+def _my_pid_namespace() -> int:
+    return int(os.readlink("/proc/self/ns/pid").split("[")[1].rstrip("]"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="needs /proc/self/ns/pid")
+def test_the_sweep_deletes_only_files_it_can_prove_are_its_own_and_dead():
+    """Items 6 of issue 22: odd names, other namespaces, other users, FIFOs, links: left alone, and no error."""
+    d = ipc_mod.Shm().dir
+    ns, dead = _my_pid_namespace(), _dead_pid()
+    stale = f"spmd-kv-{ns}-{dead}_stale"
+    keep = {
+        f"spmd-kv-{ns}-{os.getpid()}_live": "file",  # a live process of this namespace
+        f"spmd-kv-{ns + 1}-{dead}_otherns": "file",  # a dead pid number, but of another PID namespace
+        f"spmd-kv-{dead}_oldform": "file",  # not this module's form
+        "spmd-kv-99999999999999999999_x": "file",  # a number no pid can be (was: OverflowError for every pipe)
+        f"spmd-kv-{ns}-99999999999_x": "file",
+        f"spmd-kv-{ns}-{dead}_fifo": "fifo",  # not a regular file
+        f"spmd-kv-{ns}-{dead}_link": "link",  # a symbolic link (to the stale file)
+        f"spmd-kv-{ns}-{dead}_nobody": "nobody",  # another user's file
+    }
+    made = []
     try:
-        ipc_mod.Shm()  # every new backend sweeps (an IpcKVPipe on CPU makes one)
-        assert not os.path.exists(os.path.join(d, stale))
-        assert os.path.exists(os.path.join(d, mine)) and os.path.exists(os.path.join(d, other))
+        for name, kind in [(stale, "file"), *keep.items()]:
+            path = os.path.join(d, name)
+            if kind == "fifo":
+                os.mkfifo(path)
+            elif kind == "link":
+                os.symlink(os.path.join(d, stale), path)
+            else:
+                with open(path, "wb") as f:
+                    f.write(b"x")
+            made.append(path)
+            if kind == "nobody":
+                try:
+                    os.chown(path, 65534, 65534)
+                except PermissionError:
+                    keep.pop(name)  # (not root: another user's file cannot be made here)
+        shm = ipc_mod.Shm()  # every new backend sweeps (an IpcKVPipe on CPU makes one)
+        assert not os.path.exists(os.path.join(d, stale))  # the stale file of a dead process of this user
+        assert shm.sweep() == []
+        for name in keep:
+            assert os.path.lexists(os.path.join(d, name)), name
+        s, c = pair()  # and new pipes work among them
+        with s, c:
+            x = np.arange(1 << 13, dtype=np.float32)
+            s.send_tensor(x)
+            np.testing.assert_array_equal(np.asarray(c.recv_tensor()), x)
     finally:
-        for name in (stale, mine, other):
-            if os.path.exists(os.path.join(d, name)):
-                os.unlink(os.path.join(d, name))
+        for path in made:
+            if os.path.lexists(path):
+                os.unlink(path)
 
 
 def test_soak_a_thousand_messages_and_fifty_pipes_leave_nothing_behind(rng):
@@ -435,7 +475,7 @@ def test_soak_a_thousand_messages_and_fifty_pipes_leave_nothing_behind(rng):
 
 
 def _staged_meta(dtype="float32", shape=(4096,), **piece):
-    desc = {"h": "spmd-kv-0_missing", "off": 0, "n": 4 * int(np.prod(shape)), "cap": 1 << 20, **piece}
+    desc = {"h": "spmd-kv-0-0_missing", "off": 0, "n": 4 * int(np.prod(shape)), "cap": 1 << 20, **piece}
     return data_meta(dtype=dtype, shape=list(shape), pieces=[desc])
 
 
@@ -542,3 +582,74 @@ def test_a_shape_whose_bytes_overflow_int64_is_refused_and_the_pipe_goes_on(shap
         x = np.arange(6, dtype=np.float32)
         s.send_tensor(x)
         np.testing.assert_array_equal(np.asarray(c.recv_tensor()), x)
+
+
+# A peer's staging file is not trusted: links, FIFOs, other users' files, truncation (issue 22, item 7) ---
+
+
+def _staged_pair(rng):
+    """A pair after one staged message each way, so the receiver holds the sender's slot-0 file open."""
+    s, c = pair()
+    x = rng.standard_normal(1 << 13).astype(np.float32)
+    s.send_tensor(x)
+    np.testing.assert_array_equal(np.asarray(c.recv_tensor()), x)
+    return s, c
+
+
+def _swap_in(path: str, kind: str, target: str) -> None:
+    """Replace the staging file at ``path`` by a symlink to ``target``, a FIFO, or a file of another user."""
+    size = os.path.getsize(path)
+    os.unlink(path)
+    if kind == "link":
+        os.symlink(target, path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        with open(path, "wb") as f:
+            f.truncate(size)
+        os.chown(path, 65534, 65534)
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [
+        ("link", "is a symbolic link; refused"),
+        ("fifo", "is not a regular file"),
+        ("nobody", "belongs to uid 65534, not to this process's user"),
+    ],
+)
+def test_a_swapped_staging_file_is_refused_and_the_receiver_goes_on(kind, match, rng, tmp_path):
+    if kind == "nobody" and os.getuid() != 0:
+        pytest.skip("making another user's file needs root")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"the contents of /etc/shadow " * 2000)  # larger than the piece: readable through a link
+    s, c = pair()
+    with s, c:
+        x = rng.standard_normal(1 << 13).astype(np.float32)
+        s.send_tensor(x)  # staged in slot 0's file; the receiver has not opened it yet
+        _swap_in(s._slots[(0, 0)].path, kind, str(secret))
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match=match):
+            c.recv_tensor()
+        assert time.monotonic() - t0 < 2  # a FIFO did not block the receiver
+        y = rng.standard_normal(1 << 13).astype(np.float32)  # the message was dropped: the pipe is in step
+        s.send_tensor(y)
+        np.testing.assert_array_equal(np.asarray(c.recv_tensor()), y)
+
+
+def test_a_staging_file_truncated_after_the_receiver_opened_it_is_an_error_not_a_sigbus(rng):
+    s, c = _staged_pair(rng)
+    with s, c:
+        slot = s._slots[(0, 0)]
+        y = rng.standard_normal(1 << 13).astype(np.float32)
+        s.send_tensor(y)  # slot 1
+        np.testing.assert_array_equal(np.asarray(c.recv_tensor()), y)
+        z = rng.standard_normal(1 << 13).astype(np.float32)
+        s.send_tensor(z)  # slot 0 again, whose file the receiver holds open
+        os.truncate(slot.path, 100)
+        with pytest.raises(ValueError, match=r"holds 100 bytes, the piece ends at byte 32768: it was truncated"):
+            c.recv_tensor()
+        os.truncate(slot.path, slot.capacity)  # (the sender writes this slot again below)
+        w = rng.standard_normal(1 << 13).astype(np.float32)
+        s.send_tensor(w)
+        np.testing.assert_array_equal(np.asarray(c.recv_tensor()), w)
