@@ -273,6 +273,12 @@ def _errors_worker(seed: int) -> None:
             bad._put_meta({"none": False, "kv": {**kv, "src_tp": 2, "layers": [["float32", [2, 4]], layer]}})
         huge = {"none": False, "dtype": "float32", "shape": [1 << 62, 8]}
         DevicePutKVPipe(src, dst, name="errors-huge")._put_meta(huge)
+        # A key someone else wrote first: named, never JAX's raw ALREADY_EXISTS (issue 22, item 9).
+        from spmd import compat
+
+        compat.distributed_client().key_value_set("spmd/kv_transfer/errors-dup/1", '{"none":true}')
+        with pytest.raises(ValueError, match=r"the key 'spmd/kv_transfer/errors-dup/1' is already in the key-value"):
+            DevicePutKVPipe(src, dst, name="errors-dup").send_tensor(None)
         _barrier("done")
         print("OK errors send", flush=True)
         return
@@ -310,6 +316,7 @@ def _errors_worker(seed: int) -> None:
         DevicePutKVPipe(src, dst, name="errors-huge-kv").recv_kv_cache()
     with pytest.raises(ValueError, match="holds more bytes than an int64 can count"):
         DevicePutKVPipe(src, dst, name="errors-huge").recv_tensor()
+    assert DevicePutKVPipe(src, dst, name="errors-dup").recv_tensor() is None  # (the record written first)
     _barrier("done")
     print("OK errors recv", flush=True)
 

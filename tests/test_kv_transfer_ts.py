@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import socket
 import threading
+import time
 
 import jax
 import ml_dtypes
@@ -118,3 +121,123 @@ def test_a_shape_whose_bytes_overflow_int64_is_refused_before_pulling():
         s._control.send_tensor(_device.meta_bytes({"dtype": "float32", "shape": [1 << 62, 8], "id": "5"}))
         with pytest.raises(ValueError, match="holds more bytes than an int64 can count"):
             c.recv_tensor()
+
+
+# Pulls bounded by a deadline, arrays released, replays refused, JAX's errors as the pipe's (item 9) ----
+
+
+def _within(seconds: float, fn):
+    """``fn()``'s result; its exception re-raised; a failure instead of a hang past ``seconds``."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"blocked for more than {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def test_a_pull_after_the_senders_deadline_times_out_and_the_pipe_goes_on(rng):
+    s, c = pair(timeout_s=0.3)
+    with s, c:
+        s.send_tensor(rng.standard_normal(1000).astype(np.float32))
+        time.sleep(s._servers.hold_s + 0.2)  # the registration expired: JAX's pull would never complete
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"did not arrive within 0.3 s.*the pipe stays usable"):
+            _within(5, c.recv_tensor)
+        assert time.monotonic() - t0 < 1.3
+        y = rng.standard_normal(1000).astype(np.float32)
+        s.send_tensor(y)
+        np.testing.assert_array_equal(np.asarray(_within(5, c.recv_tensor)), y)
+
+
+def test_an_id_pulled_before_is_refused_at_once(rng):
+    from spmd.kv_transfer import _device
+
+    s, c = pair(timeout_s=5.0)
+    with s, c:
+        x = rng.standard_normal(64).astype(np.float32)
+        meta = {"dtype": "float32", "shape": [64], **s._servers.register([jax.device_put(x, s.devices[0])])}
+        for _ in range(2):
+            s._control.send_tensor(_device.meta_bytes(meta))  # the second time: a replay
+        np.testing.assert_array_equal(np.asarray(c.recv_tensor()), x)
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match=r"were already pulled by this pipe; the message is a replay"):
+            _within(10, c.recv_tensor)
+        assert time.monotonic() - t0 < 0.5
+
+
+def test_ids_are_random_not_a_sequence(rng):
+    s, c = pair()
+    with s, c:
+        ids = [int(s._servers.register([jax.device_put(np.ones(2, np.float32), s.devices[0])])["id"]) for _ in range(3)]
+    assert len(set(ids)) == 3 and not (ids[1] - ids[0] == ids[2] - ids[1] == 1), ids
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_arrays_never_pulled_are_released_within_twice_the_timeout_and_two_seconds():
+    s, c = pair(timeout_s=0.3)
+    with s, c:
+        before = _rss_mib()
+        x = np.ones(256 << 20, np.uint8)
+        s.send_tensor(x)  # never pulled
+        del x
+        gc.collect()
+        held = _rss_mib()
+        time.sleep(s._servers.hold_s + 0.3 + 0.3)  # no call on the pipe meanwhile: the timer releases
+        gc.collect()
+        after = _rss_mib()
+        assert held - before > 200, (before, held)
+        assert after - before < 64, (before, held, after)
+        assert s._servers.held() == 0
+
+
+_DYING_SENDER = """
+import os, sys, time
+import numpy as np
+from spmd.kv_transfer import TransferServerKVPipe
+pipe = TransferServerKVPipe("127.0.0.1", int(sys.argv[1]), role="client", timeout_s=10, secret=b"s")
+pipe.send_tensor(np.ones(256 << 20, np.uint8))
+time.sleep(float(sys.argv[2]))
+os._exit(3)  # mid-transfer (or before it): the receiver must not see JAX's raw error
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("delay", [0.0, 0.05])
+def test_a_sender_that_dies_mid_transfer_is_a_connection_or_timeout_error_never_jax_s(delay):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    child = subprocess.Popen([sys.executable, "-c", _DYING_SENDER, str(port), str(delay)], cwd=root, env=env)
+    try:
+        # (a long timeout for the child to start JAX on a loaded machine, then a short one for the pull)
+        with TransferServerKVPipe("127.0.0.1", port, timeout_s=60, secret=b"s", devices=jax.devices()[:1]) as pipe:
+            pipe._servers.timeout_s = 3.0
+            t0 = time.monotonic()
+            try:
+                got = _within(10, pipe.recv_tensor)
+            except (ConnectionError, TimeoutError) as e:
+                assert not isinstance(e, jax.errors.JaxRuntimeError)
+            else:
+                assert np.asarray(got).sum() == 256 << 20  # it all arrived before the sender died: fine too
+            assert time.monotonic() - t0 < 5
+    finally:
+        child.kill()
+        child.wait()

@@ -189,8 +189,26 @@ class DevicePutKVPipe(KVPipeBase):
         self._seq += 1
         return f"spmd/kv_transfer/{self.name}/{self._seq}"
 
-    def _put_meta(self, meta: dict[str, Any]) -> None:
-        compat.distributed_client().key_value_set(self._key(), json.dumps(meta, separators=(",", ":")))
+    def _put_meta(self, meta: dict[str, Any] | str) -> None:
+        """Publish the next message's metadata record (a dict, or a record already encoded).
+
+        Raises:
+          ValueError: the key is already in the store (two pipes of one name, or someone else's record).
+          ConnectionError: the coordination service failed.
+        """
+        key = self._key()
+        record = meta if isinstance(meta, str) else json.dumps(meta, separators=(",", ":"))
+        try:
+            compat.distributed_client().key_value_set(key, record)
+        except Exception as e:  # the runtime's own error type: never handed on raw
+            if "ALREADY_EXISTS" in str(e):
+                raise ValueError(
+                    f"DevicePutKVPipe: the key {key!r} is already in the key-value store (another pipe named "
+                    f"{self.name!r}, or a record someone else wrote); give every pipe of a job its own name."
+                ) from None
+            raise ConnectionError(
+                f"DevicePutKVPipe: the coordination service failed ({type(e).__name__}: {str(e)[:200]})."
+            ) from None
 
     def _get_raw(self, op: str) -> str:
         """The next message's metadata record, as sent."""
@@ -231,7 +249,13 @@ class DevicePutKVPipe(KVPipeBase):
             ]
         elif any(x.sharding.device_set != {src} for x in arrays):  # pragma: no cover - an internal invariant
             raise RuntimeError("DevicePutKVPipe: a batched transfer mixes device pairs.")
-        return jax.device_put(arrays, [SingleDeviceSharding(dst)] * len(arrays))
+        try:
+            return jax.device_put(arrays, [SingleDeviceSharding(dst)] * len(arrays))
+        except jax.errors.JaxRuntimeError as e:
+            raise ConnectionError(
+                f"DevicePutKVPipe: the transfer {src} -> {dst} failed ({str(e)[:300]}); the other process is "
+                f"probably gone (which ends a jax.distributed job)."
+            ) from None
 
     def send_tensor(self, tensor: Any | None) -> None:
         """Send an array (numpy or JAX) or ``None`` to the decode process; returns without waiting for it.
@@ -337,7 +361,7 @@ class DevicePutKVPipe(KVPipeBase):
         pack = self.pack
         if pack is None:
             pack = route.pieces_per_pair() >= PACK_MIN_PIECES and route.mean_piece_bytes() < PACK_BELOW_BYTES
-        compat.distributed_client().key_value_set(self._key(), _kv_record(route, pack))
+        self._put_meta(_kv_record(route, pack))
         for s, g in route.pairs:
             arrays = _route.sender_arrays(route, shards, s, g, pack)
             self._move(self.src_devices[s], self.dst_devices[g], arrays)

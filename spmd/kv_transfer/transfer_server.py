@@ -1,34 +1,36 @@
 """``TransferServerKVPipe``: device to device between INDEPENDENT processes (no shared job).
 
-Each side starts a ``jax.experimental.transfer`` server (loopback by default) and a small
-:class:`TCPKVPipe` control channel joins them (HMAC with a ``secret``). At construction the two
-sides swap their transfer-server addresses and TP sizes over the control pipe and connect to
-each other, so the pipe works both ways.
+Each side runs ``jax.experimental.transfer`` servers (bound to ``host``, loopback by default) and a
+small :class:`TCPKVPipe` control channel joins them (HMAC with a ``secret``). At construction the
+two sides swap their TP sizes over the control pipe; the pipe works both ways.
 
-``send_tensor(x)``: the sender registers ``x`` (on one of its devices) under a fresh 63-bit id with
-``await_pull`` and sends ``{"id", "dtype", "shape"}`` as JSON over the control pipe; the receiver
-``pull``\\ s it with the shape and the single-device sharding it wants. ``send_kv_cache`` registers
-one piece per head group of the RECEIVER's TP size (:mod:`spmd.kv_transfer._device`), so the TP
-sizes may differ. Empty arrays never touch the transfer server (the runtime hangs on them); the
-receiver makes them.
+``send_tensor(x)``: the sender registers ``x`` (on one of its devices) under a fresh random 63-bit
+id with ``await_pull`` and sends ``{"id", "server", "dtype", "shape"}`` as JSON over the control
+pipe; the receiver ``pull``\\ s it with the shape and the single-device sharding it wants, and waits
+for it (:mod:`spmd.kv_transfer._transfer`). ``send_kv_cache`` registers one piece per head group of
+the RECEIVER's TP size (:mod:`spmd.kv_transfer._device`), so the TP sizes may differ. Empty arrays
+never touch the transfer server (the runtime hangs on them); the receiver makes them.
 
-No stranded buffers: an array registered but never pulled is released by the transfer server
-after ``timeout_s`` (``await_pull``'s timeout) and, at the latest, when the pipe closes (the
-server, and everything it holds, is dropped). Failures on the control channel are
-:class:`TCPKVPipe`'s (timeouts, peer gone, garbage). Works on JAX 0.10.2 and 0.12 (CPU).
+No stranded buffers: an array registered but never pulled is released at most ``2 x timeout_s + 2``
+seconds after it was sent (its holding server is dropped), and at the latest when the pipe closes. A
+receive waits at most ``timeout_s`` for the arrays (``TimeoutError``; the pipe stays usable); an id
+pulled before is refused at once (``ValueError``); a transfer that breaks is a ``ConnectionError``,
+never JAX's raw ``JaxRuntimeError``. Failures on the control channel are :class:`TCPKVPipe`'s
+(timeouts, peer gone, garbage). Works on JAX 0.10.2 and 0.12 (CPU).
+
+JAX's transfer socket accepts connections from anyone who can reach it, and a malformed packet
+aborts the whole process (a ``CHECK`` in its socket server): see docs/kv_transfer.md, "Threat model".
 """
 
 from __future__ import annotations
 
-import datetime
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from spmd.kv_transfer import _arrays, _device
+from spmd.kv_transfer import _arrays, _device, _transfer
 from spmd.kv_transfer.base import KVPipeBase
 from spmd.kv_transfer.tcp import TCPKVPipe
 from spmd.net import route_address
@@ -73,21 +75,22 @@ class TransferServerKVPipe(KVPipeBase):
             raise ValueError("TransferServerKVPipe: expected at least one device.")
         self.timeout_s = float(timeout_s)
         self._control = TCPKVPipe(host, port, role=role, timeout_s=timeout_s, secret=secret, deadline=deadline)
-        self._server = None
+        self._servers: _transfer.Servers | None = None
         try:
             local = host if role == "server" else (route_address(host, port) or host)  # the client's own address
             bind = f"[{local}]:0" if ":" in local else f"{local}:0"
-            self._server = transfer.start_transfer_server(self.devices[0].client, bind, [bind])
-            self._control.send_tensor(_device.meta_bytes({"address": self._server.address(), "tp": len(self.devices)}))
+            client = self.devices[0].client
+            self._servers = _transfer.Servers(
+                lambda: transfer.start_transfer_server(client, bind, [bind]), self.timeout_s, "TransferServerKVPipe"
+            )
+            self._control.send_tensor(_device.meta_bytes({"tp": len(self.devices)}))
             hello = _device.meta_from(self._control.recv_tensor(deadline=deadline), "TransferServerKVPipe")
-            address, self.peer_tp = hello.get("address"), hello.get("tp")
-            if not isinstance(address, str) or not isinstance(self.peer_tp, int) or self.peer_tp < 1:
+            self.peer_tp = hello.get("tp")
+            if not isinstance(self.peer_tp, int) or isinstance(self.peer_tp, bool) or self.peer_tp < 1:
                 raise ValueError(f"TransferServerKVPipe: malformed hello from the peer: {hello!r:.200}")
-            self._conn = self._server.connect(address)
         except BaseException:
             self.close()
             raise
-        self._next_id = int.from_bytes(os.urandom(8), "big") >> 2
 
     # State -----------------------------------------------------------------------------------
 
@@ -96,10 +99,10 @@ class TransferServerKVPipe(KVPipeBase):
         return self._control.closed
 
     def close(self) -> None:
-        """Close the control pipe and drop the transfer server (and every array it still holds); idempotent."""
+        """Close the control pipe and drop the transfer servers (and every array they still hold); idempotent."""
         self._control.close()
-        self._conn = None
-        self._server = None
+        if self._servers is not None:
+            self._servers.close()
 
     def _live(self, op: str) -> None:
         if self._control.closed:
@@ -107,18 +110,13 @@ class TransferServerKVPipe(KVPipeBase):
 
     # Sending ---------------------------------------------------------------------------------
 
-    def _register(self, arrays: list[Any]) -> str:
-        self._next_id += 1
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=self.timeout_s)
-        self._server.await_pull(self._next_id, arrays, timeout=deadline)
-        return str(self._next_id)
-
     def send_tensor(self, tensor: Any | None) -> None:
         """Register an array (or send ``None``) for the peer to pull.
 
         Raises:
           TypeError: not an array, or a 64-bit dtype with ``jax_enable_x64`` off.
-          ValueError: the pipe is closed. ConnectionError / TimeoutError: the control pipe failed.
+          ValueError: the pipe is closed. ConnectionError / TimeoutError: the control pipe failed
+            (ConnectionError also: JAX's transfer server failed).
         """
         import jax
 
@@ -129,14 +127,14 @@ class TransferServerKVPipe(KVPipeBase):
         x = _arrays.as_device_array(tensor, "TransferServerKVPipe.send_tensor")
         meta = {"dtype": str(np.dtype(x.dtype)), "shape": list(np.shape(x)), "id": None}
         if np.size(x):
-            meta["id"] = self._register([jax.device_put(x, self.devices[0])])
+            meta.update(self._servers.register([jax.device_put(x, self.devices[0])]))
         self._control.send_tensor(_device.meta_bytes(meta))
 
     def _send_kv_layer(self, layer: Any, head_axis: int) -> None:
         x = _arrays.as_device_array(layer, "TransferServerKVPipe.send_kv_cache")
         meta = {"dtype": str(np.dtype(x.dtype)), "shape": list(np.shape(x)), "id": None}
         if np.size(x):
-            meta["id"] = self._register(_device.sender_pieces(x, head_axis, self.devices, self.peer_tp))
+            meta.update(self._servers.register(_device.sender_pieces(x, head_axis, self.devices, self.peer_tp)))
         self._control.send_tensor(_device.meta_bytes(meta))
 
     # Receiving -------------------------------------------------------------------------------
@@ -146,19 +144,16 @@ class TransferServerKVPipe(KVPipeBase):
         raw = self._control.recv_tensor()
         if raw is None:
             return None
-        meta = _device.meta_from(raw, f"TransferServerKVPipe.{fn}")
-        if meta.get("id") is not None and not (isinstance(meta["id"], str) and meta["id"].isdigit()):
-            raise ValueError(f"TransferServerKVPipe.{fn}: malformed id in {meta!r:.200}")
-        return meta
-
-    def _pull(self, uid: str, specs: list[Any]) -> list[Any]:
-        return self._conn.pull(int(uid), specs)
+        return _device.meta_from(raw, f"TransferServerKVPipe.{fn}")
 
     def recv_tensor(self) -> Any | None:
         """Pull the next array (a ``jax.Array`` on this side's first device), or ``None``.
 
         Raises:
-          TimeoutError / ConnectionError: the control pipe's; ValueError: closed or malformed metadata.
+          TimeoutError: nothing on the control pipe within ``timeout_s``, or the arrays did not arrive
+            within ``timeout_s`` (the message is lost; the pipe stays usable).
+          ConnectionError: the peer is gone, or the transfer broke.
+          ValueError: closed, malformed metadata, or an id this pipe pulled before (a replay).
         """
         import jax
         import jax.numpy as jnp
@@ -170,9 +165,8 @@ class TransferServerKVPipe(KVPipeBase):
         dtype, shape = _arrays.array_spec(meta, "TransferServerKVPipe.recv_tensor")
         if meta["id"] is None:
             return jax.device_put(jnp.zeros(shape, dtype), self.devices[0])
-        (out,) = self._pull(
-            meta["id"], [jax.ShapeDtypeStruct(shape, dtype, sharding=SingleDeviceSharding(self.devices[0]))]
-        )
+        spec = jax.ShapeDtypeStruct(shape, dtype, sharding=SingleDeviceSharding(self.devices[0]))
+        (out,) = self._servers.pull(meta, [spec], "TransferServerKVPipe.recv_tensor")
         return out
 
     def _recv_kv_layer(self, sharding: Any, devices: list[Any], num_heads: int, head_axis: int) -> Any:
@@ -202,7 +196,7 @@ class TransferServerKVPipe(KVPipeBase):
             )
             for a, b, ranks in groups
         ]
-        pieces = self._pull(meta["id"], specs)
+        pieces = self._servers.pull(meta, specs, "TransferServerKVPipe.recv_kv_cache")
         return _device.assemble(pieces, sharding, devices, shape, head_axis)
 
     def recv_kv_cache(self, *, devices: Sequence[Any] | None = None, tp: int | None = None) -> list[Any]:
