@@ -67,6 +67,8 @@ class FakeCuda:
         self.opens: list[tuple[int, int, int]] = []  # (pid, ordinal, owner)
         self.fail: dict[tuple[int, str], str] = {}  # (pid, function) -> error
         self.freed: list[tuple[int, int, int]] = []  # (pid, ordinal, ptr)
+        self.closed: list[tuple[int, int]] = []  # (pid, mapped address)
+        self.reports: dict[int, int | None] = {}  # owner -> the size its mappings report (None: not reported)
         self.driver = True
 
     def available(self) -> bool:
@@ -97,6 +99,20 @@ class FakeCuda:
         with self.lock:
             self.opens.append((_LOCAL.pid, ordinal, owner))
         return mapped(_LOCAL.pid, owner, (ptr - native(owner, 0)) // 2**24)
+
+    def allocation_size(self, ordinal: int, ptr: int) -> int:
+        """The size of the allocation a mapping (or a native address) lies in, from the address's own fields."""
+        owner, k = ((ptr - MAPPED) % 2**40) // 2**32, (ptr % 2**32) // 2**24
+        if owner in self.reports:
+            if self.reports[owner] is None:
+                raise self.CudaError("CUDA_ERROR_INVALID_VALUE: not reported")
+            return self.reports[owner]
+        with self.lock:
+            return [n for pid, _, n in self.allocs if pid == owner][k]
+
+    def ipc_close(self, ordinal: int, ptr: int) -> None:
+        with self.lock:
+            self.closed.append((_LOCAL.pid, ptr))
 
 
 class FakeStore:
@@ -459,3 +475,45 @@ def test_no_autotuning_flag_where_no_gpu_can_run(monkeypatch):
     monkeypatch.setattr(distributed, "_cuda_possible", lambda: False)
     distributed.init_distributed_environment("127.0.0.1:1", 2, 0)
     assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/d"
+
+
+# ---------------------------------------------------------------------------------------------
+# A peer's record is checked before any kernel writes through it (issue 22, item 10)
+
+
+def test_a_handle_that_maps_less_than_the_allocation_is_refused_and_unmapped(job):
+    fake, _ = job
+    fake.reports[1] = Layout(max_ranks=2).nbytes - 4096  # process 1's handle maps one page too few
+    mesh = fake_mesh((2,), ("tp",), [0, 1])
+    t0 = time.monotonic()
+    got = run_processes(lambda p: symmetric_memory.allocate(mesh, "tp", timeout_s=30), [0, 1])
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(RuntimeError, match=r"process 1's handle maps \d+ bytes, fewer than the \d+ of this allocation"):
+        raise got[0]
+    assert fake.closed == [(0, mapped(0, 1, 0))]  # the short mapping is closed again
+    with pytest.raises(RuntimeError, match=r"process 0 failed \(opened\): RuntimeError: .*process 1's handle maps"):
+        raise got[1]  # process 1 hears of it at once
+
+
+def test_a_driver_that_does_not_report_mappings_leaves_the_records_size(job):
+    fake, _ = job
+    fake.reports[1] = None
+    mesh = fake_mesh((2,), ("tp",), [0, 1])
+    got = ok(run_processes(lambda p: symmetric_memory.allocate(mesh, "tp", timeout_s=30), [0, 1]))
+    assert got[0].addresses == (native(0, 0), mapped(0, 1, 0))
+
+
+def test_a_key_someone_else_wrote_first_is_an_error_naming_it_on_every_process(job):
+    fake, store = job
+    key = "spmd/symmetric_memory/1/handle/1"
+    forged = {"v": 1, "call": 1, "group": ["tp"], "devices": [], "nbytes": 1, "handle": "00" * 64, "host": "x"}
+    store.data[key] = json.dumps(forged).encode()
+    mesh = fake_mesh((2,), ("tp",), [0, 1])
+    t0 = time.monotonic()
+    got = run_processes(lambda p: symmetric_memory.allocate(mesh, "tp", timeout_s=30), [0, 1])
+    assert time.monotonic() - t0 < 10  # nobody waits out the timeout
+    with pytest.raises(rendezvous.KeyTaken, match=rf"the key '{key}' is already in the coordination service's"):
+        raise got[1]
+    assert isinstance(got[0], RuntimeError), got[0]
+    assert (1, 4, native(1, 0)) in fake.freed  # process 1 gave its allocation back
+    assert not fake.opens  # nobody opened the forged handle

@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from kernels.rendezvous import Rendezvous
+from kernels.rendezvous import KeyTaken, Rendezvous
 from kernels.symmetric_memory import cuda
 
 __all__ = [
@@ -415,7 +415,15 @@ class _Share:
             self._publish("handle", error=e)
             raise
         host = machine_id()
-        self._publish("handle", handle=handle.hex(), host=host)
+        try:
+            self._publish("handle", handle=handle.hex(), host=host)
+        except KeyTaken as e:  # someone wrote this process's key first: the others may read theirs, so
+            cuda.mem_free(self.ordinal, ptr)  # say so where they look next
+            try:
+                self._publish("opened", error=e)
+            except Exception:
+                pass
+            raise
         try:
             procs = sorted({int(d.process_index) for d in self.devices} - {self.me})
             others = {p: self._read("handle", p) for p in procs}
@@ -449,7 +457,18 @@ class _Share:
             raw = bytes.fromhex(handle)
         except ValueError:
             raise RuntimeError(f"{self._where(p)}: a malformed handle record {record!r:.200}.") from None
-        return cuda.ipc_open(self.ordinal, raw)
+        mapped = cuda.ipc_open(self.ordinal, raw)
+        try:  # what the handle really maps, before any kernel writes to it
+            room = cuda.allocation_size(self.ordinal, mapped)
+        except cuda.CudaError:  # a driver that does not report IPC mappings: the record's size stands
+            room = None
+        if room is not None and room < self.what["nbytes"]:
+            cuda.ipc_close(self.ordinal, mapped)
+            raise RuntimeError(
+                f"{self._where(p)}: process {p}'s handle maps {room} bytes, fewer than the {self.what['nbytes']} "
+                f"of this allocation; refused before any kernel could write past it."
+            )
+        return mapped
 
     def _where(self, p: int) -> str:
         return f"symmetric_memory.allocate (cross-process allocation #{self.n}, process {p})"
