@@ -197,3 +197,34 @@ def test_cli_check_catches_a_corrupted_head(cli_env):
     assert r.returncode == 1, r.stdout + r.stderr[-3000:]
     assert "check FAILED: single-process generation on one device gave" in r.stderr
     assert "transfer: " in r.stdout and "transfer: FAILED" not in r.stdout
+
+
+@pytest.mark.parametrize("pipe", ["tcp", "ipc", "transfer"])
+def test_the_demos_pipes_take_no_peer_without_the_runs_secret(pipe, tmp_path):
+    """Issue 22, item 4: the decode worker's port refuses a stranger that lacks the run's secret."""
+    import argparse
+    import threading
+
+    from models import disagg
+    from spmd.kv_transfer import TCPKVPipe
+    from spmd.net import free_port
+
+    (tmp_path / "secret").write_bytes(os.urandom(32))
+    args = argparse.Namespace(pipe=pipe, port=free_port(), transfer_timeout=1.0, run_dir=str(tmp_path))
+    box: dict = {}
+
+    def decode_worker():
+        try:
+            box["pipe"] = disagg._open_pipe(args, "decode", jax.devices()[:1])
+        except Exception as e:  # the stranger is refused, then nobody else comes
+            box["error"] = e
+
+    t = threading.Thread(target=decode_worker)
+    t.start()
+    try:
+        with pytest.raises(PermissionError, match="requires a secret"):
+            TCPKVPipe("127.0.0.1", args.port, role="client", timeout_s=2.0)  # a stranger without the secret
+    finally:
+        t.join(5)
+    assert "pipe" not in box and isinstance(box.get("error"), TimeoutError), box
+    assert "refused 1 peer(s)" in str(box["error"])
