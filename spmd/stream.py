@@ -217,7 +217,8 @@ class Handshake:
         mine = os.urandom(32)
         auth = secret is not None
         proof = self.digest(secret, b"client", nonce, me, server_id) if auth else bytes(32)
-        send_all(sock, REPLY.pack(self.magic, self.version, AUTH if auth else 0, me, mine, proof), deadline, "it")
+        reply = REPLY.pack(self.magic, self.version, AUTH if auth else 0, me, mine, proof)
+        send_all(sock, reply, deadline, "the handshake's reply")
         verdict, theirs = VERDICT.unpack(recv_exact(sock, VERDICT.size, deadline, "the handshake's verdict"))
         if verdict != _OKAY:
             need = "the right secret" if auth else "a secret (this side has none)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+import socket
 import time
 
 import spmd
@@ -138,6 +139,15 @@ def main() -> None:
             h = json_bytes({"op": "broadcast_object", "sources": [1], **header})
             sock.sendall(FRAMES.preamble(kind, seq, len(h), size) + h + payload)
         print("OK host_net (dying now)", flush=True)
+        # Leave nothing unread: closing with process 0's intent still in the receive buffer would send a
+        # reset, which can discard bytes already in flight to process 0 (the count checked below).
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(5)
+        try:
+            while sock.recv(1 << 16):
+                pass
+        except OSError:
+            pass
         os._exit(0)
     expect_error(ConnectionError, "1048576 of the 67108864 payload bytes", lambda: recv(1), within_s=1.5)
     print("OK host_net", flush=True)
