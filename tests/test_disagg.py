@@ -210,7 +210,9 @@ def test_the_demos_pipes_take_no_peer_without_the_runs_secret(pipe, tmp_path):
     from spmd.net import free_port
 
     (tmp_path / "secret").write_bytes(os.urandom(32))
-    args = argparse.Namespace(pipe=pipe, port=free_port(), transfer_timeout=1.0, run_dir=str(tmp_path))
+    args = argparse.Namespace(
+        pipe=pipe, decode_host="127.0.0.1", port=free_port(), transfer_timeout=1.0, run_dir=str(tmp_path)
+    )
     box: dict = {}
 
     def decode_worker():
