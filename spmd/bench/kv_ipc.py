@@ -82,8 +82,10 @@ def _data(mode: str, size: int, args: argparse.Namespace, device: Any) -> list[A
     import jax
     import jax.numpy as jnp
 
-    shapes = [(size // 2,)] if mode == "array" else [(args.kv_heads, _tokens(size, args), args.head_dim)] * (
-        2 * args.kv_layers
+    shapes = (
+        [(size // 2,)]
+        if mode == "array"
+        else [(args.kv_heads, _tokens(size, args), args.head_dim)] * (2 * args.kv_layers)
     )
     key = jax.random.key(size)
     with jax.default_device(device):
