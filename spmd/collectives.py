@@ -45,6 +45,7 @@ __all__ = [
     "gather",
     "reduce_scatter",
     "shift",
+    "varying_axes",
 ]
 
 
@@ -135,8 +136,15 @@ def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
     return jax.tree.map(fn, tree)
 
 
-def _varying_axes(v: Any) -> frozenset[str]:
-    """The mesh axes ``v`` is typed as varying over (``shard_map``'s ``check_vma`` types)."""
+def varying_axes(v: Any) -> frozenset[str]:
+    """The mesh axes ``v`` is typed as varying over (``shard_map``'s ``check_vma`` types).
+
+    Args:
+      v: an array or tracer.
+
+    Returns:
+      The axis names; empty outside ``shard_map`` and under ``shard_map(..., check_vma=False)``.
+    """
     aval = jax.typeof(v)
     manual = getattr(aval, "manual_axis_type", None)
     if manual is not None:
@@ -153,7 +161,7 @@ def _size_one_reduce(tree: Any, axis_name: AxisName) -> Any:
     ``out_specs=P()`` would pass at tp=2 and fail at tp=1.
     """
     axes = set(axis_name) if isinstance(axis_name, tuple) else {axis_name}
-    return _map(lambda v: _broadcast_leaf(v, axis_name, 0) if axes & _varying_axes(v) else v, tree)
+    return _map(lambda v: _broadcast_leaf(v, axis_name, 0) if axes & varying_axes(v) else v, tree)
 
 
 def all_reduce(x: Any, axis_name: AxisName) -> Any:
@@ -201,7 +209,7 @@ def all_gather(x: Any, axis_name: AxisName, *, axis: int = -1) -> Any:
     def one(v: Any) -> jax.Array:
         v = jnp.asarray(v)
         d = _normalize_dim("all_gather", v, axis)
-        typed = bool(axes & _varying_axes(v))
+        typed = bool(axes & varying_axes(v))
         if n == 1:
             return _broadcast_leaf(v, axis_name, 0) if typed else v
         if typed:
