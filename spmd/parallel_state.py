@@ -10,20 +10,16 @@ groups of one axis at once: inside ``shard_map`` each device sees its own group.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 from jax.sharding import Mesh
 
-from kernels import symmetric_memory
-from spmd import compat
 from spmd.axes import DP, EP, MESH_AXES, PP, TP, AxisName
-from spmd.communicators import make_device_communicator
+from spmd.communicators import make_group_communicators
 from spmd.config import ParallelConfig, device_groups, make_mesh
 from spmd.distributed import init_distributed_environment
-from spmd.envs import host_env
 from spmd.group import GroupCoordinator
 
 __all__ = [
@@ -71,42 +67,20 @@ _GROUP_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def _build_groups(mesh: Mesh, *, disable_custom_all_reduce: bool) -> dict[str, GroupCoordinator]:
-    platform = compat.mesh_platform(mesh)
-    # One process driving every GPU, or (CUDA IPC) one GPU per process: see symmetric_memory.unsupported.
-    peer_buffers = (
-        platform in ("gpu", "cuda") and not disable_custom_all_reduce and symmetric_memory.unsupported(mesh) is None
-    )
+    axis_names: dict[str, AxisName] = {name: axes if len(axes) > 1 else axes[0] for name, axes in _GROUP_AXES}
+    communicators = make_group_communicators(mesh, axis_names, disable_custom_all_reduce=disable_custom_all_reduce)
     mesh_shape = tuple((a, int(mesh.shape[a])) for a in mesh.axis_names)
-    groups = {}
-    for name, axes in _GROUP_AXES:
-        axis_name: AxisName = axes if len(axes) > 1 else axes[0]
-        size = math.prod(mesh.shape[a] for a in axes)
-        communicator = make_device_communicator(
-            axis_name,
-            size,
-            platform=platform,
-            unique_name=name,
-            disable_custom_all_reduce=disable_custom_all_reduce,
-        )
-        if peer_buffers and 1 < size <= symmetric_memory.Layout.max_ranks:
-            # The custom all-reduce's persistent peer buffers: per group, a few MiB per GPU, kept
-            # for the life of the process; the communicator hands them to every kernel call. Across
-            # processes a collective (every process builds the same groups in the same order).
-            try:
-                communicator.peer_buffers = symmetric_memory.allocate(
-                    mesh, axis_name, client=compat.distributed_client(), timeout_s=host_env().collective_timeout_s
-                )
-            except symmetric_memory.NotOneHost:
-                peer_buffers = False  # several machines: every process learns it at once; all groups use psum
-        groups[name] = GroupCoordinator(
-            axis_name=axis_name,
-            world_size=size,
+    return {
+        name: GroupCoordinator(
+            axis_name=axis_names[name],
+            world_size=communicators[name].world_size,
             device_groups=device_groups(mesh, axes),
-            device_communicator=communicator,
+            device_communicator=communicators[name],
             unique_name=name,
             mesh_shape=mesh_shape,
         )
-    return groups
+        for name, axes in _GROUP_AXES
+    }
 
 
 def _cpu_hint(devices: Sequence[jax.Device]) -> str:

@@ -179,13 +179,13 @@ def _check(jax, label: str, fn, mesh, spec, rank: int, repeats: int, reason: str
     import numpy as np
     from jax.sharding import NamedSharding
 
-    from spmd.communicators import dispatch
+    from spmd.communicators import tuning
 
     ok = True
     f = jax.jit(jax.shard_map(lambda v: fn(v[0])[None], mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
     sharding = NamedSharding(mesh, spec)
     device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
-    entry = dispatch.tuning_table().get(("gpu", 2))
+    entry = tuning.tuning_table().get(("gpu", 2))
     for name, nbytes in SIZES.items():
         numel = nbytes // 2
         shape = (mesh.size, numel)  # row r: rank r's data (spec shards the rows over every mesh axis)

@@ -21,9 +21,10 @@ from kernels import custom_all_reduce as kernels_car
 from spmd.communicators import (
     PallasCommunicator,
     XlaCommunicator,
+    allreduce_plan,
     communicator_class_for,
-    dispatch,
     make_device_communicator,
+    tuning,
 )
 
 # gpu / tpu rows at world size 2: one-shot up to 1 KiB, two-shot up to 4 KiB, psum above.
@@ -41,7 +42,7 @@ def tuned(tmp_path, monkeypatch):
     """The communicators' default tuning table replaced by ``TABLE``."""
     path = tmp_path / "tuning.json"
     path.write_text(json.dumps(TABLE))
-    monkeypatch.setattr(dispatch, "TUNING_PATH", path)
+    monkeypatch.setattr(tuning, "TUNING_PATH", path)
     return path
 
 
@@ -49,13 +50,13 @@ def tuned(tmp_path, monkeypatch):
 def kernel_calls(monkeypatch):
     """A spy on the kernel entry the communicators call: one ``(algorithm, lowering)`` per launch."""
     calls = []
-    real = dispatch.all_reduce_kernel
+    real = allreduce_plan.all_reduce_kernel
 
     def spy(x, axis_name, **kwargs):
         calls.append((kwargs["algorithm"], kwargs["lowering"]))
         return real(x, axis_name, **kwargs)
 
-    monkeypatch.setattr(dispatch, "all_reduce_kernel", spy)
+    monkeypatch.setattr(allreduce_plan, "all_reduce_kernel", spy)
     return calls
 
 
@@ -226,7 +227,7 @@ def test_custom_all_reduce_declines_without_a_measured_entry(tmp_path, monkeypat
     """No row for this world size (or a row that says 0 bytes) means the seam returns None."""
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"platforms": {"gpu": {"4": {"max_bytes": 0, "one_shot_max_bytes": 0}}}}))
-    monkeypatch.setattr(dispatch, "TUNING_PATH", path)
+    monkeypatch.setattr(tuning, "TUNING_PATH", path)
     seen = []
     for world in (4, 8):
         spmd.initialize_model_parallel(world)
@@ -239,4 +240,4 @@ def test_custom_all_reduce_declines_without_a_measured_entry(tmp_path, monkeypat
 
 def test_kernel_module_is_the_one_dispatch_calls():
     """The spy above patches the function that really launches the kernels."""
-    assert dispatch.all_reduce_kernel is kernels_car.all_reduce_kernel
+    assert allreduce_plan.all_reduce_kernel is kernels_car.all_reduce_kernel

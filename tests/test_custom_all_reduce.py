@@ -1,7 +1,7 @@
 """Custom all-reduce: the kernels' algorithm in Pallas TPU interpret mode (races detected), planning, dispatch, errors.
 
 The kernels live in ``kernels.custom_all_reduce`` (JAX only); the decision and the psum fallback in
-``spmd.communicators.dispatch`` (re-exported by ``spmd.communicators``).
+``spmd.communicators.allreduce_plan`` (re-exported by ``spmd.communicators``).
 
 Interpret mode simulates every device's memory, remote DMAs and semaphores. Its global thread
 barrier needs every simulated device's computation running at once; on a 2-core machine (CI)
@@ -30,11 +30,12 @@ from kernels.custom_all_reduce import all_reduce_kernel, make_plan, reference_al
 from spmd.communicators import (
     TUNING_PATH,
     TuningEntry,
+    allreduce_plan,
     custom_all_reduce,
-    dispatch,
     ineligibility,
     select_algorithm,
     should_use_custom_all_reduce,
+    tuning,
     tuning_table,
 )
 
@@ -148,7 +149,7 @@ def test_ineligibility_reasons(shape, dtype, world, platform, why):
 
 
 def test_gpu_kernels_across_processes_depend_on_the_buffers(monkeypatch):
-    monkeypatch.setattr(dispatch, "_process_count", lambda: 2)
+    monkeypatch.setattr(allreduce_plan, "_process_count", lambda: 2)
     assert ineligibility((64,), np.float32, 2, "gpu") is None  # the group's peer buffers decide (test_peer_all_reduce)
     assert ineligibility((64,), np.float32, 2, "tpu") is None
 
@@ -178,7 +179,7 @@ def test_tuning_table_drives_auto(tmp_path, monkeypatch):
     assert should_use_custom_all_reduce(jax.ShapeDtypeStruct((1024,), jnp.bfloat16), 4, "gpu", tuning=path)
     assert not should_use_custom_all_reduce(jax.ShapeDtypeStruct((1024,), jnp.int32), 4, "gpu", tuning=path)
     # The default table is read from TUNING_PATH at call time.
-    monkeypatch.setattr(dispatch, "TUNING_PATH", path)
+    monkeypatch.setattr(tuning, "TUNING_PATH", path)
     assert select_algorithm((1024,), jnp.bfloat16, 4, "gpu") == "one_shot"
     assert tuning_table() == {
         ("gpu", 4): TuningEntry(1 << 20, 1 << 16, "test"),

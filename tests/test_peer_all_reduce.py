@@ -25,7 +25,7 @@ import spmd
 from kernels import symmetric_memory
 from kernels.custom_all_reduce import peer
 from kernels.symmetric_memory import TILE_BYTES, Layout
-from spmd.communicators import custom_all_reduce, dispatch
+from spmd.communicators import allreduce_plan, custom_all_reduce
 
 
 def _mesh(shape, names):
@@ -204,7 +204,7 @@ def test_kernel_errors(make, match):
 
 @pytest.fixture
 def on_gpu(monkeypatch):
-    monkeypatch.setattr(dispatch, "_device_platform", lambda x: "gpu")
+    monkeypatch.setattr(allreduce_plan, "_device_platform", lambda x: "gpu")
     monkeypatch.setattr(symmetric_memory, "_REGISTRY", symmetric_memory._Registry())  # no buffers from earlier tests
     spmd.initialize_model_parallel(2, devices=jax.devices()[:2])  # CPU mesh: no buffers allocated off GPU
 
@@ -251,9 +251,9 @@ def _traced_all_reduce(fn, x):
 def test_dispatch_across_processes_takes_the_kernel_only_with_buffers(on_gpu, monkeypatch):
     from spmd.communicators import PallasCommunicator
 
-    monkeypatch.setattr(dispatch, "_process_count", lambda: 2)
+    monkeypatch.setattr(allreduce_plan, "_process_count", lambda: 2)
     x = jnp.ones((2, 4096), jnp.bfloat16)  # 8 KiB per device: in the shipped table's range at 2 ranks
-    assert dispatch.ineligibility((4096,), jnp.bfloat16, 2, "gpu") is None  # the buffers decide, not the count
+    assert allreduce_plan.ineligibility((4096,), jnp.bfloat16, 2, "gpu") is None  # the buffers decide, not the count
     comm = PallasCommunicator("tp", 2, platform="gpu")
     assert comm.peer_buffers is None
     assert "inline_mgpu" not in _traced_all_reduce(comm.all_reduce, x)  # no buffers: psum
@@ -276,7 +276,7 @@ def test_dispatch_across_processes_never_interprets(monkeypatch, tmp_path):
         return custom_all_reduce(v, "tp", platform="tpu", tuning=str(path))
 
     assert "pallas_call" in _traced_all_reduce(auto, x)  # one process: interpreted
-    monkeypatch.setattr(dispatch, "_process_count", lambda: 3)
+    monkeypatch.setattr(allreduce_plan, "_process_count", lambda: 3)
     with pytest.raises(ValueError, match=r"Pallas interpret mode on cpu devices, which needs every device in one proc"):
         _traced_all_reduce(lambda v: custom_all_reduce(v, "tp", algorithm="one_shot", platform="tpu"), x)
     got = _traced_all_reduce(auto, x)
@@ -429,15 +429,15 @@ def test_dispatch_protocol_follows_the_tuning_row(tmp_path):
     table = {"platforms": {"gpu": {"2": {"max_bytes": 1 << 21, "one_shot_max_bytes": 1 << 21, "ll_max_bytes": 8192}}}}
     path = tmp_path / "t.json"
     path.write_text(json.dumps(table))
-    assert dispatch._protocol(jnp.ones(4096, jnp.bfloat16), 2, str(path)) == "ll"  # 8 KiB
-    assert dispatch._protocol(jnp.ones(4097, jnp.bfloat16), 2, str(path)) == "pull"
-    assert dispatch._protocol(jnp.ones(16, jnp.bfloat16), 4, str(path)) == "auto"  # no row: the kernel picks
+    assert allreduce_plan._protocol(jnp.ones(4096, jnp.bfloat16), 2, str(path)) == "ll"  # 8 KiB
+    assert allreduce_plan._protocol(jnp.ones(4097, jnp.bfloat16), 2, str(path)) == "pull"
+    assert allreduce_plan._protocol(jnp.ones(16, jnp.bfloat16), 4, str(path)) == "auto"  # no row: the kernel picks
     row = table["platforms"]["gpu"]["2"]
     row["ll_max_bytes"] = -1
     bad = tmp_path / "bad.json"  # tables are read once per path
     bad.write_text(json.dumps(table))
     with pytest.raises(ValueError, match="expected ll_max_bytes >= 0, got -1"):
-        dispatch.tuning_table(str(bad))
+        allreduce_plan.tuning_table(str(bad))
 
 
 # ---------------------------------------------------------------------------------------------

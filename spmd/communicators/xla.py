@@ -10,9 +10,10 @@ gloo across processes) and for everything but small all-reduces on GPU and TPU, 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from spmd import collectives
+from spmd import collectives, compat
 from spmd.axes import AxisName
 
 __all__ = ["XlaCommunicator", "rms_norm"]
@@ -65,9 +66,43 @@ class XlaCommunicator:
         self.unique_name = unique_name or (axis_name if isinstance(axis_name, str) else "_".join(axis_name))
         self.disable_custom_all_reduce = bool(disable_custom_all_reduce)
 
+    @classmethod
+    def create(
+        cls,
+        mesh: Any,
+        axis_name: AxisName,
+        *,
+        unique_name: str = "",
+        disable_custom_all_reduce: bool = False,
+        allocate_peer_buffers: bool = True,
+    ) -> XlaCommunicator:
+        """The communicator of group ``axis_name`` of ``mesh`` (its size and platform read from the mesh).
+
+        Args:
+          mesh: the device mesh.
+          axis_name: the group's mesh axis (or tuple of axes).
+          unique_name: the group's label.
+          disable_custom_all_reduce: recorded (this class has no custom kernel).
+          allocate_peer_buffers: for subclasses that own peer buffers; unused here.
+        """
+        del allocate_peer_buffers
+        axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+        return cls(
+            axis_name,
+            math.prod(int(mesh.shape[a]) for a in axes),
+            platform=compat.mesh_platform(mesh),
+            unique_name=unique_name,
+            disable_custom_all_reduce=disable_custom_all_reduce,
+        )
+
     def all_reduce(self, input_: Any) -> Any:
         """Sum over the group; the same result on every rank."""
         return collectives.all_reduce(input_, self.axis_name)
+
+    def custom_all_reduce(self, input_: Any) -> Any | None:
+        """vLLM's custom all-reduce seam: ``None`` here (no custom kernel), so callers use :meth:`all_reduce`."""
+        del input_
+        return None
 
     def all_reduce_add_rms_norm(self, input_: Any, residual: Any, weight: Any, eps: float) -> tuple[Any, Any]:
         """``(rms_norm(all_reduce(input_) + residual), all_reduce(input_) + residual)``.
