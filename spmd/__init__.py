@@ -20,6 +20,7 @@ from spmd.collectives import (
 )
 from spmd.communication_op import (
     broadcast_tensor_dict,
+    custom_all_reduce,
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
     tensor_model_parallel_all_reduce_add_rms_norm,
@@ -96,6 +97,7 @@ __all__ = [
     "axis_size",
     "broadcast",
     "broadcast_tensor_dict",
+    "custom_all_reduce",
     "destroy_model_parallel",
     "ensure_model_parallel_initialized",
     "gather",

@@ -12,10 +12,11 @@ from spmd import host
 from spmd import parallel_state as ps
 from spmd import tensor_dict as td
 from spmd.axes import TP
-from spmd.collectives import axis_is_bound
+from spmd.collectives import all_reduce, axis_is_bound
 
 __all__ = [
     "broadcast_tensor_dict",
+    "custom_all_reduce",
     "tensor_model_parallel_all_gather",
     "tensor_model_parallel_all_reduce",
     "tensor_model_parallel_all_reduce_add_rms_norm",
@@ -29,6 +30,36 @@ def tensor_model_parallel_all_reduce(input_: Any) -> Any:
     Used after a row-parallel linear layer (attention output, MLP down projection).
     """
     return ps.get_tp_group().all_reduce(input_)
+
+
+def custom_all_reduce(input_: Any, use_custom: bool = True) -> Any:
+    """Sum ``input_`` over the TP group with the custom all-reduce kernel when it takes it (the seed's op).
+
+    vLLM's ``custom_all_reduce(input_, use_custom=True)``: small tensors go to the custom kernel, the
+    rest to the standard all-reduce. Here "takes it" is the TP group communicator's plan
+    (:meth:`PallasCommunicator.custom_all_reduce <spmd.communicators.PallasCommunicator.custom_all_reduce>`):
+    a supported dtype, at most the tuning table's ``max_bytes`` for this platform and world size
+    (vLLM's ``CUSTOM_ALLREDUCE_THRESHOLD``, measured per world size), ``shard_map(..., check_vma=False)``,
+    and on GPUs the group's peer buffers. On CPU communicators, and on groups initialized with
+    ``disable_custom_all_reduce=True``, nothing takes it.
+
+    Args:
+      input_: an array or a pytree of arrays, traced inside ``shard_map`` over the global mesh.
+      use_custom: ``False`` always uses XLA's all-reduce (``psum``), the seed's standard path.
+
+    Returns:
+      The sum on every TP rank: the kernel's (float32 in rank order, the same bits on every rank) or
+      XLA's, which is what :func:`tensor_model_parallel_all_reduce` computes for input the kernel does not take.
+
+    Raises:
+      RuntimeError: model parallel is not initialized.
+    """
+    group = ps.get_tp_group()
+    if use_custom:
+        out = group.device_communicator.custom_all_reduce(input_)
+        if out is not None:
+            return out
+    return all_reduce(input_, group.axis_name)
 
 
 def tensor_model_parallel_all_reduce_add_rms_norm(

@@ -236,3 +236,68 @@ def test_collectives_in_a_loop(rng):
     mean = x.mean(0)
     for r in range(8):
         np.testing.assert_allclose(out[r], mean, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The seed's custom_all_reduce(input_, use_custom=True) on the TP group
+
+
+def _tp_sum(fn, x):
+    spec = P(spmd.MESH_AXES)
+    f = spmd.shard_map(lambda v: fn(v[0])[None], in_specs=spec, out_specs=spec, check_vma=False)
+    return np.asarray(jax.jit(f)(x)), str(jax.make_jaxpr(f)(x))
+
+
+@pytest.mark.parametrize("use_custom", [True, False])
+def test_seed_custom_all_reduce_on_cpu_is_the_tp_all_reduce(use_custom, rng):
+    """CPU communicators have no custom kernel: XLA's all-reduce over "tp", as tensor_model_parallel_all_reduce."""
+    init((2, 1, 1, 4))
+    x = random_array(rng, (8, 16), np.float32)
+    out, jaxpr = _tp_sum(lambda v: spmd.custom_all_reduce(v, use_custom=use_custom), x)
+    assert "psum" in jaxpr and "pallas_call" not in jaxpr
+    for g in groups((2, 1, 1, 4), ("tp",)):
+        for r in g:
+            np.testing.assert_allclose(out[r], x[g].astype(np.float64).sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def tp_group_planned_for_tpu(tmp_path, monkeypatch):
+    """A TP group of 2 whose communicator plans for "tpu" (kernels interpreted on CPU): one-shot up to 1 KiB."""
+    from spmd import compat
+    from spmd.communicators import tuning
+
+    path = tmp_path / "tuning.json"
+    path.write_text('{"platforms": {"tpu": {"2": {"max_bytes": 1024, "one_shot_max_bytes": 1024, "source": "t"}}}}')
+    monkeypatch.setattr(tuning, "TUNING_PATH", path)
+
+    def init_tp2(**kwargs):
+        with monkeypatch.context() as m:  # the communicators are chosen for "tpu"; the devices stay CPUs
+            m.setattr(compat, "mesh_platform", lambda mesh: "tpu")
+            spmd.initialize_model_parallel(2, **kwargs)
+        assert type(spmd.get_tp_group().device_communicator) is spmd.PallasCommunicator
+
+    return init_tp2
+
+
+@pytest.mark.parametrize(
+    ("numel", "use_custom", "disable", "kernel"),
+    [(64, True, False, True), (64, False, False, False), (512, True, False, False), (64, True, True, False)],
+    ids=["small", "use_custom-false", "over-threshold", "disabled-group"],
+)
+def test_seed_custom_all_reduce_takes_the_kernel_only_when_asked_and_eligible(
+    tp_group_planned_for_tpu, numel, use_custom, disable, kernel, rng
+):
+    tp_group_planned_for_tpu(disable_custom_all_reduce=disable)
+    x = random_array(rng, (8, numel), np.float32)
+    out, jaxpr = _tp_sum(lambda v: spmd.custom_all_reduce(v, use_custom), x)
+    assert ("pallas_call" in jaxpr) is kernel and ("psum" in jaxpr) is not kernel
+    want = x[::2].astype(np.float64) + x[1::2]
+    np.testing.assert_allclose(out[::2], want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(out[::2], out[1::2])
+    if not kernel:  # the fallback: XLA's all-reduce over "tp", bit for bit
+        np.testing.assert_array_equal(out, _tp_sum(lambda v: spmd.all_reduce(v, "tp"), x)[0])
+
+
+def test_seed_custom_all_reduce_needs_initialized_state(rng):
+    with pytest.raises(RuntimeError, match=r"get_tp_group: model parallel is not initialized"):
+        spmd.custom_all_reduce(np.ones(4, np.float32))
