@@ -38,20 +38,6 @@ from spmd.communicators import (
 from spmd.config import ParallelConfig, make_mesh
 from spmd.distributed import init_distributed_environment
 from spmd.group import GroupCoordinator
-from spmd.kv_transfer import (
-    DevicePutKVPipe,
-    IpcKVPipe,
-    KVPiece,
-    KVPipeBase,
-    TCPKVPipe,
-    TransferServerKVPipe,
-    kv_head_ranges,
-    kv_head_sharding,
-    kv_transfer_plan,
-    merge_kv_heads,
-    reshard_kv_heads,
-    split_kv_heads,
-)
 from spmd.parallel_state import (
     destroy_model_parallel,
     ensure_model_parallel_initialized,
@@ -131,3 +117,37 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# The KV pipes (sockets, shared memory, CUDA IPC) load on first use: `import spmd` stays light.
+_LAZY = {
+    name: "spmd.kv_transfer"
+    for name in (
+        "DevicePutKVPipe",
+        "IpcKVPipe",
+        "KVPiece",
+        "KVPipeBase",
+        "TCPKVPipe",
+        "TransferServerKVPipe",
+        "kv_head_ranges",
+        "kv_head_sharding",
+        "kv_transfer_plan",
+        "merge_kv_heads",
+        "reshard_kv_heads",
+        "split_kv_heads",
+    )
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -64,13 +64,13 @@ import math
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
 from kernels.rendezvous import Rendezvous
-from spmd import compat, host_net
+from spmd import compat
 from spmd.distributed import job_host_address
 from spmd.envs import SpmdEnv, host_env
 from spmd.wire import (
@@ -86,6 +86,9 @@ from spmd.wire import (
     specs_of,
     views,
 )
+
+if TYPE_CHECKING:  # loaded on first use (connections, threads), so `import spmd` stays light
+    from spmd import host_net
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -242,7 +245,10 @@ def _parse_record(raw: bytes, *, who: str) -> tuple[dict[str, Any], memoryview]:
     return header, memoryview(raw)[_LEN.size + n :]
 
 
-_describe = host_net.describe
+def _describe(op: str, sources: Any) -> str:
+    from spmd.host_net import describe
+
+    return describe(op, sources)
 
 
 class _Meshes:
@@ -255,6 +261,8 @@ class _Meshes:
         """The mesh to use (set up, or finishing set-up, within the caller's call), or ``None``: use the store."""
         if env.host_transport == "store":
             return None
+        from spmd import host_net
+
         m = self.mesh
         if m is None or m.client is not client or (m.me, m.n_proc) != (me, n_proc):
             if m is not None:
@@ -295,6 +303,8 @@ class _Call:
         mesh = _MESHES.get(self.client, self.me, self.n_proc, self.env)
         if mesh is None:
             return None
+        from spmd import host_net
+
         net_call = host_net.Call(
             self.n, self.op, tuple(self.sources), self.timeout, self.deadline, self.env.host_max_bytes
         )
