@@ -1,8 +1,10 @@
-"""The few private JAX internals this package uses, in one place.
+"""The few private JAX internals ``spmd`` and ``models`` use, in one place.
 
 Each has no public equivalent in the JAX versions we support (0.10.2 through 0.12.x); when
 one appears, only this module changes. Every function degrades to a safe answer when the
-private name is gone.
+private name is gone. ``kernels``, which imports only JAX, keeps its own in ``kernels.compat``;
+:func:`distributed_client` is that one (the coordination-service client is read in one place).
+Nothing else in the project imports ``jax._src`` (``tests/test_architecture.py`` checks).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+
+from kernels.compat import distributed_client
 
 __all__ = ["backends_started", "coordinator_address", "distributed_client", "gloo_on_address", "mesh_platform"]
 
@@ -25,19 +29,6 @@ def backends_started() -> bool:
     except ImportError:  # pragma: no cover - a JAX without the private module: assume not started
         return False
     return bool(xla_bridge.backends_are_initialized())
-
-
-def distributed_client() -> Any:
-    """The coordination-service client of ``jax.distributed`` (``None`` outside a multi-process job).
-
-    Private: ``jax._src.distributed.global_state.client``. Its key-value store
-    (``key_value_set`` / ``blocking_key_value_get`` / ``key_value_delete``) and
-    ``wait_at_barrier`` carry the host-level messages of :mod:`spmd.host`; JAX exposes them
-    publicly only through ``multihost_utils`` helpers that pickle or lack timeouts.
-    """
-    from jax._src import distributed
-
-    return distributed.global_state.client
 
 
 def coordinator_address() -> str | None:

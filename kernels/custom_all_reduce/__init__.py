@@ -4,7 +4,7 @@ Two lowerings: Mosaic GPU on persistent peer buffers (:mod:`.peer`, one-shot; th
 :mod:`kernels.symmetric_memory`) and the TPU form (:mod:`.tpu`, one-shot and two-shot with remote
 DMAs on the plan of :mod:`.planning`; on CPU it runs in Pallas's TPU interpret mode).
 This package imports only JAX and NumPy. Which kernel runs for a given call, and the psum
-fallback, are decided by ``spmd.communicators.dispatch``.
+fallback, are decided by ``spmd.communicators.allreduce_plan``.
 """
 
 from kernels.custom_all_reduce.ops import LOWERINGS, all_reduce_kernel, reference_all_reduce

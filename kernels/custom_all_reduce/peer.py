@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import compat
 from kernels.custom_all_reduce.planning import SUPPORTED_DTYPES, out_struct
 from kernels.symmetric_memory import TILE_BYTES, Layout
 
@@ -132,12 +133,10 @@ def _kernel(body, out_type, grid: int):
 @functools.cache
 def _mlir():
     """The MLIR builders (imported on first use: CPU-only programs never need Mosaic GPU)."""
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, scf
     from jax.experimental.mosaic import gpu as mgpu
     from jax.experimental.mosaic.gpu import utils as mu
 
-    return ir, arith, gpu, llvm, memref, scf, mgpu, mu
+    return (*compat.mlir_dialects(), mgpu, mu)
 
 
 def _asm(ptx: str, args: list, result=None):

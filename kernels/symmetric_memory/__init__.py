@@ -13,8 +13,7 @@ data still occupies, so each group has its own. A kernel gets, as a small ``int3
 the program (:meth:`SymmetricBuffers.peer_table`), its own rank in the group and the addresses of
 every group member's buffer. To XLA such a kernel is an ordinary local custom call: no remote
 references, so no per-call zeroing of semaphores, no collective-metadata copy and no XLA
-multi-GPU barrier before it (what made the first-round kernels cost 12-16 us, see
-docs/custom_all_reduce.md).
+multi-GPU barrier before it (docs/custom_all_reduce.md measures what those cost).
 
 What XLA no longer does, the kernels do: the buffers are written outside XLA's knowledge, so
 every kernel orders its own accesses (per-block epoch flags written to peers with release
@@ -63,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from kernels import compat
 from kernels.rendezvous import KeyTaken, Rendezvous
 from kernels.symmetric_memory import cuda
 
@@ -227,10 +227,8 @@ def _process_index() -> int:
 
 
 def _distributed_client() -> Any:
-    """JAX's coordination-service client (private: ``jax._src.distributed``; ``spmd.compat`` reads the same)."""
-    from jax._src import distributed
-
-    return distributed.global_state.client
+    """JAX's coordination-service client (:func:`kernels.compat.distributed_client`)."""
+    return compat.distributed_client()
 
 
 def unsupported(mesh: jax.sharding.Mesh) -> str | None:
