@@ -1,9 +1,16 @@
-"""The module map: imports run one way (no cycles, lazy imports included) and ``kernels`` is a leaf."""
+"""The module map: imports run one way (no cycles, lazy imports included) and ``kernels`` is a leaf.
+
+Also: private names stay in their package, private JAX only through the compat modules, parallel
+state without kernels, and a light ``import spmd``.
+"""
 
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("spmd", "kernels", "models")
@@ -85,3 +92,132 @@ def test_no_import_cycle_between_packages():
 def test_the_cycle_finder_finds_cycles():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _package_of(module: str, modules: dict[str, pathlib.Path]) -> str:
+    """The package a module belongs to: itself for a package's ``__init__``, else its parent."""
+    return module if modules[module].name == "__init__.py" else module.rpartition(".")[0]
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _private_home(target: str, modules: dict[str, pathlib.Path]) -> str | None:
+    """The package a dotted import target's private part belongs to (``None``: nothing private in it).
+
+    A private module (``p._m``) belongs to its parent package; a private name (``m._x``) to its module's package.
+    """
+    parts = target.split(".")
+    private = next((".".join(parts[: i + 1]) for i in range(1, len(parts)) if _is_private(parts[i])), None)
+    if private is None:
+        return None
+    holder = private
+    while holder and holder not in modules:
+        holder = holder.rpartition(".")[0]
+    if not holder:
+        return None
+    return holder.rpartition(".")[0] if holder == private else _package_of(holder, modules)
+
+
+def private_imports() -> list[str]:
+    """Every use of a private name (``_x``, or a module ``_m``) of a module in another package.
+
+    Counted: ``from m import _x``, imports of a private module (``from p import _m``,
+    ``import p._m``, ``from p._m import x``), and ``alias._x`` on an imported project module.
+    Within one package (modules with the same parent) private names are shared freely.
+    """
+    modules = _modules()
+    found = []
+    for name, path in sorted(modules.items()):
+        package = _package_of(name, modules)
+        tree = ast.parse(path.read_text(), str(path))
+        aliases: dict[str, str] = {}
+        uses: list[tuple[str, int, str]] = []  # (target, line, what)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.split(".")[0] in PACKAGES:
+                        uses.append((a.name, node.lineno, f"import {a.name}"))
+                        if a.asname:
+                            aliases[a.asname] = a.name
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+                for a in node.names:
+                    full = f"{node.module}.{a.name}"
+                    uses.append((full, node.lineno, f"from {node.module} import {a.name}"))
+                    if full in modules:
+                        aliases[a.asname or a.name] = full
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and _is_private(node.attr):
+                mod = aliases.get(node.value.id)
+                if mod is not None:
+                    uses.append((f"{mod}.{node.attr}", node.lineno, f"{node.value.id}.{node.attr} ({mod})"))
+        for target, line, what in uses:
+            home = _private_home(target, modules)
+            if home is not None and home != package:
+                found.append(f"{path.relative_to(ROOT)}:{line}: {what}")
+    return sorted(found)
+
+
+def test_no_module_uses_a_private_name_of_another_package():
+    assert private_imports() == [], "\n".join(private_imports())
+
+
+def test_only_the_compat_modules_import_private_jax():
+    """``jax._src`` is reached through ``spmd/compat.py`` (spmd, models) and ``kernels/compat.py`` only."""
+    allowed = {"spmd.compat", "kernels.compat"}
+    found = []
+    for name, path in sorted(_modules().items()):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            if any(t == "jax._src" or t.startswith("jax._src.") for t in targets) and name not in allowed:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == [], f"private JAX imported outside the compat modules: {found}"
+
+
+def test_parallel_state_keeps_the_books_only():
+    """Peer buffers are the communicators' business: parallel state imports no kernel package."""
+    assert not {d for d in import_graph()["spmd.parallel_state"] if d.startswith("kernels")}
+
+
+def test_import_spmd_loads_no_pipe_and_no_host_connections():
+    code = (
+        "import sys, spmd\n"
+        "heavy = sorted(m for m in sys.modules if m.startswith(('spmd.kv_transfer', 'spmd.host_net')))\n"
+        "assert not heavy, heavy\n"
+        "assert spmd.TCPKVPipe.__module__ == 'spmd.kv_transfer.tcp' and 'spmd.kv_transfer' in sys.modules\n"
+        "assert set(spmd.__all__) <= set(dir(spmd))\n"
+        "try:\n    spmd.NoSuchName\nexcept AttributeError as e:\n    assert 'NoSuchName' in str(e)\n"
+        "else:\n    raise SystemExit('no AttributeError')\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_private_name_finder_finds_them(tmp_path, monkeypatch):
+    """The rule's edge cases, on a throwaway tree: across packages flagged, within one package allowed."""
+    for rel, text in {
+        "spmd/__init__.py": "",
+        "spmd/a.py": "_X = 1\nY = 2\n",
+        "spmd/_m.py": "Z = 3\n",
+        "spmd/sub/__init__.py": "",
+        "spmd/sub/b.py": "from spmd.a import _X\nfrom spmd._m import Z\nfrom spmd import a\na._X\na.Y\n",
+        "spmd/c.py": "from spmd.a import _X\nfrom spmd import _m\n",
+        "kernels/__init__.py": "",
+        "models/__init__.py": "import spmd.a as aa\naa._X\n",
+    }.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    got = private_imports()
+    assert got == [
+        "models/__init__.py:2: aa._X (spmd.a)",
+        "spmd/sub/b.py:1: from spmd.a import _X",
+        "spmd/sub/b.py:2: from spmd._m import Z",
+        "spmd/sub/b.py:4: a._X (spmd.a)",
+    ], got
