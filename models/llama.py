@@ -371,12 +371,12 @@ class LlamaForCausalLM(nnx.Module):
 
     # checkpoint ------------------------------------------------------------------------------------
 
-    def weight_sources(self, *, fused_experts: bool = False) -> Iterator[WeightSource]:
-        """Every parameter and the Hugging Face tensors it is made of.
+    def weight_sources(self) -> Iterator[WeightSource]:
+        """Every parameter and the Hugging Face tensors it is made of."""
+        return self._weight_sources()
 
-        Args:
-          fused_experts: (Mixtral) the checkpoint stores experts fused, as transformers 5 writes them.
-        """
+    def _weight_sources(self, **mlp_options: Any) -> Iterator[WeightSource]:
+        """:meth:`weight_sources`, the feed-forward's from :meth:`_mlp_sources` (``mlp_options`` passed on)."""
         c = self.config
         yield _layer_source(self.model.embed_tokens, "weight", ("model.embed_tokens.weight",))
         for i, layer in enumerate(self.model.layers):
@@ -389,12 +389,13 @@ class LlamaForCausalLM(nnx.Module):
                 yield _layer_source(attn.o_proj, "bias", (f"{p}self_attn.o_proj.bias",))
             yield _layer_source(layer.input_layernorm, "weight", (f"{p}input_layernorm.weight",))
             yield _layer_source(layer.post_attention_layernorm, "weight", (f"{p}post_attention_layernorm.weight",))
-            yield from self._mlp_sources(layer, p, fused_experts)
+            yield from self._mlp_sources(layer, p, **mlp_options)
         yield _layer_source(self.model.norm, "weight", ("model.norm.weight",))
         if not c.tie_word_embeddings:
             yield _layer_source(self.lm_head, "weight", ("lm_head.weight",))
 
-    def _mlp_sources(self, layer: LlamaDecoderLayer, p: str, fused_experts: bool = False) -> Iterator[WeightSource]:
+    def _mlp_sources(self, layer: LlamaDecoderLayer, p: str) -> Iterator[WeightSource]:
+        """The feed-forward's parameters of the layer whose tensors start with ``p`` (subclasses override)."""
         mlp = layer.mlp
         names = ("gate", "up")
         yield _layer_source(mlp.gate_up_proj, "weight", tuple(f"{p}mlp.{n}_proj.weight" for n in names))
@@ -403,11 +404,16 @@ class LlamaForCausalLM(nnx.Module):
             yield _layer_source(mlp.gate_up_proj, "bias", tuple(f"{p}mlp.{n}_proj.bias" for n in names))
             yield _layer_source(mlp.down_proj, "bias", (f"{p}mlp.down_proj.bias",))
 
-    @staticmethod
-    def checkpoint_shapes(config: ModelConfig, *, fused_experts: bool = False) -> dict[str, tuple[int, ...]]:
+    @classmethod
+    def checkpoint_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
         """Every tensor of a Hugging Face checkpoint of this config, with its shape (PyTorch layout)."""
+        return cls._checkpoint_shapes(config)
+
+    @classmethod
+    def _checkpoint_shapes(cls, config: ModelConfig, **mlp_options: Any) -> dict[str, tuple[int, ...]]:
+        """:meth:`checkpoint_shapes`, the feed-forward's from :meth:`_mlp_shapes` (``mlp_options`` passed on)."""
         c = config
-        h, d, i = c.hidden_size, c.head_dim, c.intermediate_size
+        h, d = c.hidden_size, c.head_dim
         q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h)}
         for n in range(c.num_hidden_layers):
@@ -421,20 +427,22 @@ class LlamaForCausalLM(nnx.Module):
                 shapes[f"{p}self_attn.o_proj.bias"] = (h,)
             shapes[f"{p}input_layernorm.weight"] = (h,)
             shapes[f"{p}post_attention_layernorm.weight"] = (h,)
-            if c.is_moe:
-                shapes[f"{p}block_sparse_moe.gate.weight"] = (c.num_local_experts, h)
-                for e in range(c.num_local_experts):
-                    x = f"{p}block_sparse_moe.experts.{e}."
-                    shapes[x + "w1.weight"], shapes[x + "w3.weight"], shapes[x + "w2.weight"] = (i, h), (i, h), (h, i)
-            else:
-                for name in ("gate", "up"):
-                    shapes[f"{p}mlp.{name}_proj.weight"] = (i, h)
-                    if c.mlp_bias:
-                        shapes[f"{p}mlp.{name}_proj.bias"] = (i,)
-                shapes[f"{p}mlp.down_proj.weight"] = (h, i)
-                if c.mlp_bias:
-                    shapes[f"{p}mlp.down_proj.bias"] = (h,)
+            shapes.update(cls._mlp_shapes(config, p, **mlp_options))
         shapes["model.norm.weight"] = (h,)
         if not c.tie_word_embeddings:
             shapes["lm_head.weight"] = (c.vocab_size, h)
+        return shapes
+
+    @staticmethod
+    def _mlp_shapes(config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+        """The feed-forward's tensors of the layer whose names start with ``p`` (subclasses override)."""
+        h, i = config.hidden_size, config.intermediate_size
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in ("gate", "up"):
+            shapes[f"{p}mlp.{name}_proj.weight"] = (i, h)
+            if config.mlp_bias:
+                shapes[f"{p}mlp.{name}_proj.bias"] = (i,)
+        shapes[f"{p}mlp.down_proj.weight"] = (h, i)
+        if config.mlp_bias:
+            shapes[f"{p}mlp.down_proj.bias"] = (h,)
         return shapes

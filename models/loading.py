@@ -133,9 +133,10 @@ def _load(config: ModelConfig, source: Any, dtype: Any, op: str) -> CausalLM:
     config.check_parallel(tp, ep)
     cls = MODEL_CLASSES[config.architecture]
     fused = config.is_moe and "model.layers.0.mlp.experts.gate_up_proj" in source
-    expected = cls.checkpoint_shapes(config, fused_experts=fused)
+    layout = {"fused_experts": True} if fused else {}  # an expert layout: Mixtral's option only
+    expected = cls.checkpoint_shapes(config, **layout)
     abstract = nnx.eval_shape(lambda: cls(config, params_dtype=dtype, tp_size=tp, rngs=nnx.Rngs(0)))
-    for src in abstract.weight_sources(fused_experts=fused):
+    for src in abstract.weight_sources(**layout):
         loaded = []
         for name in src.tensors:
             if name not in source:
@@ -225,7 +226,7 @@ def random_checkpoint(config: ModelConfig, *, seed: int = 0, dtype: Any = np.flo
     """
     rng = np.random.default_rng(seed)
     out = {}
-    for name, shape in LlamaForCausalLM.checkpoint_shapes(config).items():
+    for name, shape in MODEL_CLASSES[config.architecture].checkpoint_shapes(config).items():
         if name.endswith("norm.weight"):
             w = 1.0 + 0.1 * rng.standard_normal(shape)
         elif name == "model.embed_tokens.weight":

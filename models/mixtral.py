@@ -73,7 +73,17 @@ class MixtralForCausalLM(LlamaForCausalLM):
             raise ValueError(f"MixtralForCausalLM: expected a MixtralForCausalLM config, got {config.architecture}.")
         super().__init__(config, **kwargs)
 
-    def _mlp_sources(self, layer: MixtralDecoderLayer, p: str, fused_experts: bool = False) -> Iterator[WeightSource]:
+    def weight_sources(self, *, fused_experts: bool = False) -> Iterator[WeightSource]:
+        """Every parameter and the Hugging Face tensors it is made of.
+
+        Args:
+          fused_experts: the checkpoint stores the experts fused, as transformers 5 writes them.
+        """
+        return self._weight_sources(fused_experts=fused_experts)
+
+    def _mlp_sources(
+        self, layer: MixtralDecoderLayer, p: str, *, fused_experts: bool = False
+    ) -> Iterator[WeightSource]:
         moe, e, f = layer.mlp, self.config.num_local_experts, self.config.intermediate_size
         if fused_experts:  # transformers 5: gate_up [E, 2F, H], down [E, H, F]
             gate_up, down = (f"{p}mlp.experts.gate_up_proj",), (f"{p}mlp.experts.down_proj",)
@@ -89,18 +99,29 @@ class MixtralForCausalLM(LlamaForCausalLM):
         # the router: [E, hidden] in the file, [hidden, E] float32 here, replicated
         yield WeightSource(moe, "w_router", (router,), lambda loaded, i: np.asarray(loaded[0][:]).T[i])
 
+    @classmethod
+    def checkpoint_shapes(cls, config: ModelConfig, *, fused_experts: bool = False) -> dict[str, tuple[int, ...]]:
+        """Every tensor of a Hugging Face checkpoint of this config, with its shape (PyTorch layout).
+
+        Args:
+          config: the model's config.
+          fused_experts: the experts fused, as transformers 5 writes them (default: the hub's layout).
+        """
+        return cls._checkpoint_shapes(config, fused_experts=fused_experts)
+
     @staticmethod
-    def checkpoint_shapes(config: ModelConfig, *, fused_experts: bool = False) -> dict[str, tuple[int, ...]]:
-        shapes = LlamaForCausalLM.checkpoint_shapes(config)
+    def _mlp_shapes(config: ModelConfig, p: str, *, fused_experts: bool = False) -> dict[str, tuple[int, ...]]:
+        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
         if fused_experts:
-            c = config
-            for n in range(c.num_hidden_layers):
-                p = f"model.layers.{n}."
-                for k in [k for k in shapes if k.startswith(f"{p}block_sparse_moe.")]:
-                    del shapes[k]
-                shapes[f"{p}mlp.gate.weight"] = (c.num_local_experts, c.hidden_size)
-                shapes[f"{p}mlp.experts.gate_up_proj"] = (c.num_local_experts, 2 * c.intermediate_size, c.hidden_size)
-                shapes[f"{p}mlp.experts.down_proj"] = (c.num_local_experts, c.hidden_size, c.intermediate_size)
+            return {
+                f"{p}mlp.gate.weight": (e, h),
+                f"{p}mlp.experts.gate_up_proj": (e, 2 * i, h),
+                f"{p}mlp.experts.down_proj": (e, h, i),
+            }
+        shapes = {f"{p}block_sparse_moe.gate.weight": (e, h)}
+        for j in range(e):
+            x = f"{p}block_sparse_moe.experts.{j}."
+            shapes[x + "w1.weight"], shapes[x + "w3.weight"], shapes[x + "w2.weight"] = (i, h), (i, h), (h, i)
         return shapes
 
 

@@ -57,3 +57,65 @@ def test_experts_must_split_over_ep(ckpt):
 
 def test_moe_manager_is_the_measured_fastest():
     assert default_moe_manager("gpu") == "naive"  # docs/expert_parallel.md
+
+
+def _expected_shapes(config, *, moe: bool, fused: bool = False) -> dict:
+    """The checkpoint's tensor shapes, written out from Hugging Face's layout (PyTorch ``[out, in]``)."""
+    h, d, i, e = config.hidden_size, config.head_dim, config.intermediate_size, config.num_local_experts
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    out = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        out |= {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h)}
+        out |= {p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q)}
+        out |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+        if not moe:
+            out |= {
+                p + "mlp.gate_proj.weight": (i, h),
+                p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+            }
+        elif fused:
+            out |= {p + "mlp.gate.weight": (e, h), p + "mlp.experts.gate_up_proj": (e, 2 * i, h)}
+            out[p + "mlp.experts.down_proj"] = (e, h, i)
+        else:
+            out[p + "block_sparse_moe.gate.weight"] = (e, h)
+            for j in range(e):
+                x = f"{p}block_sparse_moe.experts.{j}."
+                out |= {x + "w1.weight": (i, h), x + "w3.weight": (i, h), x + "w2.weight": (h, i)}
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = (config.vocab_size, h)
+    return out
+
+
+def test_each_class_describes_its_own_checkpoint():
+    """Llama's shapes never name Mixtral's tensors (the MLP is a hook Mixtral overrides), and vice versa."""
+    from models.llama import LlamaForCausalLM
+    from models.mixtral import MixtralForCausalLM
+
+    config = mixtral_config()
+    assert LlamaForCausalLM.checkpoint_shapes(config) == _expected_shapes(config, moe=False)
+    assert MixtralForCausalLM.checkpoint_shapes(config) == _expected_shapes(config, moe=True)
+    fused = MixtralForCausalLM.checkpoint_shapes(config, fused_experts=True)
+    assert fused == _expected_shapes(config, moe=True, fused=True)
+    with pytest.raises(TypeError, match="fused_experts"):
+        LlamaForCausalLM.checkpoint_shapes(config, fused_experts=True)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_weight_sources_read_exactly_the_checkpoint_tensors(fused):
+    """Every tensor a parameter is made of is in the checkpoint's shapes, and every checkpoint tensor is read."""
+    from flax import nnx
+
+    from models.llama import LlamaForCausalLM
+    from models.mixtral import MixtralForCausalLM
+
+    config = mixtral_config()
+    model = nnx.eval_shape(lambda: MixtralForCausalLM(config, tp_size=1, rngs=nnx.Rngs(0)))
+    read = {t for src in model.weight_sources(fused_experts=fused) for t in src.tensors}
+    assert read == set(_expected_shapes(config, moe=True, fused=fused))
+    dense_config = mixtral_config(architecture="LlamaForCausalLM", num_local_experts=0, num_experts_per_tok=0)
+    dense = nnx.eval_shape(lambda: LlamaForCausalLM(dense_config, tp_size=1, rngs=nnx.Rngs(0)))
+    assert {t for src in dense.weight_sources() for t in src.tensors} == set(_expected_shapes(dense_config, moe=False))
+    with pytest.raises(TypeError, match="fused_experts"):
+        dense.weight_sources(fused_experts=fused)
