@@ -65,7 +65,7 @@ def plan_calls(monkeypatch):
 
 
 def _per_device(fn, x, *, check_vma=False, calls=None):
-    """``fn`` on every device: ``(numpy outputs, jaxpr text)``; ``calls`` (a spy's list) must grow by one trace's worth."""
+    """``fn`` on every device: ``(numpy outputs, jaxpr text)``; ``calls`` (a spy): one planning pass per trace."""
     spec = P(spmd.MESH_AXES)
     f = spmd.shard_map(lambda v: jax.tree.map(lambda o: o[None], fn(jax.tree.map(lambda a: a[0], v))),
                        in_specs=spec, out_specs=spec, check_vma=check_vma)  # fmt: skip
@@ -96,8 +96,10 @@ def test_a_declined_plan_plans_once_and_uses_psum(tuned, plan_calls, rng):
 def test_a_disabled_communicator_never_plans(tuned, plan_calls, rng):
     spmd.initialize_model_parallel(2)
     comm = PallasCommunicator("tp", 2, platform="tpu", disable_custom_all_reduce=True)
-    out, jaxpr = _per_device(comm.all_reduce, random_array(rng, (8, 64), np.float32))
+    x = random_array(rng, (8, 64), np.float32)
+    out, jaxpr = _per_device(comm.all_reduce, x)
     assert "pallas_call" not in jaxpr and plan_calls == []
+    np.testing.assert_allclose(out[::2], x[::2] + x[1::2], rtol=1e-6, atol=1e-6)
     seen = []
     _per_device(lambda v: seen.append((comm.plan_all_reduce(v), comm.custom_all_reduce(v))) or v, np.ones((8, 64)))
     assert seen[0] == ("the custom all-reduce is disabled", None)
