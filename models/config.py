@@ -14,6 +14,7 @@ TP / EP size, and which sizes would work when they do not.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,12 +23,37 @@ __all__ = ["SUPPORTED_ARCHITECTURES", "ModelConfig"]
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MixtralForCausalLM")
 _ROPE_TYPES = ("default", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# Sane bounds, checked before anything is sized from the config (the checkpoint's own tensor list is checked
+# too, by models.loading): sizes index int32 arrays; no released model comes near these layer / expert counts.
+MAX_SIZE = 2**31 - 1
+MAX_LAYERS = 4096
+MAX_EXPERTS = 65536
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"ModelConfig: expected a positive int {name}, got {value!r}.")
+def _positive_int(name: str, value: Any, upper: int = MAX_SIZE) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
+        raise ValueError(f"ModelConfig: expected {name} to be an int in [1, {upper}], got {value!r}.")
     return value
+
+
+def _positive_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"ModelConfig: expected {name} to be a finite number > 0, got {value!r}.")
+    return value
+
+
+def _json_number(key: str, value: Any, kind: type = int) -> Any:
+    """``value`` of ``config.json``'s ``key`` as ``kind`` (an int must be one; a float may be written as an int)."""
+    ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok:
+        raise ValueError(f"config.json: expected {key} to be {'an int' if kind is int else 'a number'}, got {value!r}.")
+    return kind(value)
+
+
+def _derived_head_dim(hidden: Any, heads: Any) -> Any:
+    """``hidden // heads`` when both are positive ints; else ``hidden`` (the dataclass names the bad value)."""
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (hidden, heads))
+    return hidden // heads if ok else hidden
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,15 +112,19 @@ class ModelConfig:
             "num_attention_heads",
             "num_key_value_heads",
             "head_dim",
+            "max_position_embeddings",
         ):
             _positive_int(name, getattr(self, name))
+        _positive_int("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)
+        _positive_float("rms_norm_eps", self.rms_norm_eps)
+        _positive_float("rope_theta", self.rope_theta)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"ModelConfig: expected num_attention_heads ({self.num_attention_heads}) to be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})."
             )
         if self.is_moe:
-            _positive_int("num_local_experts", self.num_local_experts)
+            _positive_int("num_local_experts", self.num_local_experts, MAX_EXPERTS)
             if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
                 raise ValueError(
                     f"ModelConfig: expected num_experts_per_tok between 1 and num_local_experts="
@@ -111,6 +141,8 @@ class ModelConfig:
                 missing = [k for k in _LLAMA3_KEYS if k not in scaling]
                 if missing:
                     raise ValueError(f"ModelConfig: llama3 rope scaling needs {missing} (got {sorted(scaling)}).")
+                for key in _LLAMA3_KEYS:
+                    _positive_float(f"rope_scaling[{key!r}]", scaling[key])
 
     @property
     def is_moe(self) -> bool:
@@ -166,6 +198,7 @@ class ModelConfig:
             scaling = tuple(sorted((k, v) for k, v in rope.items() if k in (*_LLAMA3_KEYS, "rope_type")))
         heads = need("num_attention_heads")
         eos = cfg.get("eos_token_id")
+        moe = arch == "MixtralForCausalLM"
         return cls(
             architecture=arch,
             vocab_size=need("vocab_size"),
@@ -174,16 +207,16 @@ class ModelConfig:
             num_hidden_layers=need("num_hidden_layers"),
             num_attention_heads=heads,
             num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or need("hidden_size") // heads,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(theta),
+            head_dim=cfg.get("head_dim") or _derived_head_dim(need("hidden_size"), heads),
+            rms_norm_eps=_json_number("rms_norm_eps", cfg.get("rms_norm_eps", 1e-5), float),
+            rope_theta=_json_number("rope_theta", theta, float),
             rope_scaling=scaling,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            max_position_embeddings=_json_number("max_position_embeddings", cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            num_local_experts=int(cfg.get("num_local_experts", 0)) if arch == "MixtralForCausalLM" else 0,
-            num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0)) if arch == "MixtralForCausalLM" else 0,
+            num_local_experts=_json_number("num_local_experts", cfg.get("num_local_experts", 0)) if moe else 0,
+            num_experts_per_tok=_json_number("num_experts_per_tok", cfg.get("num_experts_per_tok", 0)) if moe else 0,
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             bos_token_id=cfg.get("bos_token_id"),
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 import spmd
+from models.checkpoint_files import CheckpointDir
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM
 from models.mixtral import MixtralForCausalLM
@@ -39,6 +41,7 @@ __all__ = [
     "fuse_experts",
     "load_state_dict",
     "random_checkpoint",
+    "read_config",
     "write_checkpoint",
 ]
 
@@ -48,52 +51,82 @@ _SINGLE = "model.safetensors"
 
 
 class _LazyTensor:
-    """A safetensors slice with ``.shape`` and numpy basic indexing (reads only what is indexed)."""
+    """A safetensors slice with ``.shape``, ``.dtype`` (safetensors' name) and numpy basic indexing."""
 
     def __init__(self, sl: Any):
         self._slice = sl
         self.shape = tuple(sl.get_shape())
+        self.dtype = sl.get_dtype()  # "F32", "BF16", "I64", "BOOL", ...
 
     def __getitem__(self, index: Any) -> np.ndarray:
         return self._slice[index]
 
 
+def _is_float(dtype: Any) -> bool:
+    """Whether a tensor's dtype (a numpy / ml_dtypes dtype, or safetensors' name) is a floating-point one."""
+    if isinstance(dtype, str):  # safetensors: F64 F32 F16 BF16 F8_E4M3 ...; integers I*/U*, BOOL, complex C*
+        return dtype.startswith(("F", "BF"))
+    return bool(jnp.issubdtype(np.dtype(dtype), jnp.floating))
+
+
 class _SafetensorsDir(contextlib.AbstractContextManager):
-    """The tensors of a checkpoint directory, by name, opened lazily."""
+    """The tensors of a checkpoint directory, by name, opened lazily, each file only inside the directory."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, op: str = "from_pretrained"):
         self.path = path
-        index = os.path.join(path, _INDEX)
-        single = os.path.join(path, _SINGLE)
-        if os.path.exists(index):
-            with open(index) as f:
-                self.files = dict(json.load(f)["weight_map"])
-        elif os.path.exists(single):
-            from safetensors import safe_open
-
-            with safe_open(single, framework="numpy") as f:
-                self.files = {k: _SINGLE for k in f.keys()}
-        else:
-            raise FileNotFoundError(f"from_pretrained: expected {_SINGLE} or {_INDEX} in {path}; found neither.")
+        self.op = op
+        self.dir = CheckpointDir(path, op=op)
         self._stack = contextlib.ExitStack()
         self._open: dict[str, Any] = {}
+        if self.dir.exists(_INDEX):
+            try:
+                index = json.loads(self.dir.read_text(_INDEX, what=_INDEX))
+                weight_map = index["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{op}: {_INDEX} in {path} is not a checkpoint index ({e!r}).") from None
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{op}: {_INDEX} in {path}: weight_map is not an object: {weight_map!r:.80}")
+            for name, file in weight_map.items():  # every entry, before any shard is opened
+                self.dir.resolve(file, what=f"{_INDEX} entry {name!r} ->")
+            self.files = dict(weight_map)
+        elif self.dir.exists(_SINGLE):
+            self.files = {k: _SINGLE for k in self._file(_SINGLE).keys()}
+        else:
+            raise FileNotFoundError(f"{op}: expected {_SINGLE} or {_INDEX} in {path}; found neither.")
+
+    def _file(self, file: str, name: str | None = None) -> Any:
+        """The open safetensors file ``file`` (opened once: a regular file inside the directory)."""
+        from safetensors import safe_open
+
+        if file in self._open:
+            return self._open[file]
+        what = _SINGLE if name is None else f"{_INDEX} entry {name!r} ->"
+        try:
+            with self.dir.open_fd(file, what=what) as (fd, real):
+                # safetensors opens a path: hand it the checked file itself, never the name again (/proc/self/fd)
+                target = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else real
+                try:
+                    handle = self._stack.enter_context(safe_open(target, framework="numpy"))
+                except Exception as e:  # safetensors' SafetensorError: a truncated file, a bad header
+                    raise ValueError(f"{self.op}: {file} in {self.path} is not a valid safetensors file: {e}") from None
+        except FileNotFoundError:
+            if name is None:
+                raise
+            raise FileNotFoundError(f"{self.op}: {_INDEX} lists {file} (for {name}), which is missing.") from None
+        self._open[file] = handle
+        return handle
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
+
+    def names(self) -> list[str]:
+        return list(self.files)
 
     def where(self, name: str) -> str:
         return os.path.join(self.path, self.files.get(name, _INDEX if len(set(self.files.values())) > 1 else _SINGLE))
 
     def get(self, name: str) -> _LazyTensor:
-        from safetensors import safe_open
-
-        file = self.files[name]
-        if file not in self._open:
-            full = os.path.join(self.path, file)
-            if not os.path.exists(full):
-                raise FileNotFoundError(f"from_pretrained: {_INDEX} lists {file} (for {name}), which is missing.")
-            self._open[file] = self._stack.enter_context(safe_open(full, framework="numpy"))
-        return _LazyTensor(self._open[file].get_slice(name))
+        return _LazyTensor(self._file(self.files[name], name).get_slice(name))
 
     def __exit__(self, *exc: Any) -> None:
         self._stack.close()
@@ -107,6 +140,9 @@ class _DictSource(contextlib.AbstractContextManager):
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
 
     def where(self, name: str) -> str:
         return "the state dict"
@@ -127,29 +163,66 @@ def _mesh_for_loading(op: str) -> Any:
     return spmd.get_mesh()
 
 
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"model\.layers\.\d+\.block_sparse_moe\.experts\.(\d+)\.")
+_FUSED = "model.layers.0.mlp.experts.gate_up_proj"
+
+
+def _check_counts(config: ModelConfig, source: Any, op: str) -> None:
+    """Refuse a config that asks for more layers / experts than the checkpoint holds (before anything is sized)."""
+    names = source.names()
+    layers = {int(m.group(1)) for n in names if (m := _LAYER.match(n))}
+    if config.num_hidden_layers > len(layers):
+        raise ValueError(
+            f"{op}: config.json asks for num_hidden_layers={config.num_hidden_layers}, but the checkpoint "
+            f"({source.where('model.layers.0.')}) holds tensors of {len(layers)} layers; fix num_hidden_layers."
+        )
+    if not config.is_moe:
+        return
+    if _FUSED in source:
+        held = source.get(_FUSED).shape[:1]
+        held = held[0] if held else 0
+    else:
+        held = len({int(m.group(1)) for n in names if (m := _EXPERT.match(n))})
+    if config.num_local_experts > held:
+        raise ValueError(
+            f"{op}: config.json asks for num_local_experts={config.num_local_experts}, but the checkpoint "
+            f"({source.where(_FUSED)}) holds {held} experts per layer; fix num_local_experts."
+        )
+
+
+def _check_tensors(config: ModelConfig, source: Any, expected: Mapping[str, tuple[int, ...]], op: str) -> None:
+    """Every tensor the model needs is there, with the config's shape and a floating-point dtype."""
+    for name, shape in expected.items():
+        if name not in source:
+            needed = f"needed by {config.architecture}"
+            raise ValueError(f"{op}: missing tensor {name!r} in {source.where(name)} ({needed}).")
+        t = source.get(name)
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"{op}: tensor {name!r} in {source.where(name)} has shape {tuple(t.shape)}; expected {shape} "
+                "from config.json."
+            )
+        if not _is_float(t.dtype):
+            raise ValueError(
+                f"{op}: tensor {name!r} in {source.where(name)} has dtype {t.dtype}; expected a floating-point "
+                "weight (an integer or bool tensor is not cast: it is a broken or quantized checkpoint)."
+            )
+
+
 def _load(config: ModelConfig, source: Any, dtype: Any, op: str) -> CausalLM:
     mesh = _mesh_for_loading(op)
     tp, ep = mesh.shape[TP], mesh.shape[EP]
     config.check_parallel(tp, ep)
     cls = MODEL_CLASSES[config.architecture]
-    fused = config.is_moe and "model.layers.0.mlp.experts.gate_up_proj" in source
+    _check_counts(config, source, op)  # bounds what checkpoint_shapes and eval_shape build
+    fused = config.is_moe and _FUSED in source
     layout = {"fused_experts": True} if fused else {}  # an expert layout: Mixtral's option only
     expected = cls.checkpoint_shapes(config, **layout)
+    _check_tensors(config, source, expected, op)  # every check before the first byte is placed
     abstract = nnx.eval_shape(lambda: cls(config, params_dtype=dtype, tp_size=tp, rngs=nnx.Rngs(0)))
     for src in abstract.weight_sources(**layout):
-        loaded = []
-        for name in src.tensors:
-            if name not in source:
-                raise ValueError(
-                    f"{op}: missing tensor {name!r} in {source.where(name)} (needed by {config.architecture})."
-                )
-            t = source.get(name)
-            if tuple(t.shape) != expected[name]:
-                raise ValueError(
-                    f"{op}: tensor {name!r} in {source.where(name)} has shape {tuple(t.shape)}; expected "
-                    f"{expected[name]} from config.json."
-                )
-            loaded.append(t)
+        loaded = [source.get(name) for name in src.tensors]
         variable = getattr(src.owner, src.name)
         aval = variable.get_value()
         spec = nnx.get_partition_spec(variable).get_value()
@@ -188,21 +261,40 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.bfloat16) -> Ca
       A :class:`~models.runner.CausalLM` for :func:`models.score` and :func:`models.generate`.
 
     Raises:
-      FileNotFoundError: no ``config.json`` or no safetensors file (or a listed shard is missing).
-      ValueError: an unsupported architecture, a missing tensor or one whose shape does not match
-        the config (both named), heads / MLP / experts that do not split over the mesh (naming
-        the sizes that would).
+      FileNotFoundError: no directory, no ``config.json`` or no safetensors file (or a listed shard is
+        missing).
+      ValueError: an unsupported architecture or a bad config value; a config asking for more layers
+        or experts than the checkpoint holds; a missing tensor, one whose shape does not match the
+        config or whose dtype is not floating-point (all named); heads / MLP / experts that do not
+        split over the mesh (naming the sizes that would); an index entry naming a file outside the
+        directory, or a file that is not a regular file (a FIFO, a directory) or not safetensors.
       RuntimeError: model parallel is not initialized.
     """
     path = os.fspath(path)
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"from_pretrained: no config.json in {path}.")
-    with open(config_path) as f:
-        config = ModelConfig.from_hf(json.load(f))
+    config = read_config(path)
     _mesh_for_loading("from_pretrained")
     with _SafetensorsDir(path) as source:
         return _load(config, source, dtype, "from_pretrained")
+
+
+def read_config(path: str | os.PathLike, *, op: str = "from_pretrained") -> ModelConfig:
+    """The :class:`ModelConfig` of checkpoint directory ``path``: its ``config.json``, opened as a checked file.
+
+    Raises:
+      FileNotFoundError: ``path`` is not a directory or has no ``config.json``.
+      ValueError: ``config.json`` is not a regular file, not JSON, or not a supported config.
+    """
+    path = os.fspath(path)
+    files = CheckpointDir(path, op=op)
+    if not files.exists("config.json"):
+        raise FileNotFoundError(f"{op}: no config.json in {path}.")
+    try:
+        cfg = json.loads(files.read_text("config.json", what="config.json", max_bytes=16 << 20))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{op}: config.json in {path} is not JSON: {e}.") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{op}: config.json in {path}: expected a JSON object, got {type(cfg).__name__}.")
+    return ModelConfig.from_hf(cfg)
 
 
 def load_state_dict(
