@@ -548,26 +548,32 @@ def main(argv: list[str] | None = None) -> int:
 
     import models
     from models.generate import tiny_config
+    from models.loading import read_config
 
+    if args.checkpoint:
+        try:
+            config = read_config(args.checkpoint, op="--checkpoint")
+        except (OSError, ValueError) as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)  # one line
+            return 2
+    else:
+        config = tiny_config("llama")
+    if config.is_moe:
+        parser.error("the disaggregated demo runs LlamaForCausalLM checkpoints only")
+    if args.pipe == "device_put" and (args.prefill_exec or args.decode_exec or args.decode_host != "127.0.0.1"):
+        parser.error("--pipe device_put runs both workers in one spmd-launch job on this host; --decode-host and "
+                     "--prefill-exec / --decode-exec are for the tcp, transfer and ipc pipes")  # fmt: skip
+    for flag, tp in (("--prefill-tp", args.prefill_tp), ("--decode-tp", args.decode_tp)):
+        try:
+            config.check_parallel(tp)
+        except ValueError as e:
+            parser.error(f"{flag} {tp}: {e}")
     with tempfile.TemporaryDirectory(prefix="models-disagg-") as run_dir:
         if args.checkpoint:
             path = os.path.abspath(args.checkpoint)
-            with open(os.path.join(path, "config.json")) as f:
-                config = models.ModelConfig.from_hf(json.load(f))
         else:
-            config = tiny_config("llama")
             path = os.path.join(run_dir, "checkpoint")
             models.write_checkpoint(path, config, models.random_checkpoint(config, seed=args.seed))
-        if config.is_moe:
-            parser.error("the disaggregated demo runs LlamaForCausalLM checkpoints only")
-        if args.pipe == "device_put" and (args.prefill_exec or args.decode_exec or args.decode_host != "127.0.0.1"):
-            parser.error("--pipe device_put runs both workers in one spmd-launch job on this host; --decode-host and "
-                         "--prefill-exec / --decode-exec are for the tcp, transfer and ipc pipes")  # fmt: skip
-        for flag, tp in (("--prefill-tp", args.prefill_tp), ("--decode-tp", args.decode_tp)):
-            try:
-                config.check_parallel(tp)
-            except ValueError as e:
-                parser.error(f"{flag} {tp}: {e}")
         prompts = _prompts(args, config.vocab_size)
         fd = os.open(os.path.join(run_dir, "secret"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
