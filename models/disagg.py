@@ -41,9 +41,11 @@ every received layer, which ``--check`` must catch.
 
 ``--check`` generates with the same weights in this process on one CPU device and exits 1 unless
 the tokens are identical. The command prints the tokens and where the time went: prefill (the
-prefill worker, with the first token), transfer (at the decode worker, from the first message to
-the whole cache on its devices: bytes and GB/s), decode (per token). Exit codes: 0 ok, 1 the
-tokens differ, 2 bad arguments or a worker failed without tokens, 124 ``--timeout`` passed.
+prefill worker, with the first token), transfer (at the decode worker, from the first tokens' arrival
+to the whole cache on its devices: bytes and rate; an untimed warm-up transfer of the same cache
+first compiles both sides, and the report counts the compile steps inside the timed parts, which
+must be 0), decode (per token). Exit codes: 0 ok, 1 the tokens differ, 2 bad arguments, an
+unusable ``--checkpoint`` (one line) or a worker failed without tokens, 124 ``--timeout`` passed.
 """
 
 from __future__ import annotations
@@ -246,6 +248,37 @@ def _say(role: str, msg: str) -> None:
 # The workers
 
 
+class _CompileCounter:
+    """Counts JAX's compile steps (tracing, lowering, backend compile) while active: a timed part must have none."""
+
+    def __enter__(self) -> _CompileCounter:
+        import jax.monitoring
+
+        self.count = self.timed = 0
+
+        def listener(event: str, duration: float, **kwargs: Any) -> None:
+            if event.startswith("/jax/core/compile/"):
+                self.count += 1
+
+        self._listener = listener
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import jax.monitoring
+
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def _rate(nbytes: int, seconds: float) -> str:
+    """Bytes per second in the unit that shows it (a small demo cache moves at kB/s to MB/s, not GB/s)."""
+    rate = nbytes / max(seconds, 1e-12)
+    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6)):
+        if rate >= scale:
+            return f"{rate / scale:.2f} {unit}"
+    return f"{rate / 1e3:.2f} kB/s"
+
+
 def _load(args: argparse.Namespace, devices: list[Any]) -> Any:
     import jax.numpy as jnp
 
@@ -297,7 +330,10 @@ def _prefill_worker(args: argparse.Namespace, devices: list[Any]) -> int:
     prefill_s = time.perf_counter() - t0
     layers = kv_layers_for_transfer(pre.cache, mesh=model.mesh, num_kv_heads=model.config.num_key_value_heads)
     _say("prefill", f"TP {len(devices)}: prefilled {len(prompts)} prompts in {prefill_s * 1e3:.2f} ms; sending")
-    with _open_pipe(args, "prefill", devices) as pipe:
+    with _open_pipe(args, "prefill", devices) as pipe, _CompileCounter() as compiles:
+        # Warm-up: one untimed transfer of the same cache compiles both sides' packing and unpacking.
+        pipe.send_kv_cache(layers, head_axis=1)
+        compiles.count = 0
         t1 = time.perf_counter()
         pipe.send_tensor(pre.tokens)
         if args.fail_transfer:
@@ -310,16 +346,19 @@ def _prefill_worker(args: argparse.Namespace, devices: list[Any]) -> int:
             pipe.send_kv_cache(layers, head_axis=1)
             jax.block_until_ready(layers)
         send_s = time.perf_counter() - t1
+        compiles.timed = compiles.count
         if args.pipe != "device_put" and not args.fail_transfer:
             pipe.recv_tensor()  # the decode worker's "received": the buffers stay alive until then
     nbytes = sum(x.nbytes for x in layers)
     result = {"role": "prefill", "tp": len(devices), "prefill_s": prefill_s, "send_s": send_s, "cache_bytes": nbytes}
+    result["send_compiles"] = compiles.timed
     print(_RESULT + json.dumps(result), flush=True)
     return 0
 
 
-def _receive(args: argparse.Namespace, model: Any, devices: list[Any], n: int) -> tuple[Any, float, int]:
-    """The first tokens and cache from the prefill worker, as a ``Prefill``; the transfer's seconds and bytes."""
+def _receive(args: argparse.Namespace, model: Any, devices: list[Any], n: int) -> tuple[Any, float, int, int]:
+    """The first tokens and cache from the prefill worker, as a ``Prefill``; the transfer's seconds and bytes, and
+    how many JAX compile steps ran inside the timed part (none: the warm-up transfer compiled everything)."""
     import jax
     import numpy as np
 
@@ -328,8 +367,11 @@ def _receive(args: argparse.Namespace, model: Any, devices: list[Any], n: int) -
     prompts = _prompts(args, model.config.vocab_size)
     batch, _, max_len = buckets(model, prompts, args.max_new_tokens)
     heads = model.config.num_key_value_heads
-    with _open_pipe(args, "decode", devices) as pipe:
+    recv = (lambda: pipe.recv_kv_cache(devices=devices)) if args.pipe == "tcp" else (lambda: pipe.recv_kv_cache())
+    with _open_pipe(args, "decode", devices) as pipe, _CompileCounter() as compiles:
+        jax.block_until_ready(recv())  # the untimed warm-up transfer: compiles, then is dropped
         tokens = pipe.recv_tensor()
+        compiles.count = 0
         t0 = time.perf_counter()
         if tokens is None or tuple(np.shape(tokens)) != (batch,) or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(
@@ -338,9 +380,10 @@ def _receive(args: argparse.Namespace, model: Any, devices: list[Any], n: int) -
         first = np.asarray(tokens)[:n]
         if first.min() < 0 or first.max() >= model.config.vocab_size:
             raise ValueError(f"first tokens {first.tolist()} outside the vocabulary of {model.config.vocab_size}")
-        layers = pipe.recv_kv_cache(devices=devices) if args.pipe == "tcp" else pipe.recv_kv_cache()
+        layers = recv()
         jax.block_until_ready(layers)
         seconds = time.perf_counter() - t0
+        timed_compiles = compiles.count
         want = (batch, heads, max_len, model.config.head_dim)
         if len(layers) != 2 * model.config.num_hidden_layers or any(tuple(x.shape) != want for x in layers):
             raise ValueError(f"expected {2 * model.config.num_hidden_layers} layers of {list(want)}")
@@ -352,7 +395,7 @@ def _receive(args: argparse.Namespace, model: Any, devices: list[Any], n: int) -
     cache = kv_cache_from_layers(layers, mesh=model.mesh, num_kv_heads=heads)
     lengths = np.ones(batch, np.int32)
     lengths[:n] = [len(p) for p in prompts]
-    return Prefill(tokens, lengths, cache, n, args.max_new_tokens), seconds, nbytes
+    return Prefill(tokens, lengths, cache, n, args.max_new_tokens), seconds, nbytes, timed_compiles
 
 
 def _decode_worker(args: argparse.Namespace, devices: list[Any]) -> int:
@@ -375,7 +418,9 @@ def _decode_worker(args: argparse.Namespace, devices: list[Any]) -> int:
 
     result: dict[str, Any] = {"role": "decode", "tp": len(devices), "failure": None}
     try:
-        pre, result["transfer_s"], result["transfer_bytes"] = _receive(args, model, devices, len(prompts))
+        pre, result["transfer_s"], result["transfer_bytes"], result["transfer_compiles"] = _receive(
+            args, model, devices, len(prompts)
+        )
     except Exception as e:  # any failed transfer: vLLM's recompute policy
         result["failure"] = f"{type(e).__name__}: {str(e)[:300]}"
         _say("decode", f"transfer FAILED ({result['failure']}); recomputing the prefill here (recompute policy)")
@@ -523,10 +568,13 @@ def _report(args: argparse.Namespace, prompts, results: dict[str, dict], heads: 
         print(f"prefill: {pre['prefill_s'] * 1e3:.2f} ms (TP {pre['tp']}, batch {len(prompts)}, with the first token)")
     if dec["failure"] is None:
         s, b = dec["transfer_s"], dec["transfer_bytes"]
+        sent = "" if pre is None else f" and {pre['send_compiles']} at the prefill worker"
         print(
             f"transfer: {s * 1e3:.2f} ms, {b} bytes ({b / 2**20:.2f} MiB: first tokens + KV cache, {heads} KV heads "
-            f"each once), {b / max(s, 1e-12) / 1e9:.3f} GB/s over the {args.pipe} pipe (TP {args.prefill_tp} -> "
-            f"{args.decode_tp})"
+            f"each once), {_rate(b, s)} over the {args.pipe} pipe (TP {args.prefill_tp} -> {args.decode_tp})\n"
+            "  timed at the decode worker from the first tokens' arrival to the whole cache on its devices, after an "
+            f"untimed warm-up transfer of the same cache that compiled both sides: {dec['transfer_compiles']} compile "
+            f"steps at the decode worker{sent} while timed"
         )
     else:
         print(f"transfer: FAILED ({dec['failure']})")

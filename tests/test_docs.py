@@ -1,8 +1,9 @@
-"""Every ```python snippet in the README and docs/ runs as written, on 8 simulated CPU devices.
+"""Every ```python snippet in the README and docs/ runs as written, pasted into a fresh interpreter.
 
-Each snippet runs alone in a fresh interpreter (so it must carry its own imports and set-up), from
-the repository root. A snippet preceded by ``<!-- snippet: multiprocess N -->`` runs under
-``spmd-launch`` with N processes of 2 CPU devices each.
+Each snippet runs alone in a fresh interpreter (so it must carry its own imports and set-up, the
+simulated CPU device count included: the environment sets none), from the repository root. A
+snippet preceded by ``<!-- snippet: multiprocess N -->`` runs under ``spmd-launch`` with N
+processes of 2 CPU devices each.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ def test_docs_have_snippets():
 def test_snippet_runs(path, code, opts, tmp_path):
     script = tmp_path / "snippet.py"
     script.write_text(code)
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
-    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8", SPMD_COLLECTIVE_TIMEOUT_S="60")
+    # As pasted into a fresh shell: no device count from the environment, so a snippet that needs
+    # several CPU devices sets jax_num_cpu_devices itself (JAX_PLATFORMS=cpu only keeps a GPU host on CPU).
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env.update(JAX_PLATFORMS="cpu", SPMD_COLLECTIVE_TIMEOUT_S="60")
     if opts.startswith("multiprocess"):
         n = opts.split()[1]
         cmd = [sys.executable, "-m", "spmd.launch", "--nproc-per-node", n, "--cpu-devices-per-process", "2"]

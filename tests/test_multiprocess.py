@@ -83,6 +83,8 @@ def test_docs_example_runs():
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "broadcast_tensor_dict ok: max_seq_len=4096, layer1.weight bfloat16[8, 4]" in r.stdout
+    printed = [line for line in r.stdout.splitlines() if "[Gloo]" not in line]  # gloo's own lines: every rank
+    assert printed and all(line.startswith("[rank 0] ") for line in printed), r.stdout  # as its docstring says
 
 
 @pytest.mark.parametrize(
