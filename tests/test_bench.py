@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -87,6 +88,24 @@ def test_collectives_bench_bad_flags(tmp_path, args, match):
     r = _run("spmd.bench", *args, "--json", str(tmp_path / "x.json"), cwd=tmp_path)
     assert r.returncode == 2 and match in r.stderr, r.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_collectives_progress_counts_the_whole_run_and_the_columns_say_what_they_are(monkeypatch, capsys, tmp_path):
+    """Two TP sizes, two tables: the progress counts 4 cases in all, not 2 per table (issue 22, item 21)."""
+    monkeypatch.setattr(harness, "PROGRESS_EVERY_S", 0.0)
+    argv = ["--platform", "cpu", "--ops", "all_reduce,broadcast", "--tp", "2,4", "--sizes", "2KiB"]
+    assert collectives.main([*argv, "--iters", "1", "--repeats", "1", "--json", str(tmp_path / "b.json")]) == 0
+    captured = capsys.readouterr()
+    assert re.findall(r"^\[(\d+)/(\d+)\]", captured.err, re.M) == [("1", "4"), ("2", "4"), ("3", "4")]
+    assert "max rel err" in captured.out.splitlines()[1 + captured.out.count("note:")]
+
+
+def test_collectives_default_tp_sizes_are_what_the_help_says():
+    help_text = " ".join(collectives.build_parser().format_help().split())
+    assert "default: every power of two from 2 up to the device count that divides it" in help_text
+    for n in range(1, 70):
+        want = [t for t in range(2, n + 1) if n % t == 0 and t & (t - 1) == 0]
+        assert collectives.default_tp_sizes(n) == want, n
 
 
 def test_size_parsing():

@@ -11,7 +11,8 @@ time). :func:`run_cases` runs them in order:
 3. time the loop: warm-up, then best of ``repeats`` (``block_until_ready``), divided by the calls
    it chains.
 
-It prints a table row as each case finishes and a progress line on long sweeps; a case that
+It prints a table row as each case finishes and a progress line on long sweeps (:class:`Progress`,
+shared by the tables of one sweep); a case that
 raises becomes an error row and the sweep goes on. :func:`finish` writes the JSON (device, date,
 command metadata and the rows) and turns the rows into the exit status: non-zero when nothing was
 measured (no JSON is written then) or when any row is wrong or failed.
@@ -399,6 +400,35 @@ def _run_one(case: Case, devices: Sequence[Any], repeats: int, budget: int | Non
     return row
 
 
+PROGRESS_EVERY_S = 10.0
+
+
+class Progress:
+    """``[done/total] elapsed, ~left`` on stderr at most every ``every_s``, counted over a WHOLE sweep.
+
+    A sweep of several tables (one :func:`run_cases` per TP size) makes one ``Progress(total)`` of all
+    its cases and passes it to each call, so the count and the estimate cover the run, not one table.
+    """
+
+    def __init__(self, total: int, *, every_s: float | None = None):
+        self.total = total
+        self.done = 0
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.start = self.last = time.perf_counter()
+
+    def before_case(self) -> None:
+        """Print the progress line when it is due (never before the first case, nor for a single case)."""
+        now = time.perf_counter()
+        if self.total > 1 and self.done and now - self.last >= self.every_s:
+            eta = (now - self.start) / self.done * (self.total - self.done)
+            print(
+                f"[{self.done}/{self.total}] {now - self.start:.0f} s elapsed, ~{eta:.0f} s left",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.last = now
+
+
 def run_cases(
     cases: Iterable[Case],
     columns: Sequence[Column],
@@ -406,7 +436,8 @@ def run_cases(
     devices: Sequence[Any],
     repeats: int,
     max_memory_bytes: int | None = None,
-    progress_every_s: float = 10.0,
+    progress_every_s: float | None = None,
+    progress: Progress | None = None,
     derive: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None,
     out: Any = None,
 ) -> list[dict[str, Any]]:
@@ -419,7 +450,9 @@ def run_cases(
       repeats: timed runs per case; the best is kept.
       max_memory_bytes: skip a case whose compiled estimate is larger (default: 80% of available
         host memory on CPU, 90% of the device's memory limit on accelerators).
-      progress_every_s: print ``[done/total]`` with the elapsed time to stderr this often.
+      progress_every_s: print ``[done/total]`` with the elapsed time to stderr this often (default
+        ``PROGRESS_EVERY_S``); used when no ``progress`` is given.
+      progress: the sweep's :class:`Progress` when it runs several tables (counts across calls).
       derive: ``derive(row, earlier_rows)`` adds columns computed from other rows (e.g. a ratio
         to a baseline measured earlier) before the row is printed.
       out: the stream for the table (default ``sys.stdout``).
@@ -434,14 +467,10 @@ def run_cases(
     print(header, file=out, flush=True)
     print("-" * len(header), file=out, flush=True)
     rows = []
-    start = last = time.perf_counter()
-    for i, case in enumerate(cases):
-        now = time.perf_counter()
-        if len(cases) > 1 and now - last >= progress_every_s:
-            done = max(i, 1)
-            eta = (now - start) / done * (len(cases) - i)
-            print(f"[{i}/{len(cases)}] {now - start:.0f} s elapsed, ~{eta:.0f} s left", file=sys.stderr, flush=True)
-            last = now
+    if progress is None:
+        progress = Progress(len(cases), every_s=progress_every_s)
+    for case in cases:
+        progress.before_case()
         try:
             row = _run_one(case, devices, repeats, budget)
         except Exception as e:  # one failing case must not hide the others; reported in the row and the exit status
@@ -449,6 +478,7 @@ def run_cases(
         if derive is not None and "us" in row:
             derive(row, rows)
         rows.append(row)
+        progress.done += 1
         keys = " ".join(c.cell(row) for c in columns if c.key in case.key)
         if "error" in row:
             print(f"{keys} ERROR {row['error']}", file=out, flush=True)
