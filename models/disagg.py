@@ -356,9 +356,10 @@ def _prefill_worker(args: argparse.Namespace, devices: list[Any]) -> int:
     return 0
 
 
-def _receive(args: argparse.Namespace, model: Any, devices: list[Any], n: int) -> tuple[Any, float, int, int]:
+def _receive(args: argparse.Namespace, model: Any, devices: list[Any], n: int) -> tuple[Any, float, int, tuple]:
     """The first tokens and cache from the prefill worker, as a ``Prefill``; the transfer's seconds and bytes, and
-    how many JAX compile steps ran inside the timed part (none: the warm-up transfer compiled everything)."""
+    how many JAX compile steps ran inside the timed part (none: the warm-up transfer compiled everything) and
+    in the warm-up."""
     import jax
     import numpy as np
 
@@ -371,7 +372,7 @@ def _receive(args: argparse.Namespace, model: Any, devices: list[Any], n: int) -
     with _open_pipe(args, "decode", devices) as pipe, _CompileCounter() as compiles:
         jax.block_until_ready(recv())  # the untimed warm-up transfer: compiles, then is dropped
         tokens = pipe.recv_tensor()
-        compiles.count = 0
+        warmup_compiles, compiles.count = compiles.count, 0
         t0 = time.perf_counter()
         if tokens is None or tuple(np.shape(tokens)) != (batch,) or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(
@@ -395,7 +396,7 @@ def _receive(args: argparse.Namespace, model: Any, devices: list[Any], n: int) -
     cache = kv_cache_from_layers(layers, mesh=model.mesh, num_kv_heads=heads)
     lengths = np.ones(batch, np.int32)
     lengths[:n] = [len(p) for p in prompts]
-    return Prefill(tokens, lengths, cache, n, args.max_new_tokens), seconds, nbytes, timed_compiles
+    return Prefill(tokens, lengths, cache, n, args.max_new_tokens), seconds, nbytes, (timed_compiles, warmup_compiles)
 
 
 def _decode_worker(args: argparse.Namespace, devices: list[Any]) -> int:
@@ -418,9 +419,8 @@ def _decode_worker(args: argparse.Namespace, devices: list[Any]) -> int:
 
     result: dict[str, Any] = {"role": "decode", "tp": len(devices), "failure": None}
     try:
-        pre, result["transfer_s"], result["transfer_bytes"], result["transfer_compiles"] = _receive(
-            args, model, devices, len(prompts)
-        )
+        pre, result["transfer_s"], result["transfer_bytes"], compiles = _receive(args, model, devices, len(prompts))
+        result["transfer_compiles"], result["warmup_compiles"] = compiles
     except Exception as e:  # any failed transfer: vLLM's recompute policy
         result["failure"] = f"{type(e).__name__}: {str(e)[:300]}"
         _say("decode", f"transfer FAILED ({result['failure']}); recomputing the prefill here (recompute policy)")
@@ -574,7 +574,7 @@ def _report(args: argparse.Namespace, prompts, results: dict[str, dict], heads: 
             f"each once), {_rate(b, s)} over the {args.pipe} pipe (TP {args.prefill_tp} -> {args.decode_tp})\n"
             "  timed at the decode worker from the first tokens' arrival to the whole cache on its devices, after an "
             f"untimed warm-up transfer of the same cache that compiled both sides: {dec['transfer_compiles']} compile "
-            f"steps at the decode worker{sent} while timed"
+            f"steps at the decode worker (it counted {dec['warmup_compiles']} in the warm-up){sent} while timed"
         )
     else:
         print(f"transfer: FAILED ({dec['failure']})")

@@ -172,7 +172,14 @@ def test_cli_end_to_end(pipe, p, d, cli_env):
     assert "prefill: " in out and f"(TP {p}, batch 2, with the first token)" in out
     assert re.search(rf"\d+\.\d\d [kMG]B/s over the {pipe} pipe \(TP {p} -> {d}\)", out) and " bytes (" in out
     # the timed part is the transfer only: the warm-up transfer compiled both sides (issue 22, item 19)
-    assert "0 compile steps at the decode worker and 0 at the prefill worker while timed" in out
+    timed = re.search(
+        r"(\d+) compile steps at the decode worker \(it counted (\d+) in the warm-up\) and (\d+) at the "
+        r"prefill worker while timed",
+        out,
+    )
+    assert timed and timed[1] == timed[3] == "0", out
+    if pipe == "ipc":  # its receiver jits the unpacking per route: the counter does see compiles
+        assert int(timed[2]) > 0, out
     assert f"ms/token over 5 steps (TP {d})" in out
     assert f"check: the tokens equal single-process generation on one device (after a transfer over the {pipe}" in out
     assert "FAILED" not in out
