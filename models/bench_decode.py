@@ -222,7 +222,7 @@ def _first(model, batch: int, max_len: int):
     ids = (np.arange(batch * 8, dtype=np.int32).reshape(batch, 8) * 7919) % model.config.vocab_size
     lengths = np.full(batch, 8, np.int32)
     return model.prefill_step()(model.state, ids, lengths, jax.random.key(0), jnp.float32(0), jnp.float32(1),
-                                max_len=max_len)  # fmt: skip
+                                max_len=max_len, greedy=True)  # fmt: skip
 
 
 def _decode_trial(setup: _Setup, tp: int, mode: str, kernels: str, batch: int, chunk: int) -> harness.Trial:
@@ -233,7 +233,7 @@ def _decode_trial(setup: _Setup, tp: int, mode: str, kernels: str, batch: int, c
 
     model = setup.model(tp, mode, kernels)
     a = setup.args
-    loop = model.decode_loop(chunk)
+    loop = model.decode_loop(chunk, greedy=True)
     rest = (jnp.int32(1), jax.random.key(0), jnp.float32(0), jnp.float32(1))
 
     def args_from(tokens, positions, cache):
@@ -322,7 +322,7 @@ def _generate_trial(setup: _Setup, tp: int, mode: str, kernels: str, batch: int,
     model = setup.model(tp, mode, kernels)
     a = setup.args
     steps = a.generate_tokens - 1
-    opts = _Options(jax.random.key(0), jnp.float32(0), jnp.float32(1), {a.vocab + 1}, chunk)  # an EOS never sampled
+    opts = _Options(jax.random.key(0), jnp.float32(0), jnp.float32(1), {a.vocab + 1}, chunk, True)  # greedy, no EOS
 
     def fresh(*_):
         pre = Prefill(*_first(model, batch, a.max_len), batch, a.generate_tokens)

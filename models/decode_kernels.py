@@ -6,6 +6,9 @@
 * Attention: on GPUs, :func:`decode_attention_mode` says the fused kernel of
   :mod:`kernels.decode_attention` (RoPE, cache write and attention in one launch instead of about
   a dozen) runs where it takes the shapes, for half-precision models.
+* Residual add + RMSNorm: at TP 1 the layers keep the residual stream as ``h + sum(partials)`` and
+  :func:`add_rms_norm` adds and normalises in one launch of :mod:`kernels.add_rms_norm` (GPUs,
+  half precision, at most 64 rows), reading the output and down projections' split-K partials.
 
 The layers call these; users call nothing new. :func:`kernel_mode` overrides the choice for the
 steps traced inside it: ``"auto"`` (the default: the kernels where measured faster, as above),
@@ -26,11 +29,13 @@ import jax
 import jax.numpy as jnp
 
 import spmd
+from kernels import add_rms_norm as norm_kernel
 from kernels import decode_attention as attention_kernel
 from kernels import gemv as gemv_kernels
 
 __all__ = [
     "KERNEL_MODES",
+    "add_rms_norm",
     "choose_gemv",
     "decode_attention",
     "decode_attention_mode",
@@ -157,3 +162,29 @@ def decode_attention(qkv, k_cache, v_cache, positions, inv_freq, *, heads: int):
     return attention_kernel.decode_attention(
         qkv, k_cache, v_cache, positions, inv_freq, heads=heads, interpret=_MODE.get() == "interpret"
     )
+
+
+def add_rms_norm(delta: jax.Array, residual: jax.Array, weight: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """``(rms_norm(h), h)`` with ``h = cast(sum_p delta[p]) + residual``: the residual add and the next norm.
+
+    One kernel (:func:`kernels.add_rms_norm.add_rms_norm`) where the mode allows it: on GPUs for
+    half-precision residuals of at most 64 rows (a decode step), or in ``"pallas"``/``"interpret"``
+    modes wherever it takes the shape; else the same steps in XLA (the same formula: the partials
+    summed in float32 and cast, the add rounded to the dtype, Hugging Face's RMSNorm).
+
+    Args:
+      delta: ``[P, B, D]`` partial sums (a projection's split-K partials; ``P = 1``: its output).
+      residual: ``T[B, D]``.
+      weight, eps: the norm's.
+
+    Returns:
+      ``(T[B, D], T[B, D])``: the normalised rows and ``h``.
+    """
+    mode, (b, d) = _MODE.get(), residual.shape
+    use = mode != "xla" and 1 <= b <= 64 and norm_kernel.add_rms_norm_ineligibility(d) is None
+    if use and mode == "auto":
+        half = residual.dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        use = half and _device().platform == "gpu"
+    if not use:
+        return norm_kernel.reference_add_rms_norm(delta, residual, weight, eps)
+    return norm_kernel.add_rms_norm(delta, residual, weight, eps=eps, interpret=mode == "interpret")

@@ -161,7 +161,7 @@ class Prefill:
     max_new_tokens: int
 
 
-def _prefill(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, key, temp, top) -> Prefill:
+def _prefill(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, opts: _Options) -> Prefill:
     n = len(prompts)
     bp, tp, max_len = buckets(model, prompts, max_new_tokens)
     ids = np.zeros((bp, tp), np.int32)
@@ -169,7 +169,9 @@ def _prefill(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, key
         ids[i, : len(p)] = p
     lens = np.ones(bp, np.int32)
     lens[:n] = [len(p) for p in prompts]
-    tokens, positions, cache = model.prefill_step()(model.state, ids, lens, key, temp, top, max_len=max_len)
+    tokens, positions, cache = model.prefill_step()(
+        model.state, ids, lens, opts.key, opts.temperature, opts.top_p, max_len=max_len, greedy=opts.greedy
+    )
     return Prefill(tokens, positions, cache, n, max_new_tokens)
 
 
@@ -182,6 +184,7 @@ class _Options:
     top_p: Any
     eos: set[int]
     chunk_size: int
+    greedy: bool = False  # temperature == 0: the steps leave the sampling out (a static argument)
 
 
 def _options(op, max_new_tokens, temperature, top_p, seed, eos_token_id, chunk_size) -> _Options:
@@ -192,35 +195,45 @@ def _options(op, max_new_tokens, temperature, top_p, seed, eos_token_id, chunk_s
     if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < 2**31 for t in eos):
         raise ValueError(f"{op}: expected eos_token_id as a token id or a list of them, got {eos_token_id!r}.")
     return _Options(
-        jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p), {int(t) for t in eos}, chunk_size
-    )
+        jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p), {int(t) for t in eos}, chunk_size,
+        temperature == 0,
+    )  # fmt: skip
 
 
 def _decode_chunks(model: CausalLM, pre: Prefill, opts: _Options) -> Iterator[list[list[int]]]:
     """Decode on the device, ``opts.chunk_size`` steps per call; yield each chunk's new tokens per prompt.
 
-    The first yield is the prefill's tokens. Calls return at once (the loop's trip count is static),
-    so two chunks are kept queued: the device runs one while the host reads the one before, and the
-    host's work per chunk (one dispatch, one read) hides behind the device's. A sequence's tokens end
-    with its first EOS or at the budget; once every sequence has ended, no chunk is dispatched
-    (the one already queued still runs: at most two chunks of steps past the last EOS).
+    The first yield is the prefill's tokens. Calls return at once (the loop's trip count is static and
+    it holds no conditional), so two chunks are kept queued: the device runs one while the host reads
+    the one before, and the host's work per chunk (one dispatch, one read) hides behind the device's.
+    The first chunks are queued before the prefill's tokens are read, so the device never waits for
+    the host between the prefill and the decode. A sequence's tokens end with its first EOS or at the
+    budget; once every sequence has ended, no chunk is dispatched (those already queued still run: at
+    most two chunks of steps past the last EOS).
     """
     n, eos, chunk = pre.num_prompts, opts.eos, opts.chunk_size
-    first = np.asarray(pre.tokens)
-    finished = np.isin(first[:n], list(eos)) if eos else np.zeros(n, bool)
-    yield [[int(t)] for t in first[:n]]
-
-    loop = model.decode_loop(chunk)
+    loop = model.decode_loop(chunk, greedy=opts.greedy)
     tokens, positions, cache = pre.tokens, pre.lengths, pre.cache
     total, dispatched, pending = pre.max_new_tokens - 1, 0, []
-    while not finished.all():
-        while dispatched < total and len(pending) < 2:  # one chunk runs while the one before is read
+
+    def fill():  # one chunk runs while the one before is read
+        nonlocal tokens, positions, cache, dispatched
+        while dispatched < total and len(pending) < 2:
             tokens, positions, cache, new = loop(
                 model.state, cache, tokens, positions, jnp.int32(1 + dispatched), opts.key, opts.temperature,
                 opts.top_p,
             )  # fmt: skip
             pending.append((new, min(chunk, total - dispatched)))  # the steps past the budget are dropped
             dispatched += chunk
+
+    first = pre.tokens
+    fill()
+    first = np.asarray(first)
+    finished = np.isin(first[:n], list(eos)) if eos else np.zeros(n, bool)
+    yield [[int(t)] for t in first[:n]]
+
+    while not finished.all():
+        fill()
         if not pending:
             return
         new, steps = pending.pop(0)
@@ -256,7 +269,7 @@ def prefill(
     _check_model("prefill", model)
     prompts = _check_prompts(prompts, model.config.vocab_size)
     opts = _options("prefill", max_new_tokens, temperature, top_p, seed, None, 1)
-    pre = _prefill(model, prompts, max_new_tokens, opts.key, opts.temperature, opts.top_p)
+    pre = _prefill(model, prompts, max_new_tokens, opts)
     jax.block_until_ready(pre.tokens)
     return pre
 
@@ -347,7 +360,7 @@ def generate_stream(
     _check_model("generate", model)
     prompts = _check_prompts(prompts, model.config.vocab_size)
     opts = _options("generate", max_new_tokens, temperature, top_p, seed, eos_token_id, chunk_size)
-    pre = _prefill(model, prompts, max_new_tokens, opts.key, opts.temperature, opts.top_p)
+    pre = _prefill(model, prompts, max_new_tokens, opts)
     return _decode_chunks(model, pre, opts)
 
 
@@ -367,7 +380,7 @@ def generate_with_stats(
     prompts = _check_prompts(prompts, model.config.vocab_size)
     opts = _options("generate", max_new_tokens, temperature, top_p, seed, eos_token_id, chunk_size)
     t0 = time.perf_counter()
-    pre = _prefill(model, prompts, max_new_tokens, opts.key, opts.temperature, opts.top_p)
+    pre = _prefill(model, prompts, max_new_tokens, opts)
     jax.block_until_ready(pre.tokens)
     t1 = time.perf_counter()
     out = _collect(_decode_chunks(model, pre, opts))

@@ -388,8 +388,11 @@ class RowParallelLinear(nnx.Module):
         out_bias = bias if self.skip_bias_add else None
         return (y, out_bias) if self.return_bias else y
 
-    def partial(self, x: jax.Array) -> jax.Array:
+    def partial(self, x: jax.Array, *, split_k: bool = False) -> jax.Array:
         """This rank's partial sums ``x_r W_r`` (no reduction, no bias): for a caller that fuses the reduction.
+
+        ``split_k=True`` (``x[M, in]``) also leaves the product's own split-K partials unsummed: float32
+        ``[P, M, output_size]`` (the GEMV kernel's partials where it runs, else ``P = 1``).
 
         Raises:
           ValueError: the layer has a bias (it must be added once, after the reduction).
@@ -400,6 +403,8 @@ class RowParallelLinear(nnx.Module):
         if not self.input_is_parallel:
             n = self.input_size_per_partition
             x = lax.dynamic_slice_in_dim(x, spmd.axis_index(TP) * n, n, axis=x.ndim - 1)
+        if split_k:
+            return decode_kernels.matmul_partials(x, self.weight[...])
         return _dot(x, self.weight[...])
 
 

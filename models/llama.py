@@ -191,13 +191,27 @@ class LlamaAttention(nnx.Module):
         return self.o_proj(_attend(q, k, v, mask)), k, v
 
     def decode(
-        self, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, reduce: bool = True
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        k_cache: jax.Array,
+        v_cache: jax.Array,
+        *,
+        reduce: bool = True,
+        split_k: bool = False,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """One token per sequence: ``x: T[B, 1, hidden]`` at ``positions: int[B]``; writes it into the cache.
 
         ``reduce=False`` returns the output projection's partial sums (no all-reduce, no bias), for
-        a caller that fuses the reduction with what follows.
+        a caller that fuses the reduction with what follows; with ``split_k=True`` as float32
+        ``[P, B, hidden]`` split-K partials (:meth:`RowParallelLinear.partial`).
         """
+
+        def project(out):  # out: [B, 1, heads * d]
+            if reduce:
+                return self.o_proj(out)
+            return self.o_proj.partial(out[:, 0], split_k=True) if split_k else self.o_proj.partial(out)
+
         qkv = self.qkv_proj
         kernel = qkv.bias is None and decode_kernels.decode_attention_mode(
             qkv.num_heads, qkv.num_kv_heads, qkv.head_size, k_cache.shape[2], k_cache.dtype
@@ -210,8 +224,7 @@ class LlamaAttention(nnx.Module):
             out, k_cache, v_cache = decode_kernels.decode_attention(
                 partials, k_cache, v_cache, positions, inv_freq, heads=qkv.num_heads
             )
-            out = out.reshape(b, 1, -1).astype(x.dtype)
-            return (self.o_proj(out) if reduce else self.o_proj.partial(out)), k_cache, v_cache
+            return project(out.reshape(b, 1, -1).astype(x.dtype)), k_cache, v_cache
         q, k, v = self._qkv(x, positions[:, None])
 
         def write(cache, new, pos):  # cache [KV, S, d], new [1, KV, d]
@@ -220,8 +233,7 @@ class LlamaAttention(nnx.Module):
         k_cache = jax.vmap(write)(k_cache, k, positions)
         v_cache = jax.vmap(write)(v_cache, v, positions)
         mask = (jnp.arange(k_cache.shape[2])[None, :] <= positions[:, None])[:, None, :]  # [B, 1, S]
-        out = _attend(q, k_cache, v_cache, mask)
-        return (self.o_proj(out) if reduce else self.o_proj.partial(out)), k_cache, v_cache
+        return project(_attend(q, k_cache, v_cache, mask)), k_cache, v_cache
 
 
 class LlamaMLP(nnx.Module):
@@ -236,6 +248,11 @@ class LlamaMLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         gate, up = self.gate_up_proj.split_output(self.gate_up_proj(x))
         return self.down_proj(jax.nn.silu(gate) * up)
+
+    def partials(self, x: jax.Array) -> jax.Array:
+        """``T[B, hidden] -> f32[P, B, hidden]``: the down projection's split-K partials, unreduced (TP 1)."""
+        gate, up = self.gate_up_proj.split_output(self.gate_up_proj(x))
+        return self.down_proj.partial(jax.nn.silu(gate) * up, split_k=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,6 +295,46 @@ class LlamaDecoderLayer(nnx.Module):
         norm = self.post_attention_layernorm
         normed, h = spmd.tensor_model_parallel_all_reduce_add_rms_norm(partial, x, norm.weight[...], norm.eps)
         return h + self.feed_forward(normed), k_cache, v_cache
+
+    def keeps_residual_unreduced(self) -> bool:
+        """Whether :meth:`decode_unreduced` applies: TP 1 and no bias on the projections into the residual."""
+        attn, mlp = self.self_attn, self.mlp
+        if attn.o_proj.tp_size != 1 or attn.o_proj.bias is not None:
+            return False
+        return not isinstance(mlp, LlamaMLP) or mlp.down_proj.bias is None
+
+    def decode_unreduced(self, x, delta, positions, k_cache, v_cache):
+        """One decode step on a residual stream kept as ``x + sum_p delta[p]`` (:meth:`keeps_residual_unreduced`).
+
+        The residual add and each norm are one call (:func:`models.decode_kernels.add_rms_norm`: one
+        kernel on GPUs) that reads the projections' split-K partials, so nothing runs between a
+        projection and the norm after it.
+
+        Args:
+          x: ``T[B, 1, hidden]``: the residual stream.
+          delta: ``[P, B, hidden]`` partials still to add to it, or ``None``.
+
+        Returns:
+          ``(h T[B, 1, hidden], delta' [P', B, hidden], k_cache, v_cache)``: the block's output is ``h + sum(delta')``.
+        """
+        if delta is None:
+            a, h = self.input_layernorm(x), x[:, 0]
+        else:
+            a, h = self._add_norm(self.input_layernorm, delta, x[:, 0])
+            a = a[:, None]
+        partials, k_cache, v_cache = self.self_attn.decode(
+            a, positions, k_cache, v_cache, reduce=False, split_k=True
+        )  # fmt: skip
+        normed, h = self._add_norm(self.post_attention_layernorm, partials, h)
+        if type(self).feed_forward is LlamaDecoderLayer.feed_forward and isinstance(self.mlp, LlamaMLP):
+            delta = self.mlp.partials(normed)
+        else:
+            delta = self.feed_forward(normed[:, None])[:, 0][None]
+        return h[:, None], delta, k_cache, v_cache
+
+    @staticmethod
+    def _add_norm(norm: RMSNorm, delta: jax.Array, residual: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return decode_kernels.add_rms_norm(delta, residual, norm.weight[...], norm.eps)
 
 
 class LlamaModel(nnx.Module):
@@ -357,12 +414,22 @@ class LlamaForCausalLM(nnx.Module):
         """One token per sequence, ``int32[B]`` at ``positions int32[B]`` -> ``(f32[B, vocab], new cache)``."""
         x = self.model.embed_tokens(tokens[:, None])
         keys, values = [], []
-        for layer, k, v in zip(self.model.layers, cache.keys, cache.values, strict=True):
-            x, k, v = layer.decode(x, positions, k, v)
-            keys.append(k)
-            values.append(v)
-        logits = self.lm_head.compute_logits(self.model.norm(x)[:, 0])
-        return logits, KVCache(tuple(keys), tuple(values))
+        layers = self.model.layers
+        if all(layer.keeps_residual_unreduced() for layer in layers):  # TP 1: adds + norms fused
+            delta = None
+            for layer, k, v in zip(layers, cache.keys, cache.values, strict=True):
+                x, delta, k, v = layer.decode_unreduced(x, delta, positions, k, v)
+                keys.append(k)
+                values.append(v)
+            norm = self.model.norm
+            h = decode_kernels.add_rms_norm(delta, x[:, 0], norm.weight[...], norm.eps)[0]
+        else:
+            for layer, k, v in zip(layers, cache.keys, cache.values, strict=True):
+                x, k, v = layer.decode(x, positions, k, v)
+                keys.append(k)
+                values.append(v)
+            h = self.model.norm(x)[:, 0]
+        return self.lm_head.compute_logits(h), KVCache(tuple(keys), tuple(values))
 
     def cache_shape(self, batch: int, max_len: int) -> tuple[int, int, int, int]:
         """The global shape of one layer's key (or value) cache: ``[batch, kv_heads, max_len, head_dim]``."""

@@ -42,17 +42,28 @@ BATCH_AXES = (DP, EP)
 
 
 def sample_tokens(
-    logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, rows: jax.Array
+    logits: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    rows: jax.Array,
+    *,
+    greedy: bool = False,
 ) -> jax.Array:
     """``f32[B, vocab] -> int32[B]``: argmax at ``temperature == 0``, else a draw from the top-p nucleus.
 
     The nucleus keeps the most probable tokens whose cumulative probability before them is below
     ``top_p`` (always at least one), as Hugging Face's ``TopPLogitsWarper``. Row ``b`` draws with
     ``fold_in(key, rows[b])`` (``rows``: the rows' global indices), so a sequence's draws do not
-    depend on how the batch is split over devices. Greedy decoding skips the sort (``lax.cond``).
+    depend on how the batch is split over devices.
+
+    ``greedy=True`` (static: the caller knows ``temperature == 0``) is the argmax alone, without the
+    sort. With ``greedy=False`` both are computed and ``temperature`` selects, so any temperature is
+    right. Not a ``lax.cond``: on GPUs XLA reads a conditional's predicate back to the host and waits
+    for it, which inside the decode loop stalled every step and made each call block.
     """
 
-    def greedy(logits):
+    def argmax(logits):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sampled(logits):
@@ -66,7 +77,9 @@ def sample_tokens(
         pick = jax.vmap(jax.random.categorical)(keys, sorted_logits)
         return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
-    return lax.cond(temperature > 0, sampled, greedy, logits)
+    if greedy:
+        return argmax(logits)
+    return jnp.where(temperature > 0, sampled(logits), argmax(logits))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -161,13 +174,15 @@ class CausalLM:
         return self._steps["score"]
 
     def prefill_step(self):
-        """``(state, ids int32[B, T], lengths int32[B], key, temperature, top_p, *, max_len)
-        -> (first new tokens int32[B], their positions int32[B] (the lengths), cache)``."""
+        """``(state, ids int32[B, T], lengths int32[B], key, temperature, top_p, *, max_len, greedy=False)
+        -> (first new tokens int32[B], their positions int32[B] (the lengths), cache)``.
+
+        ``greedy`` (static): ``temperature`` is 0, so the sampling is left out (:func:`sample_tokens`)."""
         if "prefill" not in self._steps:
             graphdef = self.graphdef
             cache_specs = self.cache_specs()
 
-            def step(state, ids, lengths, key, temperature, top_p, *, max_len):
+            def step(state, ids, lengths, key, temperature, top_p, *, max_len, greedy=False):
                 self.trace_counts["prefill"] += 1
                 per_device = self._shard_map(
                     lambda state, ids, lengths: nnx.merge(graphdef, state).prefill(ids, lengths, max_len),
@@ -176,16 +191,16 @@ class CausalLM:
                 )
                 logits, cache = per_device(state, ids, lengths)
                 rows = jnp.arange(ids.shape[0], dtype=jnp.int32)
-                first = sample_tokens(logits, jax.random.fold_in(key, 0), temperature, top_p, rows)
+                first = sample_tokens(logits, jax.random.fold_in(key, 0), temperature, top_p, rows, greedy=greedy)
                 return first, lengths, cache
 
             rows = self._shardings(P(BATCH_AXES))
             self._steps["prefill"] = jax.jit(
-                step, static_argnames=("max_len",), out_shardings=(rows, rows, self._shardings(cache_specs))
+                step, static_argnames=("max_len", "greedy"), out_shardings=(rows, rows, self._shardings(cache_specs))
             )
         return self._steps["prefill"]
 
-    def decode_loop(self, chunk: int):
+    def decode_loop(self, chunk: int, *, greedy: bool = False):
         """``chunk`` decode steps in one call, on the device (a ``lax.fori_loop`` inside the sharded step).
 
         ``(state, cache, tokens int32[B], positions int32[B], start int32, key, temperature, top_p)
@@ -197,8 +212,9 @@ class CausalLM:
         ``new``. The trip count is static: XLA runs the loop without reading a flag back to the host
         each step, and the call returns at once (the host can queue the next chunk while this one
         runs). Stopping on EOS or at a token budget is the caller's: it reads ``new`` per chunk.
+        ``greedy=True`` is for ``temperature == 0`` only: argmax, no sampling (:func:`sample_tokens`).
         """
-        if chunk not in self._steps.setdefault("decode", {}):
+        if (chunk, greedy) not in self._steps.setdefault("decode", {}):
             graphdef = self.graphdef
             cache_specs = self.cache_specs()
 
@@ -210,7 +226,9 @@ class CausalLM:
                 def body(i, carry):
                     tokens, positions, cache, new = carry
                     logits, cache = module.decode(tokens, jnp.minimum(positions, last), cache)
-                    nxt = sample_tokens(logits, jax.random.fold_in(key, start + i), temperature, top_p, rows)
+                    nxt = sample_tokens(
+                        logits, jax.random.fold_in(key, start + i), temperature, top_p, rows, greedy=greedy
+                    )
                     new = lax.dynamic_update_slice(new, nxt[:, None], (0, i))
                     return nxt, positions + 1, cache, new
 
@@ -230,8 +248,8 @@ class CausalLM:
 
             shard = self._shardings
             out = (shard(rows), shard(rows), shard(cache_specs), shard(P(BATCH_AXES, None)))
-            self._steps["decode"][chunk] = jax.jit(step, donate_argnums=(1,), out_shardings=out)
-        return self._steps["decode"][chunk]
+            self._steps["decode"][chunk, greedy] = jax.jit(step, donate_argnums=(1,), out_shardings=out)
+        return self._steps["decode"][chunk, greedy]
 
 
 def shard_causal_lm(module: nnx.Module, *, mesh: Mesh | None = None) -> CausalLM:

@@ -67,11 +67,14 @@ def test_eos_ends_each_sequence_at_its_own_step(ckpt):
         assert seq == (ref if j is None else ref[: j + 1])
 
 
-def test_one_call_runs_a_static_chunk_of_reference_steps(ckpt):
-    """The loop's call: ``chunk`` greedy steps from the prefill, column i the token of step i (the reference's)."""
+@pytest.mark.parametrize("greedy", [False, True])
+def test_one_call_runs_a_static_chunk_of_reference_steps(ckpt, greedy):
+    """The loop's call: ``chunk`` greedy steps from the prefill, column i the token of step i (the reference's).
+
+    At temperature 0 both builds give the argmax: ``greedy=False`` by selecting it, ``True`` alone."""
     model = _model(ckpt, 2, 4)
     pre = prefill(model, ckpt["prompts"], NEW_TOKENS)
-    loop = model.decode_loop(NEW_TOKENS - 1)
+    loop = model.decode_loop(NEW_TOKENS - 1, greedy=greedy)
     tokens, positions, _, new = loop(
         model.state, pre.cache, pre.tokens, pre.lengths, jnp.int32(1), jax.random.key(0), jnp.float32(0),
         jnp.float32(1),
@@ -90,9 +93,9 @@ def test_host_stops_dispatching_once_every_sequence_is_done(ckpt):
     eos = [greedy[0][3], greedy[1][3], greedy[2][3]]
     last = max(_first_seen(g, eos) for g in greedy)  # the new-token index that ends the batch
     chunk, budget = 2, 40
-    loop = model.decode_loop(chunk)
+    loop = model.decode_loop(chunk, greedy=True)
     calls = []
-    model._steps["decode"][chunk] = lambda *a: calls.append(1) or loop(*a)
+    model._steps["decode"][chunk, True] = lambda *a: calls.append(1) or loop(*a)
     out = models.generate(model, ckpt["prompts"], budget, eos_token_id=eos, chunk_size=chunk)
     assert out == [g[: _first_seen(g, eos) + 1] for g in greedy]
     needed = -(-last // chunk)  # the chunks that hold decode steps 1 .. last
@@ -148,14 +151,39 @@ def test_sampled_tokens_follow_the_per_sequence_streams(ckpt, rng):
     assert other == out
 
 
-def test_decode_loop_compiles_once_per_chunk_size(ckpt):
+def test_decode_loop_compiles_once_per_chunk_size_and_sampling_kind(ckpt):
     init(2, dp=1)
     model = models.load_state_dict(CONFIG, ckpt["weights"])  # a fresh model: its own trace counts
     models.generate(model, ckpt["prompts"], 8, chunk_size=3)
-    models.generate(model, ckpt["prompts"], 8, temperature=0.5, eos_token_id=1, chunk_size=3)
+    models.generate(model, ckpt["prompts"], 8, eos_token_id=1, chunk_size=3)
     assert model.trace_counts["decode"] == 1
+    models.generate(model, ckpt["prompts"], 8, temperature=0.5, chunk_size=3)
+    models.generate(model, ckpt["prompts"], 8, temperature=0.7, top_p=0.5, chunk_size=3)
+    assert model.trace_counts["decode"] == 2  # greedy and sampling: two builds, any temperature in the second
     models.generate(model, ckpt["prompts"], 8, chunk_size=5)
-    assert model.trace_counts["decode"] == 2
+    assert model.trace_counts["decode"] == 3
+
+
+def _host_conditionals(lowered) -> int:
+    """``lax.cond``/``switch`` in a lowered program (StableHLO ``if``/``case``): on GPUs XLA copies each one's
+    predicate to the host and waits for it, so one inside the decode loop stalls every step."""
+    text = lowered.as_text()
+    return text.count("stablehlo.if") + text.count("stablehlo.case")
+
+
+def test_the_decode_and_prefill_steps_have_no_conditional(ckpt):
+    model = _model(ckpt, 2, 4)
+    pre = prefill(model, ckpt["prompts"], NEW_TOKENS)
+    rest = (jnp.int32(1), jax.random.key(0), jnp.float32(0.5), jnp.float32(0.9))
+    for greedy in (True, False):
+        loop = model.decode_loop(4, greedy=greedy)
+        assert _host_conditionals(loop.lower(model.state, pre.cache, pre.tokens, pre.lengths, *rest)) == 0
+        ids, lens = np.ones((8, 8), np.int32), np.full(8, 8, np.int32)
+        lowered = model.prefill_step().lower(model.state, ids, lens, *rest[1:], max_len=16, greedy=greedy)
+        assert _host_conditionals(lowered) == 0
+    # the detector sees one where there is one
+    with_cond = jax.jit(lambda t, x: jax.lax.cond(t > 0, lambda x: x + 1, lambda x: x - 1, x))
+    assert _host_conditionals(with_cond.lower(jnp.float32(0), jnp.ones(3))) == 1
 
 
 @pytest.mark.parametrize(
@@ -179,12 +207,17 @@ def test_decode_argument_errors(ckpt, kwargs, message):
 
 @pytest.mark.parametrize(("tp", "dp"), [(1, 1), (2, 2)])
 def test_decode_with_the_decode_kernels_matches_reference(tp, dp, monkeypatch):
-    """The decode kernels (Pallas, interpreted on CPU): the GEMV in every product, the LM head included, and the
-    fused attention in every layer's decode step."""
+    """The decode kernels (Pallas, interpreted on CPU): the GEMV in every product, the LM head included, the
+    fused attention in every layer's decode step and, at TP 1, the fused residual add + RMSNorm."""
+    import kernels.add_rms_norm
     import kernels.decode_attention
     import kernels.gemv
 
-    traced, attended = [], []
+    traced, attended, normed = [], [], []
+    real_norm = kernels.add_rms_norm.add_rms_norm
+    monkeypatch.setattr(
+        kernels.add_rms_norm, "add_rms_norm", lambda *a, **kw: normed.append(a[0].shape) or real_norm(*a, **kw)
+    )
     real, real_attention = kernels.gemv.gemv, kernels.decode_attention.decode_attention
     monkeypatch.setattr(
         kernels.gemv, "gemv", lambda x, w, **kw: traced.append((x.shape, kw.get("layout", "kn"))) or real(x, w, **kw)
@@ -206,10 +239,15 @@ def test_decode_with_the_decode_kernels_matches_reference(tp, dp, monkeypatch):
     layers = config.num_hidden_layers
     assert [layout for _, layout in traced].count("nk") == 2 and len(traced) == 2 * (4 * layers + 1)
     assert len(attended) == layers  # the decode loop's step (the prefill attends with XLA)
+    # each norm after the embedding's (the first layer's input norm has nothing to add): 2 per layer - 1 + the
+    # final one, reading the GEMV's split-K partials (TP > 1: the all-reduce's fused call instead)
+    assert len(normed) == (2 * layers if tp == 1 else 0)
+    assert all(shape[0] > 1 for shape in normed)
     traced.clear()
     attended.clear()
+    normed.clear()
     xla = models.generate(model.with_kernels("xla"), prompts, 6, chunk_size=4)
-    assert xla == out and not traced and not attended
+    assert xla == out and not traced and not attended and not normed
     with pytest.raises(ValueError, match=r"with_kernels: expected one of \('auto', 'xla', 'pallas', 'interp"):
         model.with_kernels("gpu")
 

@@ -53,3 +53,33 @@ def test_attention_kernel_runs_for_half_precision_only_on_the_gpu():
 
     assert decode_kernels.decode_attention_mode(32, 8, 64, 256, jnp.bfloat16) == "gpu"
     assert decode_kernels.decode_attention_mode(32, 8, 64, 256, jnp.float32) is None
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(("parts", "b", "d"), [(8, 1, 2048), (3, 32, 4096), (1, 64, 128)])
+def test_add_rms_norm_on_the_gpu(rng, dtype, parts, b, d):
+    from test_add_rms_norm import _close_normed, _inputs, _numpy
+
+    from kernels.add_rms_norm import add_rms_norm
+
+    delta, residual, weight = _inputs(rng, parts, b, d, dtype)
+    normed, h = jax.jit(functools.partial(add_rms_norm, eps=1e-5))(
+        jnp.asarray(delta), jnp.asarray(residual, dtype), jnp.asarray(weight, dtype)
+    )
+    want_n, want_h = _numpy(delta, residual, weight, 1e-5, dtype)
+    ulp = 1e-6 if dtype == jnp.float32 else 2**-7
+    np.testing.assert_allclose(np.asarray(h, np.float64), want_h, rtol=ulp, atol=ulp)
+    _close_normed(normed, want_n, ulp)
+
+
+def test_norm_kernel_runs_for_half_precision_decode_rows_on_the_gpu(monkeypatch):
+    import kernels.add_rms_norm
+    from models import decode_kernels
+
+    calls = []
+    real = kernels.add_rms_norm.add_rms_norm
+    monkeypatch.setattr(kernels.add_rms_norm, "add_rms_norm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for dtype, rows, used in [(jnp.bfloat16, 1, 1), (jnp.bfloat16, 64, 1), (jnp.bfloat16, 65, 0), (jnp.float32, 1, 0)]:
+        calls.clear()
+        decode_kernels.add_rms_norm(jnp.ones((2, rows, 256)), jnp.ones((rows, 256), dtype), jnp.ones(256, dtype), 1e-5)
+        assert len(calls) == used, (dtype, rows)

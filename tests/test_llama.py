@@ -105,8 +105,11 @@ def test_generating_16_tokens_traces_decode_once(ckpt, rng):
     out = models.generate(model, ckpt["prompts"], 16)
     assert [len(o) for o in out] == [16, 16]
     assert model.trace_counts["decode"] == 1 and model.trace_counts["prefill"] == 1
-    models.generate(model, random_prompts(rng, CONFIG.vocab_size, (12, 3)), 16, temperature=0.7, seed=5)
+    models.generate(model, random_prompts(rng, CONFIG.vocab_size, (12, 3)), 16)
     assert model.trace_counts["decode"] == 1 and model.trace_counts["prefill"] == 1  # same buckets
+    models.generate(model, random_prompts(rng, CONFIG.vocab_size, (12, 3)), 16, temperature=0.7, seed=5)
+    models.generate(model, random_prompts(rng, CONFIG.vocab_size, (12, 3)), 16, temperature=0.3, seed=6)
+    assert model.trace_counts["decode"] == 2 and model.trace_counts["prefill"] == 2  # + the sampling build
 
 
 def test_sampling_is_seeded_and_eos_stops(ckpt):
