@@ -58,8 +58,8 @@ def _kernel(delta_ref, res_ref, w_ref, n_ref, h_ref, *, eps):
     h_ref[...] = h
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
-def add_rms_norm(delta, residual, weight, *, eps, interpret=False):
+@functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
+def add_rms_norm(delta, residual, weight, *, eps, num_warps=4, interpret=False):
     """``(normed, h)`` for one decode step's residual add + RMSNorm, in one kernel.
 
     Args:
@@ -68,6 +68,7 @@ def add_rms_norm(delta, residual, weight, *, eps, interpret=False):
       residual: ``T[B, D]``: the residual stream (``T`` sets the dtype of both results).
       weight: ``[D]``: the norm's weight.
       eps: the norm's epsilon.
+      num_warps: Triton's launch parameter.
       interpret: run in Pallas's interpreter (any backend; for tests).
 
     Returns:
@@ -93,6 +94,6 @@ def add_rms_norm(delta, residual, weight, *, eps, interpret=False):
         in_specs=[pl.BlockSpec((parts, None, d), lambda i: (0, i, 0)), row, pl.BlockSpec((d,), lambda i: (0,))],
         out_specs=[row, row],
         interpret=interpret,
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         name="add_rms_norm",
     )(delta, residual, weight)

@@ -163,8 +163,10 @@ def _kernel(pos_ref, freq_ref, qkv_ref, kc_ref, vc_ref, o_ref, kc_out, vc_out, *
     pltriton.store(o_ref.at[q_rows, :], out.astype(o_ref.dtype), mask=in_group[:, None])
 
 
-@functools.partial(jax.jit, static_argnames=("heads", "block_s", "interpret"))
-def decode_attention(qkv, k_cache, v_cache, positions, inv_freq, *, heads, block_s=64, interpret=False):
+@functools.partial(jax.jit, static_argnames=("heads", "block_s", "num_warps", "num_stages", "interpret"))
+def decode_attention(
+    qkv, k_cache, v_cache, positions, inv_freq, *, heads, block_s=64, num_warps=4, num_stages=2, interpret=False
+):
     """RoPE, the cache write and GQA attention of one decode step, in one kernel.
 
     Args:
@@ -176,6 +178,7 @@ def decode_attention(qkv, k_cache, v_cache, positions, inv_freq, *, heads, block
       inv_freq: ``f32[d / 2]``: RoPE's inverse frequencies (scaled as the model's config says).
       heads: the query heads (``heads / kv_heads`` share each KV head).
       block_s: cache rows per step of the online softmax (capped at ``S``).
+      num_warps, num_stages: Triton's launch and pipelining parameters.
       interpret: run in Pallas's interpreter (any backend; for tests).
 
     Returns:
@@ -220,7 +223,7 @@ def decode_attention(qkv, k_cache, v_cache, positions, inv_freq, *, heads, block
         out_specs=[pl.BlockSpec((None, heads + pad, d), lambda i, j: (i, 0, 0)), cache_spec, cache_spec],
         input_output_aliases={3: 1, 4: 2},
         interpret=interpret,
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="decode_attention",
     )(positions.astype(jnp.int32), inv_freq.astype(jnp.float32), qkv, k_cache, v_cache)
     return out[:, :heads], k_cache, v_cache

@@ -45,10 +45,10 @@ def test_kernel_matches_float64_numpy(rng, dtype, parts, b, d):
     assert normed.dtype == h.dtype == dtype and normed.shape == h.shape == (b, d)
     ulp = 1e-6 if dtype == jnp.float32 else (2**-7 if dtype == jnp.bfloat16 else 2**-10)
     # the partial sum's order can flip one rounding of the projection; everything after it follows the formula
-    np.testing.assert_allclose(np.asarray(h, np.float64), want_h, rtol=ulp, atol=ulp)
+    np.testing.assert_allclose(np.asarray(h, np.float64), want_h, rtol=ulp, atol=ulp * np.abs(want_h).max())
     _close_normed(normed, want_n, ulp)
     ref_n, ref_h = reference_add_rms_norm(*args, eps)
-    np.testing.assert_allclose(np.asarray(ref_h, np.float64), want_h, rtol=ulp, atol=ulp)
+    np.testing.assert_allclose(np.asarray(ref_h, np.float64), want_h, rtol=ulp, atol=ulp * np.abs(want_h).max())
     _close_normed(ref_n, want_n, ulp)
 
 
