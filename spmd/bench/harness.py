@@ -20,31 +20,46 @@ measured (no JSON is written then) or when any row is wrong or failed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform as _platform
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+from spmd.bench.cli_args import (
+    BenchError,
+    HelpFormatter,
+    add_device_args,
+    add_timing_args,
+    fill_defaults,
+    format_size,
+    metadata,
+    parse_and_start,
+    parse_list,
+    parse_size,
+    positive_int,
+    start_devices,
+)
 
 __all__ = [
     "BenchError",
     "Case",
     "Column",
     "HelpFormatter",
+    "Progress",
     "Trial",
     "add_device_args",
     "add_timing_args",
     "best_seconds",
     "chain",
+    "estimate_bytes",
     "fill_defaults",
     "finish",
     "format_size",
     "host_memory_budget",
+    "memory_budget",
     "metadata",
     "parse_and_start",
     "parse_list",
@@ -53,186 +68,6 @@ __all__ = [
     "run_cases",
     "start_devices",
 ]
-
-_UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "K": 1 << 10, "M": 1 << 20}
-
-
-class BenchError(RuntimeError):
-    """A benchmark cannot run as asked (no such devices, a bad combination of flags)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """``--help`` shows every default (except ``None``: such options say their default in words)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None:
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
-def parse_size(text: str) -> int:
-    """``"2KiB"`` -> 2048. Accepts B, KiB, MiB, GiB (case-insensitive).
-
-    Raises:
-      argparse.ArgumentTypeError: not a positive whole number of bytes.
-    """
-    t = text.strip().upper()
-    for unit in sorted(_UNITS, key=len, reverse=True):
-        if unit and t.endswith(unit):
-            number, scale = t[: -len(unit)], _UNITS[unit]
-            break
-    else:
-        number, scale = t, 1
-    try:
-        value = float(number) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size like 2KiB or 1MiB, got {text!r}") from None
-    if value <= 0 or value != int(value):
-        raise argparse.ArgumentTypeError(f"expected a positive whole number of bytes, got {text!r}")
-    return int(value)
-
-
-def format_size(n: int) -> str:
-    """2048 -> ``"2 KiB"``; sizes that are not whole KiB / MiB stay in bytes."""
-    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale} {unit}"
-    return f"{n} B"
-
-
-def positive_int(text: str) -> int:
-    """An ``argparse`` type: a positive int.
-
-    Raises:
-      argparse.ArgumentTypeError: anything else.
-    """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
-
-
-def parse_list(text: str, item: Callable[[str], Any], *, what: str) -> list:
-    """``"2,4"`` -> ``[item("2"), item("4")]``.
-
-    Raises:
-      argparse.ArgumentTypeError: an empty list or an item ``item`` refuses (the message names ``what``).
-    """
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, got {text!r}")
-    try:
-        return [item(p) for p in parts]
-    except (ValueError, argparse.ArgumentTypeError) as e:
-        raise argparse.ArgumentTypeError(f"{what}: {e}") from None
-
-
-def fill_defaults(p: argparse.ArgumentParser, args: argparse.Namespace, defaults: dict[str, Any]) -> None:
-    """Set the options left at ``None`` from ``defaults`` (per-platform values), parsed as if given."""
-    for action in p._actions:
-        if action.dest in defaults and getattr(args, action.dest, None) is None:
-            value = defaults[action.dest]
-            if action.type is not None and isinstance(value, str | int | float):
-                value = action.type(str(value))
-            setattr(args, action.dest, value)
-
-
-def add_device_args(p: argparse.ArgumentParser, *, cpu_devices: int = 8) -> None:
-    """``--platform`` and ``--cpu-devices``."""
-    p.add_argument(
-        "--platform",
-        choices=("auto", "cpu", "gpu", "tpu"),
-        default="auto",
-        help="devices to run on: auto = the accelerators JAX finds, else simulated CPU devices",
-    )
-    p.add_argument(
-        "--cpu-devices", type=positive_int, default=cpu_devices, help="how many CPU devices to simulate on CPU"
-    )
-
-
-def add_timing_args(p: argparse.ArgumentParser, *, json_path: str, iters: int | None, repeats: int | None) -> None:
-    """``--iters``, ``--repeats`` and ``--json`` (``None`` defaults are resolved per platform by the caller)."""
-    p.add_argument(
-        "--iters",
-        type=positive_int,
-        default=iters,
-        help="chained calls per timed loop" + ("" if iters is not None else " (default: per platform, see below)"),
-    )
-    p.add_argument(
-        "--repeats",
-        type=positive_int,
-        default=repeats,
-        help="timed loops; the best is reported" + ("" if repeats is not None else " (default: per platform)"),
-    )
-    p.add_argument("--json", default=json_path, help="where to write the results (not written if nothing ran)")
-
-
-def parse_and_start(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, list]:
-    """Parse a benchmark's command line (``--platform``, ``--cpu-devices``) and start JAX on those devices.
-
-    Exits with status 2 and ``"<prog>: <why>"`` on stderr when JAX has no such devices here.
-    """
-    args = parser.parse_args(argv)
-    try:
-        return args, start_devices(args.platform, args.cpu_devices)
-    except BenchError as e:
-        parser.exit(2, f"{parser.prog}: {e}\n")
-
-
-def start_devices(platform: str, cpu_devices: int) -> list:
-    """Start JAX on the asked-for devices.
-
-    Args:
-      platform: ``"auto"`` (accelerators if any, else CPU), ``"cpu"``, ``"gpu"`` or ``"tpu"``.
-      cpu_devices: how many CPU devices to simulate (used only when running on CPU).
-
-    Returns:
-      The devices, ``jax.devices(platform)``.
-
-    Raises:
-      BenchError: JAX has no devices of that platform here.
-    """
-    import jax
-
-    try:
-        jax.config.update("jax_num_cpu_devices", cpu_devices)  # only the CPU backend reads it
-    except RuntimeError:  # the backend is already up (in-process callers): keep its devices
-        pass
-    if platform == "cpu":
-        jax.config.update("jax_platforms", "cpu")
-    try:
-        devices = jax.devices() if platform in ("auto", "cpu") else jax.devices(platform)
-    except RuntimeError as e:
-        raise BenchError(
-            f"--platform {platform}: JAX found no {platform} devices on this machine ({e}). "
-            f"Run on a {platform.upper()} machine, or use --platform cpu for simulated devices."
-        ) from None
-    return list(devices)
-
-
-def metadata(prog: str, argv: Sequence[str] | None, devices: Sequence[Any], **extra: Any) -> dict[str, Any]:
-    """What a result file records besides its rows: device, date, command, versions, host."""
-    import jax
-
-    return {
-        "command": " ".join([prog, *(sys.argv[1:] if argv is None else argv)]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "platform": devices[0].platform,
-        "device_kind": devices[0].device_kind,
-        "num_devices": len(devices),
-        "jax": jax.__version__,
-        "python": _platform.python_version(),
-        "host": _platform.node(),
-        **extra,
-    }
-
 
 # --------------------------------------------------------------------------------------------
 # Cases
@@ -344,7 +179,7 @@ def host_memory_budget(fraction: float = 0.8) -> int | None:
         return None
 
 
-def _estimate_bytes(compiled: Any, devices: Sequence[Any]) -> int | None:
+def estimate_bytes(compiled: Any, devices: Sequence[Any]) -> int | None:
     """Bytes the compiled program needs where memory is shared: per device, times the CPU devices."""
     try:
         stats = compiled.memory_analysis()
@@ -365,7 +200,8 @@ def _estimate_bytes(compiled: Any, devices: Sequence[Any]) -> int | None:
     return per_device * sharing
 
 
-def _memory_budget(devices: Sequence[Any], limit_bytes: int | None) -> int | None:
+def memory_budget(devices: Sequence[Any], limit_bytes: int | None) -> int | None:
+    """``limit_bytes`` if given, else 80% of available host memory on CPU, 90% of the device limit elsewhere."""
     if limit_bytes is not None:
         return limit_bytes
     if devices and devices[0].platform == "cpu":
@@ -382,7 +218,7 @@ def _run_one(case: Case, devices: Sequence[Any], repeats: int, budget: int | Non
     lower = getattr(trial.loop, "lower", None)
     if lower is not None:
         compiled = lower(*trial.args).compile()
-        need = _estimate_bytes(compiled, devices)
+        need = estimate_bytes(compiled, devices)
         if need is not None:
             row["memory_estimate_bytes"] = need
             if budget is not None and need > budget:
@@ -462,7 +298,7 @@ def run_cases(
     """
     out = out or sys.stdout
     cases = list(cases)
-    budget = _memory_budget(devices, max_memory_bytes)
+    budget = memory_budget(devices, max_memory_bytes)
     header = " ".join(f"{c.header:>{c.width}}" for c in columns)
     print(header, file=out, flush=True)
     print("-" * len(header), file=out, flush=True)
