@@ -1,5 +1,5 @@
 import sys
 
-from spmd.bench.collectives import main
+from spmd.bench.cli import main
 
 sys.exit(main())
