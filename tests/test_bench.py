@@ -42,27 +42,30 @@ def _run(module, *args, cwd, timeout=300):
 
 
 def test_collectives_bench_runs_and_writes_json(tmp_path):
+    """The old command line (no subcommand, --sizes, --tp) still runs the collectives sweep."""
     out = tmp_path / "b.json"
     r = _run(
         "spmd.bench",
         *("--platform", "cpu", "--sizes", "3,2KiB", "--tp", "2,8", "--iters", "2", "--repeats", "1"),
-        *("--json", str(out)),
+        *("--ops", "all_reduce,all_gather", "--torch", "off", "--json", str(out)),
         cwd=tmp_path,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "20 ok, 0 wrong, 0 failed, 0 skipped" in r.stdout
-    # --sizes 3 cannot be 3 bytes of bf16 split tp*tp ways: the rounding is said, and recorded.
-    assert "note: 3 B rounded to 8 B at tp=2" in r.stdout and "note: 3 B rounded to 128 B at tp=8" in r.stdout
+    assert "8 ok, 0 wrong, 0 failed, 0 skipped" in r.stdout
     data = json.loads(out.read_text())
     meta = data["meta"]
     assert meta["num_devices"] == 8 and meta["platform"] == "cpu" and meta["device_kind"]
-    assert meta["command"].startswith("spmd-bench --platform cpu") and meta["date"][:2] == "20"
+    assert meta["command"].startswith("spmd-bench collectives --platform cpu") and meta["date"][:2] == "20"
     rows = data["results"]
-    assert {row["op"] for row in rows} == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast"}
-    assert all(row["ok"] and row["us"] > 0 and row["max_rel_err"] < 2e-2 for row in rows)
-    assert {(row["bytes_requested"], row["bytes_per_device"]) for row in rows if row["tp"] == 8} == {
-        (3, 128),
-        (2048, 2048),
+    assert {row["op"] for row in rows} == {"all_reduce", "all_gather"}
+    assert all(row["ok"] and row["us"] > 0 and row["in_place"]["wrong"] == 0 for row in rows)
+    # 3 bytes is rounded up to whole float32 elements: one element (all-reduce), one per rank (all-gather)
+    small = {(row["op"], row["tp"], row["size_requested"], row["size"]) for row in rows if row["size_requested"] == 3}
+    assert small == {
+        ("all_reduce", 2, 3, 4),
+        ("all_reduce", 8, 3, 4),
+        ("all_gather", 2, 3, 8),
+        ("all_gather", 8, 3, 32),
     }
 
 
@@ -93,11 +96,11 @@ def test_collectives_bench_bad_flags(tmp_path, args, match):
 def test_collectives_progress_counts_the_whole_run_and_the_columns_say_what_they_are(monkeypatch, capsys, tmp_path):
     """Two TP sizes, two tables: the progress counts 4 cases in all, not 2 per table (issue 22, item 21)."""
     monkeypatch.setattr(harness, "PROGRESS_EVERY_S", 0.0)
-    argv = ["--platform", "cpu", "--ops", "all_reduce,broadcast", "--tp", "2,4", "--sizes", "2KiB"]
+    argv = ["--platform", "cpu", "--ops", "all_reduce,broadcast", "--tp", "2,4", "--sizes", "2KiB", "--torch", "off"]
     assert collectives.main([*argv, "--iters", "1", "--repeats", "1", "--json", str(tmp_path / "b.json")]) == 0
     captured = capsys.readouterr()
     assert re.findall(r"^\[(\d+)/(\d+)\]", captured.err, re.M) == [("1", "4"), ("2", "4"), ("3", "4")]
-    assert "max rel err" in captured.out.splitlines()[1 + captured.out.count("note:")]
+    assert "#       size         count      type   redop    root     time   algbw   busbw  #wrong" in captured.out
 
 
 def test_collectives_default_tp_sizes_are_what_the_help_says():

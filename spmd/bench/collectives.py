@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NCCL (GPU) / gloo (CPU) beside, via torch.distributed: auto = when torch imports")  # fmt: skip
     p.add_argument("--torch-timeout-s", type=float, default=900.0,
                    help="deadline for all torch worker processes of one TP size, seconds")  # fmt: skip
-    p.add_argument("--plot", default=None, help="write latency and busbw vs size to this PNG (needs '.[plot]')")
+    p.add_argument("--plot", default=None,
+                   help="draw latency and busbw vs size to this PNG (needs '.[plot]'; default: none)")  # fmt: skip
     p.add_argument("--peak-gbps", type=float, default=None,
                    help="the per-rank link peak (GB/s) drawn dashed on the plot (default: known per device kind, "
                    f"{KNOWN_PEAK_GBPS}, else none)")  # fmt: skip
