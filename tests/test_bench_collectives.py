@@ -234,6 +234,37 @@ def spmd_rev(x, axis_name):
     return g[::-1].reshape(-1)
 
 
+def test_an_interrupted_sweep_keeps_what_it_measured(tmp_path, capsys, monkeypatch):
+    real, calls = collectives._row, []
+
+    def row_then_interrupt(*a):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what SIGTERM (`timeout`) and Ctrl-C become
+        return real(*a)
+
+    monkeypatch.setattr(collectives, "_row", row_then_interrupt)
+    status, data = _sweep(tmp_path, "--ops", "all_reduce", "--tp", "2", "--sizes", "8,16,32")
+    assert status == 130 and data["meta"]["interrupted"] is True
+    assert [r["size"] for r in data["results"]] == [8]
+    assert "interrupted; writing the 1 rows measured so far" in capsys.readouterr().err
+
+
+def test_torch_failing_beside_fails_the_run_but_jax_rows_still_run(tmp_path, capsys, monkeypatch):
+    def boom(*a, **k):
+        raise BenchError("torch worker rank 1 exited with status 1; its last lines:\nNCCL error")
+
+    monkeypatch.setattr(torch_collectives, "backend_for", lambda platform, mode: "gloo")
+    monkeypatch.setattr(torch_collectives, "run", boom)
+    path = tmp_path / "c.json"
+    argv = ["--platform", "cpu", "--torch", "on", "--ops", "broadcast", "--tp", "2", "--sizes", "64"]
+    assert collectives.main([*argv, "--iters", "1", "--repeats", "1", "--json", str(path)]) == 1
+    rows = json.loads(path.read_text())["results"]
+    assert rows[0]["impl"] == "gloo" and "exited with status 1" in rows[0]["error"]
+    assert rows[1]["impl"] == "jax" and rows[1]["ok"] and "vs_torch" not in rows[1]
+    assert "gloo beside failed at tp=2: torch worker rank 1" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_every_op_runs_at_2_and_4_devices_and_plots(tmp_path, capsys):
     pytest.importorskip("matplotlib")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import signal
 import sys
 from typing import Any
 
@@ -339,35 +340,53 @@ def main(argv: list[str] | None = None) -> int:
     torch_rows: dict[tuple, dict] = {}
     kinds = sorted({KIND_OF[op] for op in args.ops}, key=list(nccl_format.KINDS).index)
     progress = harness.Progress(len(tps) * len(sizes) * (len(args.ops) + (len(kinds) if backend else 0)))
-    if backend:
-        for tp in tps:
-            got = torch_collectives.run(
-                kinds, sizes, tp, dtype=args.dtype, iters=args.iters, large_size=args.large_size,
-                large_iters=args.large_iters, repeats=args.repeats, backend=backend, timeout_s=args.torch_timeout_s,
-            )  # fmt: skip
-            print_torch_tables(got, backend)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` / a scheduler: keep what was measured
+    try:
+        for tp in tps if backend else ():
+            try:
+                got = torch_collectives.run(
+                    kinds, sizes, tp, dtype=args.dtype, iters=args.iters, large_size=args.large_size,
+                    large_iters=args.large_iters, repeats=args.repeats, backend=backend,
+                    timeout_s=args.torch_timeout_s,
+                )  # fmt: skip
+            except harness.BenchError as e:  # JAX's rows still run; the exit status says it failed
+                print(f"{PROG}: {backend} beside failed at tp={tp}: {e}", file=sys.stderr, flush=True)
+                got = [{"impl": backend, "kind": "-", "tp": tp, "error": str(e)[:2000]}]
+            else:
+                print_torch_tables(got, backend)
+                torch_rows |= {(r["kind"], r["tp"], r["size"]): r for r in got}
             rows += got
-            torch_rows |= {(r["kind"], r["tp"], r["size"]): r for r in got}
             progress.done += len(kinds) * len(sizes)
-    budget = harness.memory_budget(devices, None if args.max_memory_gb is None else int(args.max_memory_gb * 1e9))
-    rng = np.random.default_rng()
-    for tp in tps:
-        spmd.destroy_model_parallel()
-        spmd.initialize_model_parallel(tp, devices=devices)
-        for op in args.ops:
-            cases = (functools.partial(_row, op, tp, size, dtype, args, rng, budget, devices) for size in sizes)
-            rows += print_jax_table(op, tp, n_dev, IMPL[op], cases, torch_rows, backend, progress)
+        budget = harness.memory_budget(devices, None if args.max_memory_gb is None else int(args.max_memory_gb * 1e9))
+        rng = np.random.default_rng()
+        for tp in tps:
+            spmd.destroy_model_parallel()
+            spmd.initialize_model_parallel(tp, devices=devices)
+            for op in args.ops:
+                cases = (functools.partial(_row, op, tp, size, dtype, args, rng, budget, devices) for size in sizes)
+                print_jax_table(op, tp, n_dev, IMPL[op], cases, torch_rows, backend, progress, rows)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted; writing the {len(rows)} rows measured so far.", file=sys.stderr, flush=True)
+        interrupted = True
+    else:
+        interrupted = False
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     spmd.destroy_model_parallel()
     summarize(rows)
     meta = harness.metadata(
         PROG, argv, devices, dtype=args.dtype, iters=args.iters, repeats=args.repeats, unroll=args.unroll,
         torch_backend=backend, sizes=sizes, tps=tps, peak_gbps=peak_gbps(devices[0].device_kind, args.peak_gbps),
     )  # fmt: skip
-    status = harness.finish(rows, meta, args.json, prog=PROG)
+    status = harness.finish(rows, meta | {"interrupted": interrupted}, args.json, prog=PROG)
     if args.plot and any("us" in r for r in rows):
         plot.write_png({"meta": meta, "results": rows}, args.plot)
         print(f"wrote {args.plot}", flush=True)
-    return status
+    return 130 if interrupted else status
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

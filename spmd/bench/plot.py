@@ -94,5 +94,5 @@ def write_png(result: dict[str, Any], path: str) -> None:
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -66,9 +66,14 @@ def print_jax_table(
     torch_rows: dict[tuple, dict[str, Any]],
     backend: str | None,
     progress: Any,
+    into: list[dict[str, Any]],
     out: Any = None,
 ) -> list[dict[str, Any]]:
-    """Run ``cases`` (each returns a row) and print them as one table; returns the rows (with ``vs_torch``)."""
+    """Run ``cases`` (each returns a row) and print them as one table.
+
+    Each row (with ``vs_torch`` when torch ran) is appended to ``into`` as it finishes, so an
+    interrupted sweep keeps what it measured; returns this table's rows.
+    """
     out = out or sys.stdout
     groups = num_devices // tp
     print(f"#\n# {op} over {tp} ranks ({groups} group{'s' * (groups > 1)} at once): {impl}", file=out)
@@ -92,6 +97,7 @@ def print_jax_table(
             ]
         _print_row(row, extra, out)
         rows.append(row)
+        into.append(row)
     for line in footer_lines([r for r in rows if "us" in r]):
         print(line, file=out, flush=True)
     return rows
