@@ -202,6 +202,14 @@ def test_sweep_rows_json_and_formulas(tmp_path, capsys):
     assert data["meta"]["sizes"] == [64, 1024] and data["meta"]["command"].startswith("spmd-bench collectives")
 
 
+@pytest.mark.parametrize("op", collectives.OPS)
+def test_every_op_is_right_in_both_modes_at_4_ranks(tmp_path, op):
+    status, data = _sweep(tmp_path, "--ops", op, "--tp", "4", "--sizes", "100")
+    (row,) = data["results"]
+    assert status == 0 and row["out_of_place"]["wrong"] == 0 and row["in_place"]["wrong"] == 0
+    assert row["root"] == (0 if "broadcast" in op else -1) and row["size"] >= 100
+
+
 @pytest.mark.parametrize(
     "target,broken",
     [
