@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             plot.require_matplotlib()
         except harness.BenchError as e:
             p.exit(2, f"{PROG}: {e}\n")
-    if args.torch != "off":  # torch's workers need GPU memory beside this process's
+    if args.torch != "off" and args.platform != "cpu":  # torch's workers need GPU memory beside this process's
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
     args, devices = harness.parse_and_start(p, argv)
     import jax
