@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 import spmd
 from kernels import symmetric_memory
-from kernels.custom_all_reduce import peer
+from kernels.custom_all_reduce import peer, peer_ir
 from kernels.symmetric_memory import TILE_BYTES, Layout
 from spmd.communicators import allreduce_plan, custom_all_reduce
 
@@ -533,10 +533,10 @@ def test_inline_ptx_assembles_for_sm90(tmp_path):
 
     body = []
     for _ in range(2):
-        body.append(inline(peer._WAIT_PTX, [], ["%rd1", "%r1", "%rd2"]))
-        body.append(inline(peer._SIGNAL_PTX, [], ["%rd1", "%r1"]))
-        body.append(inline(peer._LL_WAIT_PTX, ["%r2", "%r3", "%r4", "%r5"], ["%rd1", "%r1", "%rd2"]))
-        body.append(inline(peer._LL_PUSH_PTX, [], ["%rd1", "%r2", "%r3", "%r4", "%r5", "%r1"]))
+        body.append(inline(peer_ir.WAIT_PTX, [], ["%rd1", "%r1", "%rd2"]))
+        body.append(inline(peer_ir.SIGNAL_PTX, [], ["%rd1", "%r1"]))
+        body.append(inline(peer_ir.LL_WAIT_PTX, ["%r2", "%r3", "%r4", "%r5"], ["%rd1", "%r1", "%rd2"]))
+        body.append(inline(peer_ir.LL_PUSH_PTX, [], ["%rd1", "%r2", "%r3", "%r4", "%r5", "%r1"]))
     ptx = (
         ".version 8.0\n.target sm_90a\n.address_size 64\n"
         ".visible .entry probe(.param .u64 p0)\n{\n.reg .b32 %r<8>;\n.reg .b64 %rd<4>;\n"

@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from kernels.custom_all_reduce import peer
+from kernels.custom_all_reduce import peer, peer_ir
 from kernels.custom_all_reduce.planning import SUPPORTED_DTYPES, out_struct
 from kernels.symmetric_memory import TILE_BYTES, Layout
 
@@ -76,11 +76,11 @@ def fused_ineligibility(shape: tuple[int, ...], dtype: Any, weight_dtype: Any, l
 
 
 def _fused_body(n: int, tpb: int, hidden: int, dtype: Any, layout: Layout, timeout_ns: int, eps: float):
-    ir, arith, _, llvm, _, _, _, mu = peer._mlir()
+    ir, arith, _, llvm, _, _, _, mu = peer_ir.mlir()
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     name = np.dtype(dtype).name
-    c64 = peer._c64
+    c64 = peer_ir.c64
 
     def body(x_ref, res_ref, w_ref, table_ref, o_ref, h_ref):
         @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 6)
@@ -98,23 +98,23 @@ def _fused_body(n: int, tpb: int, hidden: int, dtype: Any, layout: Layout, timeo
                 return llvm.inline_asm(f32, args, ptx, ",".join(cons), has_side_effects=True)
 
             def to_f32(words):  # 32-bit words -> their elements as f32, in order
-                return [v for wd in words for v in peer._word_to_f32(name, wd)]
+                return [v for wd in words for v in peer_ir.word_to_f32(name, wd)]
 
             def rounded_word(vals):  # f32 values -> one word of them rounded to the dtype
-                return peer._f32_to_word(name, vals)
+                return peer_ir.f32_to_word(name, vals)
 
-            b = peer._block_start(x, table, o, n, layout, tpb)
+            b = peer_ir.block_start(x, table, o, n, layout, tpb)
             res_addr, h_addr = addr(res), addr(h)
             w_addr = addr(w)
             lane16 = arith.muli(arith.extui(i64, b.tid), c64(16))
             h_vals, sumsq = [], None
-            for i, acc in enumerate(peer._ll_sums(b, n, layout, tpb, name, timeout_ns)):
+            for i, acc in enumerate(peer.ll_sums(b, n, layout, tpb, name, timeout_ns)):
                 per = len(acc) // 4
                 ar = to_f32([rounded_word(acc[k * per : (k + 1) * per]) for k in range(4)])
-                rv = to_f32(peer._quad_asm(peer._LOAD16_PTX, [peer._lane_addr(b, res_addr, i)]))
+                rv = to_f32(peer_ir.quad_asm(peer_ir.LOAD16_PTX, [peer_ir.lane_addr(b, res_addr, i)]))
                 hs = [arith.addf(a, r) for a, r in zip(ar, rv, strict=True)]
-                words = [peer._f32_to_word(name, hs[k * per : (k + 1) * per]) for k in range(4)]
-                peer._asm(peer._STORE16_PTX, [peer._lane_addr(b, h_addr, i), *words])
+                words = [peer_ir.f32_to_word(name, hs[k * per : (k + 1) * per]) for k in range(4)]
+                peer_ir.asm(peer_ir.STORE16_PTX, [peer_ir.lane_addr(b, h_addr, i), *words])
                 rounded = to_f32(words)
                 h_vals.append(rounded)
                 for v in rounded:
@@ -128,7 +128,7 @@ def _fused_body(n: int, tpb: int, hidden: int, dtype: Any, layout: Layout, timeo
             scratch = arith.addi(b.own, slot)
             with mu.when(arith.cmpi(arith.CmpIPredicate.eq, lane, arith.constant(i32, 0))):
                 mine = arith.addi(scratch, arith.muli(arith.extui(i64, warp), c64(4)))
-                peer._asm("st.volatile.global.b32 [$0], $1;", [mine, arith.bitcast(i32, total)])
+                peer_ir.asm("st.volatile.global.b32 [$0], $1;", [mine, arith.bitcast(i32, total)])
             mu.warpgroup_barrier()
             parts = [f32_asm("ld.volatile.global.f32 $0, [$1];", [arith.addi(scratch, c64(4 * k))]) for k in range(4)]
             ss = arith.addf(arith.addf(arith.addf(parts[0], parts[1]), parts[2]), parts[3])
@@ -137,13 +137,13 @@ def _fused_body(n: int, tpb: int, hidden: int, dtype: Any, layout: Layout, timeo
             for i, hv in enumerate(h_vals):
                 per = len(hv) // 4
                 w_line = arith.addi(w_addr, arith.addi(c64(i * TILE_BYTES), lane16))
-                wv = to_f32(peer._quad_asm(peer._LOAD16_PTX, [w_line]))
+                wv = to_f32(peer_ir.quad_asm(peer_ir.LOAD16_PTX, [w_line]))
                 ys = to_f32([rounded_word([arith.mulf(v, inv) for v in hv[k * per : (k + 1) * per]]) for k in range(4)])
                 outs = [arith.mulf(wt, y) for wt, y in zip(wv, ys, strict=True)]
-                words = [peer._f32_to_word(name, outs[k * per : (k + 1) * per]) for k in range(4)]
-                peer._asm(peer._STORE16_PTX, [peer._lane_addr(b, b.o_addr, i), *words])
+                words = [peer_ir.f32_to_word(name, outs[k * per : (k + 1) * per]) for k in range(4)]
+                peer_ir.asm(peer_ir.STORE16_PTX, [peer_ir.lane_addr(b, b.o_addr, i), *words])
             mu.warpgroup_barrier()  # every thread has read the counter and the scratch before they move
-            peer._block_finish(b)
+            peer_ir.block_finish(b)
 
         _(x_ref, res_ref, w_ref, table_ref, o_ref, h_ref)
 
@@ -159,7 +159,7 @@ def fused_add_rms_norm_peer(
     world_size: int,
     layout: Layout,
     eps: float,
-    timeout_ns: int = peer.DEFAULT_TIMEOUT_NS,
+    timeout_ns: int = peer_ir.DEFAULT_TIMEOUT_NS,
 ) -> tuple[jax.Array, jax.Array]:
     """``(RMSNorm(all_reduce(x) + residual), all_reduce(x) + residual)`` in one kernel launch.
 
@@ -199,5 +199,5 @@ def fused_add_rms_norm_peer(
     body = _fused_body(world_size, tpb, hidden, x.dtype, layout, int(timeout_ns), float(eps))
     flat = (rows * hidden,)
     outs = (out_struct(flat, x.dtype, x), out_struct(flat, x.dtype, x))
-    out, h = peer._kernel(body, outs, rows)(x.reshape(-1), residual.reshape(-1), weight, table)
+    out, h = peer_ir.kernel(body, outs, rows)(x.reshape(-1), residual.reshape(-1), weight, table)
     return out.reshape(x.shape), h.reshape(x.shape)

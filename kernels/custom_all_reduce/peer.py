@@ -35,22 +35,28 @@ same bits. NVLink multicast (multimem) is never used.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import inspect
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import compat
+from kernels.custom_all_reduce import peer_ir as pir
+from kernels.custom_all_reduce.peer_ir import DEFAULT_TIMEOUT_NS
 from kernels.custom_all_reduce.planning import SUPPORTED_DTYPES, out_struct
 from kernels.symmetric_memory import TILE_BYTES, Layout
 
-__all__ = ["DEFAULT_TIMEOUT_NS", "MODES", "PROTOCOLS", "PeerPlan", "one_shot_peer", "padded_plan", "plan_peer"]
+__all__ = [
+    "DEFAULT_TIMEOUT_NS",
+    "MODES",
+    "PROTOCOLS",
+    "PeerPlan",
+    "ll_sums",
+    "one_shot_peer",
+    "padded_plan",
+    "plan_peer",
+]
 
-DEFAULT_TIMEOUT_NS = 20_000_000_000  # 20 s: far beyond any call, short of a silent hang
 MODES = ("full", "flags", "copy")
 PROTOCOLS = ("auto", "ll", "pull")
 
@@ -118,137 +124,8 @@ def padded_plan(nbytes: int, layout: Layout, protocol: str) -> tuple[int, PeerPl
     return blocks * tpb * TILE_BYTES, PeerPlan((blocks, tpb)), protocol
 
 
-def _kernel(body, out_type, grid: int):
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    params = inspect.signature(plgpu.kernel).parameters
-    kwargs = {
-        ("out_type" if "out_type" in params else "out_shape"): out_type,
-        "grid": (grid,),
-        "grid_names": ("blocks",),
-    }
-    return plgpu.kernel(body, **kwargs)
-
-
-@functools.cache
-def _mlir():
-    """The MLIR builders (imported on first use: CPU-only programs never need Mosaic GPU)."""
-    from jax.experimental.mosaic import gpu as mgpu
-    from jax.experimental.mosaic.gpu import utils as mu
-
-    return (*compat.mlir_dialects(), mgpu, mu)
-
-
-def _asm(ptx: str, args: list, result=None):
-    """Inline PTX with side effects (``llvm.inline_asm``; ``l`` = 64-bit, ``r`` = 32-bit operands)."""
-    ir, _, _, llvm, *_ = _mlir()
-    cons = []
-    if result is not None:
-        cons.append("=r")
-    for a in args:
-        cons.append("l" if ir.IntegerType(a.type).width == 64 else "r")
-    res = result if result is not None else ir.Type.parse("!llvm.void")
-    return llvm.inline_asm(res, args, ptx, ",".join(cons), has_side_effects=True)
-
-
-# Spin until the 32-bit flag at $0 holds epoch $1 or $1 + 1 (a peer is at most one call ahead: it
-# cannot finish this call before our own flag), acquire at system scope; an older epoch, however
-# old (ll calls advance epochs without writing flags), never passes. After $2 ns of %globaltimer,
-# trap.
-_WAIT_PTX = """{
-.reg .pred spmd_done, spmd_late;
-.reg .b32 spmd_v;
-.reg .b64 spmd_t0, spmd_t1;
-mov.u64 spmd_t0, %globaltimer;
-SPMD_WAIT:
-ld.acquire.sys.global.b32 spmd_v, [$0];
-sub.u32 spmd_v, spmd_v, $1;
-setp.le.u32 spmd_done, spmd_v, 1;
-@spmd_done bra SPMD_DONE;
-mov.u64 spmd_t1, %globaltimer;
-sub.u64 spmd_t1, spmd_t1, spmd_t0;
-setp.gt.u64 spmd_late, spmd_t1, $2;
-@spmd_late trap;
-bra SPMD_WAIT;
-SPMD_DONE:
-}"""
-_SIGNAL_PTX = "fence.acq_rel.sys;\nst.relaxed.sys.global.b32 [$0], $1;"
-
-
-@dataclasses.dataclass(frozen=True)
-class _Block:
-    """What both kernel bodies derive first, per thread block (MLIR values)."""
-
-    rank: Any  # i32: this device's rank in the group
-    bases: list  # i64 per rank: its buffer's address
-    own: Any  # i64: this device's buffer
-    blk: Any  # i64: the block index
-    tid: Any  # i32: the thread index
-    counter: Any  # i64: address of this block's epoch counter
-    epoch: Any  # i32: this call's epoch (counter + 1)
-    parity: Any  # i64: epoch % 2
-    x_addr: Any  # i64: the input
-    o_addr: Any  # i64: the output
-    first: Any  # i64: byte offset of this block's first tile
-
-
-def _c64(v: int):
-    ir, arith, *_ = _mlir()
-    return arith.constant(ir.IntegerType.get_signless(64), v)
-
-
-def _pick(idx, values):
-    """``values[idx]`` for a traced i32 ``idx`` (a select chain)."""
-    ir, arith, *_ = _mlir()
-    out = values[0]
-    for j in range(1, len(values)):
-        hit = arith.cmpi(arith.CmpIPredicate.eq, idx, arith.constant(ir.IntegerType.get_signless(32), j))
-        out = arith.select(hit, values[j], out)
-    return out
-
-
-def _block_start(x, table, o, n: int, layout: Layout, tpb: int) -> _Block:
-    """Read the table (rank, every rank's buffer address) and this block's epoch counter."""
-    ir, arith, gpu, llvm, memref, _, _, mu = _mlir()
-    i32, i64, index = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(64), ir.IndexType.get()
-
-    def word(k: int):
-        return memref.load(table, [arith.constant(index, k)])
-
-    rank = word(0)
-    bases = []
-    for j in range(n):
-        lo = arith.extui(i64, word(1 + 2 * j))
-        hi = arith.extui(i64, word(2 + 2 * j))
-        bases.append(arith.ori(lo, arith.shli(hi, _c64(32))))
-    own = _pick(rank, bases)
-    blk = arith.index_cast(i64, gpu.block_id(gpu.Dimension.x))
-    counter = arith.addi(own, arith.addi(_c64(layout.counters_offset), arith.muli(blk, _c64(4))))
-    epoch = arith.addi(_asm("ld.relaxed.gpu.global.b32 $0, [$1];", [counter], result=i32), arith.constant(i32, 1))
-    return _Block(
-        rank=rank,
-        bases=bases,
-        own=own,
-        blk=blk,
-        tid=arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x)),
-        counter=counter,
-        epoch=epoch,
-        parity=arith.extui(i64, arith.andi(epoch, arith.constant(i32, 1))),
-        x_addr=llvm.ptrtoint(i64, mu.memref_ptr(x)),
-        o_addr=llvm.ptrtoint(i64, mu.memref_ptr(o)),
-        first=arith.muli(blk, _c64(tpb * TILE_BYTES)),
-    )
-
-
-def _block_finish(b: _Block) -> None:
-    """Thread 0 moves this block's epoch counter on (after every thread has read it)."""
-    ir, arith, *_, mu = _mlir()
-    with mu.when(arith.cmpi(arith.CmpIPredicate.eq, b.tid, arith.constant(ir.IntegerType.get_signless(32), 0))):
-        _asm("st.relaxed.gpu.global.b32 [$0], $1;", [b.counter, b.epoch])
-
-
 def _one_shot_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_ns: int, mode: str):
-    ir, arith, _, llvm, _, _, mgpu, mu = _mlir()
+    ir, arith, _, llvm, _, _, mgpu, mu = pir.mlir()
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     tpb = plan.tiles_per_block
@@ -258,18 +135,16 @@ def _one_shot_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_n
     def body(x_ref, table_ref, o_ref):
         @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType()))
         def _(ctx, x, table, o):
-            i32 = ir.IntegerType.get_signless(32)
-            i64 = ir.IntegerType.get_signless(64)
             elem = mu.dtype_to_ir_type(dtype)
             f32 = ir.F32Type.get()
             tile_ty = ir.MemRefType.get((tile_elems,), elem)
-            c64 = _c64
+            c64 = pir.c64
 
             def as_tile(addr):
                 return mu.ptr_as_memref(llvm.inttoptr(llvm.PointerType.get(), addr), tile_ty)
 
-            b = _block_start(x, table, o, n, layout, tpb)
-            rank, bases, own, blk, tid, epoch = b.rank, b.bases, b.own, b.blk, b.tid, b.epoch
+            b = pir.block_start(x, table, o, n, layout, tpb)
+            bases, own, blk = b.bases, b.own, b.blk
             x_addr, o_addr, first = b.x_addr, b.o_addr, b.first
             slot = arith.muli(arith.addi(arith.muli(b.parity, c64(layout.max_blocks)), blk), c64(layout.slot_bytes))
 
@@ -287,17 +162,7 @@ def _one_shot_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_n
                 for i in range(tpb):
                     v = mgpu.FragmentedArray.load_strided(x_tile(i), vec_size=vec)
                     v.store_untiled(as_tile(arith.addi(own, arith.addi(slot, c64(i * TILE_BYTES)))))
-            mu.warpgroup_barrier()
-
-            is_signaller = arith.cmpi(arith.CmpIPredicate.ult, tid, arith.constant(i32, n))
-            with mu.when(is_signaller):
-                peer = _pick(tid, bases)
-                flag_row = arith.addi(c64(layout.flags_offset), arith.muli(blk, c64(4 * layout.max_ranks)))
-                theirs = arith.addi(peer, arith.addi(flag_row, arith.muli(arith.extui(i64, rank), c64(4))))
-                _asm(_SIGNAL_PTX, [theirs, epoch])
-                mine = arith.addi(own, arith.addi(flag_row, arith.muli(arith.extui(i64, tid), c64(4))))
-                _asm(_WAIT_PTX, [mine, epoch, c64(int(timeout_ns))])
-            mu.warpgroup_barrier()
+            pir.flag_round(b, n, layout, b.epoch, timeout_ns)
 
             for i in range(tpb):
                 if mode == "flags":  # the flag-exchange floor: no staging, no peer data
@@ -309,96 +174,22 @@ def _one_shot_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_n
                     v = mgpu.FragmentedArray.load_strided(as_tile(src), vec_size=vec).astype(f32)
                     acc = v if acc is None else acc + v
                 acc.astype(elem).store_untiled(o_tile(i))
-            _block_finish(b)
+            pir.block_finish(b)
 
         _(x_ref, table_ref, o_ref)
 
     return body
 
 
-# Wait for one 32-byte line of (word, epoch) pairs at $4 whose four epochs equal $5; the four
-# words come back in $0..$3. Volatile loads of 16 bytes, each 8-byte half carrying its own epoch
-# (NCCL's LL line). After $6 nanoseconds, trap.
-_LL_WAIT_PTX = """{
-.reg .pred spmd_ok, spmd_late;
-.reg .b32 spmd_f0, spmd_f1, spmd_f2, spmd_f3;
-.reg .b64 spmd_t0, spmd_t1;
-mov.u64 spmd_t0, %globaltimer;
-SPMD_LL_WAIT:
-ld.volatile.global.v4.b32 {$0, spmd_f0, $1, spmd_f1}, [$4];
-ld.volatile.global.v4.b32 {$2, spmd_f2, $3, spmd_f3}, [$4+16];
-setp.eq.b32 spmd_ok, spmd_f0, $5;
-setp.eq.and.b32 spmd_ok, spmd_f1, $5, spmd_ok;
-setp.eq.and.b32 spmd_ok, spmd_f2, $5, spmd_ok;
-setp.eq.and.b32 spmd_ok, spmd_f3, $5, spmd_ok;
-@spmd_ok bra SPMD_LL_DONE;
-mov.u64 spmd_t1, %globaltimer;
-sub.u64 spmd_t1, spmd_t1, spmd_t0;
-setp.gt.u64 spmd_late, spmd_t1, $6;
-@spmd_late trap;
-bra SPMD_LL_WAIT;
-SPMD_LL_DONE:
-}"""
-_LL_PUSH_PTX = "st.volatile.global.v4.b32 [$0], {$1, $5, $2, $5};\nst.volatile.global.v4.b32 [$0+16], {$3, $5, $4, $5};"
-
-
-_LOAD16_PTX = "ld.global.v4.b32 {$0, $1, $2, $3}, [$4];"
-_STORE16_PTX = "st.global.v4.b32 [$0], {$1, $2, $3, $4};"
-
-
-def _quad_asm(ptx: str, args: list) -> list:
-    """Inline PTX returning four 32-bit words (``$0..$3``), operands after them."""
-    ir, _, _, llvm, *_ = _mlir()
-    i32 = ir.IntegerType.get_signless(32)
-    quad = llvm.StructType.get_literal([i32] * 4)
-    cons = ["=r"] * 4 + ["l" if ir.IntegerType(a.type).width == 64 else "r" for a in args]
-    res = llvm.inline_asm(quad, args, ptx, ",".join(cons), has_side_effects=True)
-    return [llvm.extractvalue(i32, res, [k]) for k in range(4)]
-
-
-def _word_to_f32(name: str, w: Any) -> list:
-    """One 32-bit word -> its elements (``name``: float32 / bfloat16 / float16) as f32 values."""
-    ir, arith, *_ = _mlir()
-    i32, i16, f32 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(16), ir.F32Type.get()
-    if name == "float32":
-        return [arith.bitcast(f32, w)]
-    if name == "bfloat16":
-        lo = arith.bitcast(f32, arith.shli(w, arith.constant(i32, 16)))
-        hi = arith.bitcast(f32, arith.andi(w, arith.constant(i32, -65536)))
-        return [lo, hi]
-    half = ir.F16Type.get()
-    lo = arith.bitcast(half, arith.trunci(i16, w))
-    hi = arith.bitcast(half, arith.trunci(i16, arith.shrui(w, arith.constant(i32, 16))))
-    return [arith.extf(f32, lo), arith.extf(f32, hi)]
-
-
-def _f32_to_word(name: str, vals: list) -> Any:
-    """f32 values (one, or two for 16-bit types) rounded to ``name`` and packed into one 32-bit word."""
-    ir, arith, *_ = _mlir()
-    i32, i16 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(16)
-    if name == "float32":
-        return arith.bitcast(i32, vals[0])
-    narrow = ir.BF16Type.get() if name == "bfloat16" else ir.F16Type.get()
-    lo, hi = (arith.extui(i32, arith.bitcast(i16, arith.truncf(narrow, v))) for v in vals)
-    return arith.ori(lo, arith.shli(hi, arith.constant(i32, 16)))
-
-
-def _lane_addr(b: _Block, base: Any, i: int) -> Any:
-    """This thread's 16 bytes of tile ``i`` of this block in the array at ``base``."""
-    ir, arith, *_ = _mlir()
-    lane16 = arith.muli(arith.extui(ir.IntegerType.get_signless(64), b.tid), _c64(16))
-    return arith.addi(base, arith.addi(b.first, arith.addi(_c64(i * TILE_BYTES), lane16)))
-
-
-def _ll_sums(b: _Block, n: int, layout: Layout, tpb: int, name: str, timeout_ns: int) -> list[list]:
+def ll_sums(b: pir.Block, n: int, layout: Layout, tpb: int, name: str, timeout_ns: int) -> list[list]:
     """The ll exchange of this block's ``tpb`` tiles of the input: per tile, this thread's f32 sums.
 
     Pushes this thread's 16 bytes of every tile, with the epoch beside every word, into every
     rank's inbox; then waits for every rank's line and adds them in rank order (float32).
     """
-    ir, arith, *_ = _mlir()
+    ir, arith, *_ = pir.mlir()
     i64 = ir.IntegerType.get_signless(64)
-    c64 = _c64
+    c64 = pir.c64
     lane32 = arith.muli(arith.extui(i64, b.tid), c64(32))
     row = arith.addi(arith.muli(b.parity, c64(layout.max_blocks)), b.blk)  # (parity, block)
 
@@ -410,15 +201,15 @@ def _ll_sums(b: _Block, n: int, layout: Layout, tpb: int, name: str, timeout_ns:
 
     me = arith.extui(i64, b.rank)
     for i in range(tpb):
-        words = _quad_asm(_LOAD16_PTX, [_lane_addr(b, b.x_addr, i)])
+        words = pir.quad_asm(pir.LOAD16_PTX, [pir.lane_addr(b, b.x_addr, i)])
         for j in range(n):
-            _asm(_LL_PUSH_PTX, [inbox(b.bases[j], me, i), *words, b.epoch])
+            pir.asm(pir.LL_PUSH_PTX, [inbox(b.bases[j], me, i), *words, b.epoch])
     sums = []
     for i in range(tpb):
         acc = None
         for j in range(n):
-            words = _quad_asm(_LL_WAIT_PTX, [inbox(b.own, j, i), b.epoch, c64(int(timeout_ns))])
-            vals = [v for w in words for v in _word_to_f32(name, w)]
+            words = pir.quad_asm(pir.LL_WAIT_PTX, [inbox(b.own, j, i), b.epoch, c64(int(timeout_ns))])
+            vals = [v for w in words for v in pir.word_to_f32(name, w)]
             acc = vals if acc is None else [arith.addf(a, v) for a, v in zip(acc, vals, strict=True)]
         sums.append(acc)
     return sums
@@ -439,7 +230,7 @@ def _ll_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_ns: int
     peer pushes only once it has finished call ``k``; so a reader never sees its slot change
     under it, and an old epoch is never mistaken for the current one.
     """
-    _, _, _, _, _, _, _, mu = _mlir()
+    _, _, _, _, _, _, _, mu = pir.mlir()
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     tpb = plan.tiles_per_block
@@ -448,13 +239,13 @@ def _ll_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_ns: int
     def body(x_ref, table_ref, o_ref):
         @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType()))
         def _(ctx, x, table, o):
-            b = _block_start(x, table, o, n, layout, tpb)
-            for i, acc in enumerate(_ll_sums(b, n, layout, tpb, name, timeout_ns)):
+            b = pir.block_start(x, table, o, n, layout, tpb)
+            for i, acc in enumerate(ll_sums(b, n, layout, tpb, name, timeout_ns)):
                 per = len(acc) // 4
-                out = [_f32_to_word(name, acc[k * per : (k + 1) * per]) for k in range(4)]
-                _asm(_STORE16_PTX, [_lane_addr(b, b.o_addr, i), *out])
+                out = [pir.f32_to_word(name, acc[k * per : (k + 1) * per]) for k in range(4)]
+                pir.asm(pir.STORE16_PTX, [pir.lane_addr(b, b.o_addr, i), *out])
             mu.warpgroup_barrier()  # every thread has read the counter before it moves
-            _block_finish(b)
+            pir.block_finish(b)
 
         _(x_ref, table_ref, o_ref)
 
@@ -534,4 +325,4 @@ def one_shot_peer(
         body = _ll_body(world_size, plan, x.dtype, layout, int(timeout_ns))
     else:
         body = _one_shot_body(world_size, plan, x.dtype, layout, int(timeout_ns), mode)
-    return _kernel(body, out_struct(x.shape, x.dtype, x), plan.blocks)(x, table)
+    return pir.kernel(body, out_struct(x.shape, x.dtype, x), plan.blocks)(x, table)
