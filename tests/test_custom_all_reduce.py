@@ -256,7 +256,7 @@ def test_kernel_entry_errors(kwargs, match):
         jax.make_jaxpr(f)(jnp.ones(64, jnp.float32))
 
 
-def test_gpu_lowering_needs_buffers_and_one_shot():
+def test_gpu_lowering_needs_buffers_and_takes_both_kernels():
     """The Mosaic GPU lowering traces on CPU (tests/test_peer_all_reduce.py lowers it for CUDA)."""
     from kernels import symmetric_memory
 
@@ -269,19 +269,19 @@ def test_gpu_lowering_needs_buffers_and_one_shot():
         )
         return jax.make_jaxpr(f)(jnp.ones(1000, jnp.bfloat16))
 
-    jaxpr = traced(algorithm="one_shot", buffers=bufs)
-    assert "inline_mgpu" in str(jaxpr)
-    assert jaxpr.out_avals[0].shape == (1000,) and jaxpr.out_avals[0].dtype == jnp.bfloat16
-    with pytest.raises(ValueError, match="the GPU lowering needs the mesh's peer buffers"):
-        traced(algorithm="one_shot")
-    with pytest.raises(ValueError, match="the GPU lowering has the one-shot kernel only, got algorithm='two_shot'"):
-        traced(algorithm="two_shot", buffers=bufs)
+    for algorithm in ("one_shot", "two_shot"):  # 1000 elements: padded to a whole 2 KiB tile, then cut
+        jaxpr = traced(algorithm=algorithm, buffers=bufs)
+        assert "inline_mgpu" in str(jaxpr)
+        assert jaxpr.out_avals[0].shape == (1000,) and jaxpr.out_avals[0].dtype == jnp.bfloat16
+        with pytest.raises(ValueError, match="the GPU lowering needs the mesh's peer buffers"):
+            traced(algorithm=algorithm)
 
 
 def test_kernels_package_imports_only_jax():
     """``kernels`` is a leaf: importing it (GPU lowering included) loads no ``spmd`` module."""
     code = (
         "import sys, kernels.custom_all_reduce as k, kernels.custom_all_reduce.peer, kernels.custom_all_reduce.tpu\n"
+        "import kernels.custom_all_reduce.two_shot\n"
         "import kernels.symmetric_memory\n"
         "bad = sorted(m for m in sys.modules if m == 'spmd' or m.startswith('spmd.'))\n"
         "assert not bad, bad\n"

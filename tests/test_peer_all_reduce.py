@@ -224,8 +224,7 @@ def test_dispatch_gpu_needs_buffers_then_uses_the_peer_kernel(on_gpu):
     assert "inline_mgpu" not in str(traced(algorithm="auto", platform="gpu"))  # psum instead
     symmetric_memory.allocate(mesh, "tp")
     assert "inline_mgpu" in str(traced(algorithm="one_shot", platform="gpu"))
-    with pytest.raises(ValueError, match="the GPU lowering has the one-shot kernel only"):
-        traced(algorithm="two_shot", platform="gpu")
+    assert "inline_mgpu" in str(traced(algorithm="two_shot", platform="gpu"))  # forced: no table row needed
     big = jnp.ones((2, 2**19 + 8), jnp.float32)
     with pytest.raises(ValueError, match="more than the peer buffers stage"):
         jax.make_jaxpr(

@@ -1,8 +1,9 @@
 """Pallas one-shot and two-shot all-reduce kernels for small tensors, and their pure-JAX reference.
 
-Two lowerings: Mosaic GPU on persistent peer buffers (:mod:`.peer`, one-shot; the buffers are
-:mod:`kernels.symmetric_memory`) and the TPU form (:mod:`.tpu`, one-shot and two-shot with remote
-DMAs on the plan of :mod:`.planning`; on CPU it runs in Pallas's TPU interpret mode).
+Two lowerings: Mosaic GPU on persistent peer buffers (:mod:`.peer`, one-shot; :mod:`.two_shot`;
+their building blocks in :mod:`.peer_ir`; the buffers are :mod:`kernels.symmetric_memory`) and the
+TPU form (:mod:`.tpu`, one-shot and two-shot with remote DMAs on the plan of :mod:`.planning`; on
+CPU it runs in Pallas's TPU interpret mode).
 This package imports only JAX and NumPy. Which kernel runs for a given call, and the psum
 fallback, are decided by ``spmd.communicators.allreduce_plan``.
 """
@@ -32,6 +33,7 @@ __all__ = [
     "one_shot_peer",
     "one_shot_tpu",
     "reference_all_reduce",
+    "two_shot_peer",
     "two_shot_tpu",
 ]
 
@@ -43,4 +45,8 @@ def __getattr__(name: str):
         from kernels.custom_all_reduce import peer
 
         return peer.one_shot_peer
+    if name == "two_shot_peer":
+        from kernels.custom_all_reduce import two_shot
+
+        return two_shot.two_shot_peer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -66,22 +66,23 @@ def all_reduce_kernel(
       x: ``T[...]`` with ``T`` in :data:`~.planning.SUPPORTED_DTYPES`; traced inside
         ``shard_map(..., check_vma=False)`` over ``axis_name``.
       axis_name: the mesh axis (or tuple of axes) to reduce over; its size is the world size.
-      algorithm: ``"one_shot"`` or ``"two_shot"`` (the GPU lowering has one-shot only).
-      lowering: ``"gpu"`` (Mosaic GPU on persistent peer buffers, NVIDIA only; :mod:`.peer`) or
+      algorithm: ``"one_shot"`` or ``"two_shot"``.
+      lowering: ``"gpu"`` (Mosaic GPU on persistent peer buffers, NVIDIA only; :mod:`.peer` and
+        :mod:`.two_shot`) or
         ``"tpu"`` (the TPU form).
       interpret: for the TPU form, Pallas interpret parameters (e.g.
         ``pltpu.InterpretParams(detect_races=True)``) to run it on CPU; ``None`` compiles it.
       buffers: for the GPU lowering, the peer buffers of the mesh for this group
         (:func:`kernels.symmetric_memory.allocate`).
-      protocol: for the GPU lowering, ``"ll"``, ``"pull"`` or ``"auto"`` (see
-        :func:`~kernels.custom_all_reduce.peer.one_shot_peer`).
+      protocol: for the GPU one-shot, ``"ll"``, ``"pull"`` or ``"auto"`` (see
+        :func:`~kernels.custom_all_reduce.peer.one_shot_peer`); the two-shot has one protocol.
 
     Returns:
       ``T[...]``: the sum, bitwise equal to :func:`reference_all_reduce` on every rank.
 
     Raises:
       ValueError: an unknown algorithm or lowering, ``interpret`` with the GPU lowering, the
-        GPU lowering without ``buffers``, with ``"two_shot"`` or with more bytes than they stage.
+        GPU lowering without ``buffers`` or with more bytes than they stage.
     """
     if algorithm not in planning.KERNEL_ALGORITHMS:
         raise ValueError(f"all_reduce_kernel: expected algorithm in {planning.KERNEL_ALGORITHMS}, got {algorithm!r}.")
@@ -113,15 +114,10 @@ def _gpu(
             "all_reduce_kernel: the GPU lowering needs the mesh's peer buffers; pass "
             "buffers=kernels.symmetric_memory.allocate(mesh, axis_name)."
         )
-    if algorithm != "one_shot":
-        raise ValueError(
-            f"all_reduce_kernel: the GPU lowering has the one-shot kernel only, got algorithm={algorithm!r} "
-            f"(one-shot takes up to {buffers.layout.max_message_bytes} bytes per device)."
-        )
     from kernels.custom_all_reduce import peer
 
     itemsize = flat.dtype.itemsize
-    planned = peer.padded_plan(flat.size * itemsize, buffers.layout, protocol)
+    planned = peer.padded_plan(flat.size * itemsize, buffers.layout, "pull" if algorithm == "two_shot" else protocol)
     if planned is None:
         raise ValueError(
             f"all_reduce_kernel: {flat.size * itemsize} bytes per device is more than the peer buffers stage "
@@ -130,7 +126,11 @@ def _gpu(
     nbytes, plan, protocol = planned
     padded_numel = nbytes // itemsize
     padded = flat if padded_numel == flat.size else jnp.pad(flat, (0, padded_numel - flat.size))
-    out = peer.one_shot_peer(
-        padded, buffers.peer_table(axis_name), world_size=n, layout=buffers.layout, plan=plan, protocol=protocol
-    )
+    table = buffers.peer_table(axis_name)
+    if algorithm == "two_shot":
+        from kernels.custom_all_reduce.two_shot import two_shot_peer
+
+        out = two_shot_peer(padded, table, world_size=n, layout=buffers.layout, plan=plan)
+    else:
+        out = peer.one_shot_peer(padded, table, world_size=n, layout=buffers.layout, plan=plan, protocol=protocol)
     return out if padded_numel == flat.size else out[: flat.size]

@@ -4,8 +4,8 @@
     python -m spmd.bench.custom_all_reduce --write-tuning tuning.json   # then ship it as
         # spmd/communicators/custom_all_reduce_tuning.json
 
-On GPUs the Mosaic GPU one-shot on persistent peer buffers runs (``kernels.custom_all_reduce.peer``;
-there is no GPU two-shot); on TPUs the TPU form; on CPU (``--platform cpu``) the TPU form in
+On GPUs the Mosaic GPU one-shot and two-shot on persistent peer buffers run
+(``kernels.custom_all_reduce.peer``, ``.two_shot``); on TPUs the TPU form; on CPU (``--platform cpu``) the TPU form in
 Pallas's interpret mode, which checks the algorithm and the harness but times nothing useful. Two
 GPU-only floors of the same kernel can be timed beside the all-reduces, to show what limits it:
 ``peer_flags`` (the per-call flag exchange with the peers, no data staged or read) and
@@ -239,11 +239,14 @@ def _write_tuning(path: pathlib.Path, rows, worlds, platform: str, meta: dict[st
     stamp = f"{meta['device_kind']}, {meta['date'][:10]}, {meta['command']}"
     for n in worlds:
         max_bytes, one_shot_max, ll_max = crossovers(rows, n)
+        timed = {r["variant"] for r in rows if r.get("world") == n and r.get("ok")}
+        timed |= {"one_shot"} if timed & {"ll", "pull"} else set()  # the one-shot's two protocols
         table.setdefault("platforms", {}).setdefault(platform, {})[str(n)] = {
             "max_bytes": max_bytes,
             "one_shot_max_bytes": one_shot_max,
             "ll_max_bytes": ll_max,
             "source": stamp,
+            "algorithms": [a for a in ("one_shot", "two_shot") if a in timed],  # auto never runs an untimed kernel
         }
     path.write_text(json.dumps(table, indent=2) + "\n")
     return table

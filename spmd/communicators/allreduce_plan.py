@@ -117,8 +117,6 @@ def _gpu_why_not(
         if procs > 1 and (interpret is not None or device_platform != "tpu"):
             return _INTERPRETED.format(platform=device_platform, n=procs), None
         return None, None
-    if algorithm == "two_shot":
-        return "the GPU lowering has the one-shot kernel only", None
     if axis_name is None and buffers is None:
         return None, None  # auto_algorithms asked without a group: the buffers are not checked
     try:
@@ -262,7 +260,9 @@ def _plan_groups(
             continue
         lowering, interp = _lowering(_device_platform(leaves[idx[0]]), interpret)
         kernel_args = {}
-        if lowering == "gpu":
+        if lowering == "gpu" and algo == "two_shot":
+            kernel_args = {"buffers": found}
+        elif lowering == "gpu":
             kernel_args = {"buffers": found, "protocol": _protocol(jax.ShapeDtypeStruct((numel,), dtype), n, tuning)}
         groups.append(GroupPlan(tuple(idx), algo, plat, lowering=lowering, interpret=interp, kernel_args=kernel_args))
     return groups

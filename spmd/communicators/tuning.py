@@ -2,10 +2,11 @@
 
 The table is data (``custom_all_reduce_tuning.json`` beside this file, or any file of the same
 form given by path): per platform and world size, the largest message (bytes per device) the
-kernel takes, where one-shot gives way to two-shot, and on GPUs where the one-shot's low-latency
-protocol gives way to the pull protocol. It is written by
-``python -m spmd.bench.custom_all_reduce --write-tuning PATH``; a world size or platform missing
-from it means psum under ``algorithm="auto"``.
+kernel takes, where one-shot gives way to two-shot, on GPUs where the one-shot's low-latency
+protocol gives way to the pull protocol, and which kernels the measurement timed (``algorithms``).
+It is written by ``python -m spmd.bench.custom_all_reduce --write-tuning PATH``; a world size or
+platform missing from it means psum under ``algorithm="auto"``, and so does a size the row would
+send to a kernel its measurement did not time (``auto`` never runs an unmeasured kernel).
 
 :func:`ineligibility` and :func:`select_algorithm` answer from the shape, dtype, world size and
 platform only; what the traced input adds (the devices, the process count, the peer buffers,
@@ -24,12 +25,13 @@ from typing import Any
 import numpy as np
 
 from kernels import symmetric_memory
-from kernels.custom_all_reduce import ALIGN_BYTES, SUPPORTED_DTYPES, SUPPORTED_WORLD_SIZES
+from kernels.custom_all_reduce import ALIGN_BYTES, KERNEL_ALGORITHMS, SUPPORTED_DTYPES, SUPPORTED_WORLD_SIZES
 
 __all__ = [
     "TUNING_PATH",
     "TuningEntry",
     "auto_choice",
+    "default_algorithms",
     "ineligibility",
     "message_bytes",
     "select_algorithm",
@@ -53,12 +55,16 @@ class TuningEntry:
       source: where the numbers came from (card, date, command).
       ll_max_bytes: GPU one-shot: up to this size the low-latency protocol (data pushed with an
         epoch beside every word), above it the pull protocol (staged, one flag round).
+      algorithms: the kernels the row's measurement timed; ``auto`` sends a size to psum rather
+        than to a kernel not listed. A row without the field: ``("one_shot",)`` on GPUs (rows
+        written before the GPU two-shot existed), both kernels elsewhere (:func:`default_algorithms`).
     """
 
     max_bytes: int
     one_shot_max_bytes: int
     source: str = ""
     ll_max_bytes: int = 0
+    algorithms: tuple[str, ...] = KERNEL_ALGORITHMS
 
     def __post_init__(self):
         if not 0 <= self.one_shot_max_bytes <= self.max_bytes:
@@ -68,6 +74,22 @@ class TuningEntry:
             )
         if self.ll_max_bytes < 0:
             raise ValueError(f"TuningEntry: expected ll_max_bytes >= 0, got {self.ll_max_bytes}.")
+        algorithms = self.algorithms
+        if isinstance(algorithms, str) or not all(a in KERNEL_ALGORITHMS for a in algorithms):
+            raise ValueError(
+                f"TuningEntry: expected algorithms to be a list of names from {list(KERNEL_ALGORITHMS)} (the kernels "
+                f"the row's measurement timed), got {algorithms!r}."
+            )
+        object.__setattr__(self, "algorithms", tuple(algorithms))
+
+
+def default_algorithms(platform: str) -> tuple[str, ...]:
+    """The kernels a table row without ``algorithms`` was measured with.
+
+    GPU rows written before the GPU two-shot existed timed the one-shot only; the TPU form always
+    had both kernels.
+    """
+    return ("one_shot",) if _platform_key(platform) == "gpu" else KERNEL_ALGORITHMS
 
 
 def tuning_table(path: PathLike | None = None) -> dict[tuple[str, int], TuningEntry]:
@@ -75,7 +97,8 @@ def tuning_table(path: PathLike | None = None) -> dict[tuple[str, int], TuningEn
 
     Args:
       path: a JSON file ``{"platforms": {platform: {world_size: {"max_bytes", "one_shot_max_bytes",
-        "source"}}}}``; default :data:`TUNING_PATH`, the table shipped with the package.
+        "source", optional "ll_max_bytes" and "algorithms"}}}}``; default :data:`TUNING_PATH`, the
+        table shipped with the package.
 
     Returns:
       The entries, keyed by platform name and world size (read once per path).
@@ -100,6 +123,7 @@ def _load_table(path: str) -> tuple[tuple[tuple[str, int], TuningEntry], ...]:
                     one_shot_max_bytes=int(entry["one_shot_max_bytes"]),
                     source=str(entry.get("source", "")),
                     ll_max_bytes=int(entry.get("ll_max_bytes", 0)),
+                    algorithms=tuple(entry.get("algorithms", default_algorithms(key[0]))),
                 )
                 rows.append((key, value))
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
@@ -162,8 +186,9 @@ def select_algorithm(
       tuning: the tuning table's path (default: the shipped table).
 
     Returns:
-      ``"xla"`` when the input is ineligible or the table has no entry or a smaller ``max_bytes``;
-      else ``"one_shot"`` up to the entry's ``one_shot_max_bytes``, ``"two_shot"`` above.
+      ``"xla"`` when the input is ineligible, the table has no entry or a smaller ``max_bytes``,
+      or the entry's kernel for the size is not among its measured ``algorithms``; else
+      ``"one_shot"`` up to the entry's ``one_shot_max_bytes``, ``"two_shot"`` above.
     """
     return auto_choice(shape, dtype, world_size, platform, tuning=tuning)[0]
 
@@ -189,7 +214,14 @@ def auto_choice(
             "xla",
             f"{nbytes} bytes per device is over the tuning table's {entry.max_bytes} for {platform} at world size {n}",
         )
-    return ("one_shot" if nbytes <= entry.one_shot_max_bytes else "two_shot"), None
+    algo = "one_shot" if nbytes <= entry.one_shot_max_bytes else "two_shot"
+    if algo not in entry.algorithms:
+        return (
+            "xla",
+            f"the tuning table's row for {platform} at world size {n} sends {nbytes} bytes to the {algo} kernel, "
+            f"which its measurement did not time (algorithms {list(entry.algorithms)}); psum until it is measured",
+        )
+    return algo, None
 
 
 def should_use_custom_all_reduce(x: Any, world_size: int, platform: str, *, tuning: PathLike | None = None) -> bool:
