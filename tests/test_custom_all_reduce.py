@@ -154,10 +154,11 @@ def test_gpu_kernels_across_processes_depend_on_the_buffers(monkeypatch):
     assert ineligibility((64,), np.float32, 2, "tpu") is None
 
 
+TWO_KERNELS = ["one_shot", "two_shot"]  # a GPU row must list the two-shot for auto to pick it
 TABLE = {
     "platforms": {
         "gpu": {
-            "4": {"max_bytes": 1 << 20, "one_shot_max_bytes": 1 << 16, "source": "test"},
+            "4": {"max_bytes": 1 << 20, "one_shot_max_bytes": 1 << 16, "source": "test", "algorithms": TWO_KERNELS},
             "8": {"max_bytes": 0, "one_shot_max_bytes": 0, "source": "test"},
         }
     }
@@ -182,8 +183,8 @@ def test_tuning_table_drives_auto(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "TUNING_PATH", path)
     assert select_algorithm((1024,), jnp.bfloat16, 4, "gpu") == "one_shot"
     assert tuning_table() == {
-        ("gpu", 4): TuningEntry(1 << 20, 1 << 16, "test"),
-        ("gpu", 8): TuningEntry(0, 0, "test"),
+        ("gpu", 4): TuningEntry(1 << 20, 1 << 16, "test", algorithms=("one_shot", "two_shot")),
+        ("gpu", 8): TuningEntry(0, 0, "test", algorithms=("one_shot",)),  # no "algorithms": a one-shot-era GPU row
     }
 
 

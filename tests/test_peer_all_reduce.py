@@ -536,6 +536,9 @@ def test_inline_ptx_assembles_for_sm90(tmp_path):
         body.append(inline(peer_ir.SIGNAL_PTX, [], ["%rd1", "%r1"]))
         body.append(inline(peer_ir.LL_WAIT_PTX, ["%r2", "%r3", "%r4", "%r5"], ["%rd1", "%r1", "%rd2"]))
         body.append(inline(peer_ir.LL_PUSH_PTX, [], ["%rd1", "%r2", "%r3", "%r4", "%r5", "%r1"]))
+        for load in (peer_ir.LOAD16_PTX, peer_ir.LOAD16_VOLATILE_PTX):
+            body.append(inline(load, ["%r2", "%r3", "%r4", "%r5"], ["%rd1"]))
+        body.append(inline(peer_ir.STORE16_PTX, [], ["%rd1", "%r2", "%r3", "%r4", "%r5"]))
     ptx = (
         ".version 8.0\n.target sm_90a\n.address_size 64\n"
         ".visible .entry probe(.param .u64 p0)\n{\n.reg .b32 %r<8>;\n.reg .b64 %rd<4>;\n"

@@ -230,13 +230,12 @@ def block_finish(b: Block, last_epoch: Any = None) -> None:
         asm("st.relaxed.gpu.global.b32 [$0], $1;", [b.counter, b.epoch if last_epoch is None else last_epoch])
 
 
-def flag_round(b: Block, n: int, layout: Layout, epoch: Any, timeout_ns: int, *, fence: bool = True) -> None:
+def flag_round(b: Block, n: int, layout: Layout, epoch: Any, timeout_ns: int) -> None:
     """One flag round of block ``b``: barrier; thread ``r < n`` releases ``epoch`` into rank ``r``'s flag
     slot ``flags[b][me]`` and waits for ``flags[b][r]`` in this device's buffer to reach it; barrier.
 
     The barrier before makes every thread's earlier stores part of what the release publishes; the
-    one after lets every thread rely on what the acquire saw. ``fence=False`` drops the release
-    fence (only for tests that must watch a protocol fail without it).
+    one after lets every thread rely on what the acquire saw.
     """
     ir, arith, *_, mu = mlir()
     i64 = ir.IntegerType.get_signless(64)
@@ -245,7 +244,7 @@ def flag_round(b: Block, n: int, layout: Layout, epoch: Any, timeout_ns: int, *,
         peer = pick(b.tid, b.bases)
         row = arith.addi(c64(layout.flags_offset), arith.muli(b.blk, c64(4 * layout.max_ranks)))
         theirs = arith.addi(peer, arith.addi(row, arith.muli(arith.extui(i64, b.rank), c64(4))))
-        asm(SIGNAL_PTX if fence else SIGNAL_PTX.split("\n", 1)[1], [theirs, epoch])
+        asm(SIGNAL_PTX, [theirs, epoch])
         mine = arith.addi(b.own, arith.addi(row, arith.muli(arith.extui(i64, b.tid), c64(4))))
         asm(WAIT_PTX, [mine, epoch, c64(int(timeout_ns))])
     mu.warpgroup_barrier()
