@@ -4,6 +4,7 @@ Usage (from the repository root, on a machine with an NVIDIA GPU)::
 
     python tests/gpu_mp_all_reduce.py                  # both processes on GPU 0 (one H200 is enough)
     python tests/gpu_mp_all_reduce.py --gpus 0,1       # process i on GPU i (two GPUs)
+    python tests/gpu_mp_all_reduce.py --two-shot --stress 10000 --stress-budget 60   # + the GPU two-shot
 
 It starts the two worker processes itself (``--worker``; each sees one GPU through
 ``CUDA_VISIBLE_DEVICES``, with ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.3`` and
@@ -29,7 +30,13 @@ Each worker joins ``jax.distributed`` (coordinator on a free local port), then:
    buffers the same way) and ``spmd.tensor_model_parallel_all_reduce`` under ``spmd.shard_map``;
 
 for bf16 messages of 4 KiB, 64 KiB and 1 MiB per rank, ``--repeats`` calls each with fresh
-per-rank random data, compared bit for bit with numpy's float32 sum in rank order cast to bf16.
+per-rank random data, compared bit for bit with numpy's float32 sum in rank order cast to bf16;
+with ``--two-shot``, also the GPU two-shot (``algorithm="two_shot"``) at uneven sizes (not whole
+tiles, not whole blocks: 6 KiB + 16 B, 262 KiB + 16 B, 1 MiB, 2 MiB - 16 B) the same way; and with
+``--stress N``, N two-shot calls (two uneven sizes, a one-shot between them, so their epochs mix)
+chained in jitted loops of integer-valued float32 data, every result checked on the device
+(exact sums), in chunks until N calls or ``--stress-budget`` seconds (process 0 decides after each
+chunk and tells process 1 through the coordination service: both always run the same calls).
 It prints which path dispatch took (the custom kernel or psum, and the protocol); psum is a
 failure here and is not run (with two processes on one GPU NCCL would refuse it). Every wait is
 bounded: joining 60 s, the handle exchange 60 s, the kernel traps after 20 s by itself, and the
@@ -51,6 +58,14 @@ import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIZES = {"4KiB": 4 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20}
+TWO_SHOT_SIZES = {
+    "6KiB+16B": (6 << 10) + 16,
+    "262KiB+16B": (262 << 10) + 16,
+    "1MiB": 1 << 20,
+    "2MiB-16B": (2 << 20) - 16,
+}
+# One stress step: (float32 elements, algorithm); the two-shot sizes are uneven (tiles, blocks).
+STRESS_STEP = ((3000, "two_shot"), (16384, "one_shot"), (65540, "two_shot"))
 PASS, FAIL, SETUP_FAILED, TIMED_OUT = 0, 1, 3, 4
 
 
@@ -89,7 +104,8 @@ def main_parent(args: argparse.Namespace) -> int:
         if not args.leave_shard_autotuning:  # each process's program differs (its addresses): see the docstring
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_gpu_shard_autotuning=false".strip()
         cmd = [sys.executable, __file__, "--worker", str(pid), "--port", str(port), "--repeats", str(args.repeats),
-               "--stack-after", str(args.stack_after)]  # fmt: skip
+               "--stack-after", str(args.stack_after), "--stress", str(args.stress),
+               "--stress-budget", str(args.stress_budget)] + (["--two-shot"] if args.two_shot else [])  # fmt: skip
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines: list[str] = []
         reader = threading.Thread(target=_stream, args=(proc, f"p{pid}", lines), daemon=True)
@@ -174,8 +190,11 @@ def _path(text: str) -> str:
     return "unknown (neither a Mosaic GPU call nor an all-reduce in the program)"
 
 
-def _check(jax, label: str, fn, mesh, spec, rank: int, repeats: int, reason: str) -> bool:
-    """Run ``fn`` (per-device ``bf16[numel] -> bf16[numel]``) for every size; print one line per check."""
+def _check(jax, label: str, fn, mesh, spec, rank: int, repeats: int, reason: str, sizes=SIZES, kernel=None) -> bool:
+    """Run ``fn`` (per-device ``bf16[numel] -> bf16[numel]``) for every size; print one line per check.
+
+    ``kernel``: ``"two_shot"`` when ``fn`` forces it (else the one-shot's protocol is the tuning row's).
+    """
     import numpy as np
     from jax.sharding import NamedSharding
 
@@ -186,10 +205,11 @@ def _check(jax, label: str, fn, mesh, spec, rank: int, repeats: int, reason: str
     sharding = NamedSharding(mesh, spec)
     device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
     entry = tuning.tuning_table().get(("gpu", 2))
-    for name, nbytes in SIZES.items():
+    for name, nbytes in sizes.items():
         numel = nbytes // 2
         shape = (mesh.size, numel)  # row r: rank r's data (spec shards the rows over every mesh axis)
         proto = "ll" if entry is not None and nbytes <= entry.ll_max_bytes else "pull"
+        proto = "two-shot" if kernel == "two_shot" else f"one-shot {proto} (tuning row)"
         print(f"{label} {name}: compiling", flush=True)
         try:
             x_struct = jax.ShapeDtypeStruct(shape, jax.numpy.bfloat16, sharding=sharding)
@@ -222,10 +242,92 @@ def _check(jax, label: str, fn, mesh, spec, rank: int, repeats: int, reason: str
             ok &= bad == 0
             print(
                 f"{verdict} {label} bf16 {name} call {k}: {bad} of {numel} elements differ from numpy's rank-order "
-                f"sum; path: {path}, protocol {proto} (tuning row); {dt * 1e3:.1f} ms with the transfer",
+                f"sum; path: {path}, {proto}; {dt * 1e3:.1f} ms with the transfer",
                 flush=True,
             )
     return ok
+
+
+def _stress(jax, bufs, mesh, rank: int, total: int, budget_s: float) -> bool:
+    """``total`` two-shot calls (:data:`STRESS_STEP`), chained on the device, every result checked there.
+
+    Each call's input is ``iota % 1024 + step + rank + k`` in float32, so every element differs
+    and every sum is an exact integer: a wrong chunk, unit or block, or stale data, shows.
+    Process 0 decides after each chunk whether to go on (within ``budget_s``) and publishes it.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from kernels import compat
+    from spmd.communicators import custom_all_reduce
+
+    n = mesh.size
+    per_step = sum(a == "two_shot" for _, a in STRESS_STEP)
+
+    def run(arg):
+        start, count = arg[0, 0], arg[0, 1]
+        me = jax.lax.axis_index("tp").astype(jnp.float32)
+
+        def step(i, wrong):
+            fi = (start + i).astype(jnp.float32)
+            for k, (size, algorithm) in enumerate(STRESS_STEP):
+                iota = (jnp.arange(size, dtype=jnp.int32) % 1024).astype(jnp.float32)
+                y = custom_all_reduce(iota + fi + me + k, "tp", buffers=bufs, algorithm=algorithm)
+                want = n * (iota + fi + k) + n * (n - 1) / 2
+                wrong = wrong + jnp.sum(y != want).astype(jnp.int32)
+            return wrong
+
+        return jax.lax.fori_loop(0, count, step, jnp.int32(0))[None]
+
+    f = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=P("tp"), out_specs=P("tp"), check_vma=False))
+    sharding = NamedSharding(mesh, P("tp"))
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    client = compat.distributed_client()
+    steps_total = -(-total // per_step)
+    done, chunk, wrong, t0, k = 0, 50, 0, time.perf_counter(), 0
+    while True:
+        count = min(chunk, steps_total - done)
+        arg = np.array([[done, count]], np.int32)
+        x = jax.make_array_from_single_device_arrays((n, 2), sharding, [jax.device_put(arg, d) for d in local])
+        try:
+            if k == 0:  # compile first: the budget estimate must time the calls only
+                t1 = time.perf_counter()
+                f = f.lower(x).compile()
+                print(f"stress: compiled in {time.perf_counter() - t1:.1f} s", flush=True)
+            t1 = time.perf_counter()
+            bad = int(np.asarray(f(x).addressable_data(0))[0])
+        except Exception as e:
+            print(
+                f"FAIL stress: chunk {k} (steps {done}..{done + count}): {type(e).__name__}: {str(e)[:1500]}",
+                flush=True,
+            )
+            return False
+        dt = time.perf_counter() - t1
+        done, wrong = done + count, wrong + bad
+        print(f"stress: {done * per_step} two-shot calls, {bad} wrong elements in this chunk, {dt:.2f} s", flush=True)
+        key = f"gpu_mp_all_reduce/stress/{k}"
+        if rank == 0:  # go on while the next chunk (at 500 steps) fits in the budget
+            go = done < steps_total and (time.perf_counter() - t0) + dt * 500 / count < budget_s
+            client.key_value_set(key, "go" if go else "stop")
+        else:
+            go = client.blocking_key_value_get(key, 120_000) == "go"
+        if not go:
+            break
+        k, chunk = k + 1, 500
+    calls = done * per_step
+    elapsed = time.perf_counter() - t0
+    what = (f"{calls} two-shot calls at {STRESS_STEP[0][0] * 4} and {STRESS_STEP[2][0] * 4} bytes, a one-shot between "
+            f"each pair, {elapsed:.1f} s ({elapsed / max(done, 1) * 1e3:.2f} ms per step)")  # fmt: skip
+    if wrong:
+        print(f"FAIL stress: {wrong} wrong elements in {what}", flush=True)
+        return False
+    if calls < total:
+        print(f"PARTIAL stress: {what}, 0 wrong, stopped by the {budget_s:g} s budget before {total}", flush=True)
+    else:
+        print(f"PASS stress: {what}, 0 wrong elements, no hang", flush=True)
+    return True
 
 
 def main_worker(args: argparse.Namespace) -> int:
@@ -263,6 +365,13 @@ def main_worker(args: argparse.Namespace) -> int:
             jax, "direct", lambda v: custom_all_reduce(v, "tp", buffers=bufs), mesh, P("tp"), rank, args.repeats,
             "the buffers were passed explicitly",
         )  # fmt: skip
+        if args.two_shot:
+            two_shot = lambda v: custom_all_reduce(v, "tp", buffers=bufs, algorithm="two_shot")
+            forced = "algorithm='two_shot' was forced"
+            ok &= _check(jax, "two-shot", two_shot, mesh, P("tp"), rank, args.repeats, forced, sizes=TWO_SHOT_SIZES,
+                         kernel="two_shot")  # fmt: skip
+        if args.stress:
+            ok &= _stress(jax, bufs, mesh, rank, args.stress, args.stress_budget)
 
         # 2. The public path: initialize_model_parallel allocates, the TP all-reduce dispatches.
         gmesh = spmd.initialize_model_parallel(2)
@@ -298,6 +407,9 @@ def main() -> int:
         action="store_true",
         help="do not add --xla_gpu_shard_autotuning=false to the workers' XLA_FLAGS (allocate must then refuse)",
     )
+    parser.add_argument("--two-shot", action="store_true", help="also check the GPU two-shot at uneven sizes")
+    parser.add_argument("--stress", type=int, default=0, help="two-shot calls to chain and check (default: none)")
+    parser.add_argument("--stress-budget", type=float, default=60.0, help="seconds the stress may take at most")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
