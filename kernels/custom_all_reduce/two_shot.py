@@ -100,24 +100,29 @@ def _two_shot_body(n: int, plan: PeerPlan, dtype: Any, layout: Layout, timeout_n
             # 2. Reduce-scatter (peer reads) and all-gather (peer writes) of this rank's chunk.
             mine = arith.addi(slot, arith.muli(arith.extui(i64, b.rank), c64(chunk)))
 
-            def reduce_units(k: int) -> None:
-                unit = arith.addi(mine, arith.addi(c64(k * THREADS * UNIT_BYTES), lane16))
-                got = [pir.quad_asm(pir.LOAD16_VOLATILE_PTX, [arith.addi(b.bases[j], unit)]) for j in range(n)]
-                acc = None
-                for quad in got:  # rank order, float32
-                    vals = [v for w in quad for v in pir.word_to_f32(name, w)]
-                    acc = vals if acc is None else [arith.addf(a, v) for a, v in zip(acc, vals, strict=True)]
-                per = len(acc) // 4
-                out = [pir.f32_to_word(name, acc[q * per : (q + 1) * per]) for q in range(4)]
-                for j in range(n):
-                    pir.asm(pir.STORE16_PTX, [arith.addi(b.bases[j], unit), *out])
+            def reduce_units(rounds_here: list[int]) -> None:
+                # Every load of these rounds first (they overlap in flight), then the sums and the stores.
+                units = [arith.addi(mine, arith.addi(c64(k * THREADS * UNIT_BYTES), lane16)) for k in rounds_here]
+                got = [
+                    [pir.quad_asm(pir.LOAD16_VOLATILE_PTX, [arith.addi(b.bases[j], unit)]) for j in range(n)]
+                    for unit in units
+                ]
+                for unit, quads in zip(units, got, strict=True):
+                    acc = None
+                    for quad in quads:  # rank order, float32
+                        vals = [v for w in quad for v in pir.word_to_f32(name, w)]
+                        acc = vals if acc is None else [arith.addf(a, v) for a, v in zip(acc, vals, strict=True)]
+                    per = len(acc) // 4
+                    out = [pir.f32_to_word(name, acc[q * per : (q + 1) * per]) for q in range(4)]
+                    for j in range(n):
+                        pir.asm(pir.STORE16_PTX, [arith.addi(b.bases[j], unit), *out])
 
-            for k, busy in enumerate(rounds):
-                if busy == THREADS:
-                    reduce_units(k)
-                else:
-                    with mu.when(arith.cmpi(arith.CmpIPredicate.ult, b.tid, pir.c32(busy))):
-                        reduce_units(k)
+            full = [k for k, busy in enumerate(rounds) if busy == THREADS]
+            if full:
+                reduce_units(full)
+            if rounds[-1] < THREADS:  # the last round: only the threads below what is left
+                with mu.when(arith.cmpi(arith.CmpIPredicate.ult, b.tid, pir.c32(rounds[-1]))):
+                    reduce_units([len(rounds) - 1])
             pir.flag_round(b, n, layout, e2, timeout_ns)
 
             # 3. Every rank's sums are in this device's staging slot: copy them out.
