@@ -20,9 +20,10 @@ Why one barrier per call is enough: rank ``r`` overwrites ``staging[p][b]`` at c
 only after passing call ``k + 1``'s flags for block ``b``, which every peer's block ``b`` writes
 only after finishing call ``k`` (its reads of ``staging[p][b]`` included), kernels on one GPU
 running in stream order. Every rank counts the same calls per block, so epochs agree without
-any reset. A peer is at most one call ahead of a waiting block, so the flag test accepts
+any reset. A peer is at most one epoch ahead of a waiting block, so the flag test accepts
 ``epoch`` and ``epoch + 1`` only (unsigned ``flag - epoch <= 1``): a flag left by a pull call
-billions of ll calls ago can never pass for the current one. Kernels are assumed to run in the
+billions of ll calls ago can never pass for the current one. (The two-shot, :mod:`.two_shot`,
+shares the counters, flags and staging slots and counts two epochs per call.) Kernels are assumed to run in the
 same order on every GPU, one after another (XLA's default: one compute stream per device).
 
 **ll** (low latency, :func:`_ll_body`): data pushed into every peer's inbox with the epoch
