@@ -4,7 +4,7 @@
 ``should_custom_ar``): when the plan takes the input (supported dtype, packed size within the
 tuning table's entry for this platform and world size, ``check_vma=False``, and on GPUs the
 group's peer buffers, in one process or shared by CUDA IPC across processes) the Pallas kernel
-runs (on GPUs the one-shot on persistent peer buffers, on TPUs one-shot / two-shot); when it
+runs (on GPUs one-shot / two-shot on persistent peer buffers, on TPUs one-shot / two-shot); when it
 declines, or ``disable_custom_all_reduce`` is set, the XLA all-reduce of
 :class:`~spmd.communicators.xla.XlaCommunicator` runs. ``all_reduce_add_rms_norm`` does the same
 with the fused kernel's plan.
