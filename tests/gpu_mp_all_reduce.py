@@ -33,7 +33,7 @@ for bf16 messages of 4 KiB, 64 KiB and 1 MiB per rank, ``--repeats`` calls each 
 per-rank random data, compared bit for bit with numpy's float32 sum in rank order cast to bf16;
 with ``--two-shot``, also the GPU two-shot (``algorithm="two_shot"``) at uneven sizes (not whole
 tiles, not whole blocks: 6 KiB + 16 B, 262 KiB + 16 B, 1 MiB, 2 MiB - 16 B) the same way; and with
-``--stress N``, N two-shot calls (two uneven sizes, a one-shot between them, so their epochs mix)
+``--stress N``, N two-shot calls (two uneven sizes, pull and ll one-shots between them: epochs mix)
 chained in jitted loops of integer-valued float32 data, every result checked on the device
 (exact sums), in chunks until N calls or ``--stress-budget`` seconds (process 0 decides after each
 chunk and tells process 1 through the coordination service: both always run the same calls).
@@ -64,8 +64,10 @@ TWO_SHOT_SIZES = {
     "1MiB": 1 << 20,
     "2MiB-16B": (2 << 20) - 16,
 }
-# One stress step: (float32 elements, algorithm); the two-shot sizes are uneven (tiles, blocks).
-STRESS_STEP = ((3000, "two_shot"), (16384, "one_shot"), (65540, "two_shot"))
+# One stress step: (float32 elements, algorithm); the two-shot sizes are uneven (tiles, blocks), and
+# one-shots of both protocols sit between them (1 MiB: pull, which shares the staging slots and flags;
+# 8 KiB: ll), so every kind of epoch step mixes with the two-shot's two per call.
+STRESS_STEP = ((3000, "two_shot"), (262144, "one_shot"), (65540, "two_shot"), (2048, "one_shot"))
 PASS, FAIL, SETUP_FAILED, TIMED_OUT = 0, 1, 3, 4
 
 
@@ -318,8 +320,8 @@ def _stress(jax, bufs, mesh, rank: int, total: int, budget_s: float) -> bool:
         k, chunk = k + 1, 500
     calls = done * per_step
     elapsed = time.perf_counter() - t0
-    what = (f"{calls} two-shot calls at {STRESS_STEP[0][0] * 4} and {STRESS_STEP[2][0] * 4} bytes, a one-shot between "
-            f"each pair, {elapsed:.1f} s ({elapsed / max(done, 1) * 1e3:.2f} ms per step)")  # fmt: skip
+    what = (f"{calls} two-shot calls at {STRESS_STEP[0][0] * 4} and {STRESS_STEP[2][0] * 4} bytes, one-shots (pull, "
+            f"ll) between them, {elapsed:.1f} s ({elapsed / max(done, 1) * 1e3:.2f} ms a step of 4 calls)")  # fmt: skip
     if wrong:
         print(f"FAIL stress: {wrong} wrong elements in {what}", flush=True)
         return False
