@@ -29,6 +29,7 @@ of microseconds per message for every row and adds it to the row's JSON (``"prof
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -60,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=harness.positive_int, default=5, help="timed messages per row (best reported)")
     p.add_argument("--platform", choices=("auto", "gpu", "cpu"), default="auto", help="the devices to use")
     p.add_argument("--profile", action="store_true", help="time each phase of every message (ipc pipe)")
+    p.add_argument(
+        "--receive",
+        choices=("auto", "kernel", "copy"),
+        default="auto",
+        help="how the ipc receiver reads the staging: by address in one program (kernel, CUDA) or copies",
+    )
     p.add_argument("--json", default="bench_kv_ipc.json", help="where the receiver writes the results")
     p.add_argument("--role", choices=("send", "recv"), default="send", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -120,7 +127,8 @@ def _pipe(kind: str, role: str, args: argparse.Namespace, device: Any) -> Any:
 
     kw = dict(role="server" if role == "send" else "client", timeout_s=300, devices=[device])
     if kind == "ipc":
-        return IpcKVPipe("127.0.0.1", args.port, profile=args.profile, **kw)
+        receive = args.receive if role == "recv" else "auto"
+        return IpcKVPipe("127.0.0.1", args.port, profile=args.profile, receive=receive, **kw)
     return TransferServerKVPipe("127.0.0.1", args.port, **kw)
 
 
@@ -149,8 +157,7 @@ class _Profile:
 
 def _sender(args: argparse.Namespace, device: Any) -> None:
     import jax
-
-    from spmd.kv_transfer import _device
+    import numpy as np
 
     for kind in args.pipes:
         with _pipe(kind, "send", args, device) as pipe:
@@ -170,7 +177,7 @@ def _sender(args: argparse.Namespace, device: Any) -> None:
                             prof.end()
                         pipe.send_tensor(stamp)
                     if prof.enabled:  # the sender's phases, for the receiver's table
-                        pipe.send_tensor(_device.meta_bytes(prof.per_message_us()))
+                        pipe.send_tensor(np.frombuffer(json.dumps(prof.per_message_us()).encode(), np.uint8))
     if "raw-copy" in _rows_wanted(args, device):
         _raw_copy_sender(args, device)
 
@@ -235,7 +242,8 @@ def _print(row: dict[str, Any]) -> None:
 
 def _print_profile(row: dict[str, Any], times: list[float]) -> None:
     mean = sum(times) / len(times) * 1e6
-    print(f"  profile of {row['mode']} {harness.format_size(row['bytes'])}: us per message (mean of {len(times)}; "
+    print(f"  profile of {row['mode']} {harness.format_size(row['bytes'])}, receive={row.get('receive')}: "
+          f"us per message (mean of {len(times)}; "
           f"end to end mean {mean:.1f} us, best {row['us']:.1f} us)")  # fmt: skip
     for side in ("send", "recv"):
         phases = row["profile"][side]
@@ -247,8 +255,6 @@ def _print_profile(row: dict[str, Any], times: list[float]) -> None:
 def _receiver(args: argparse.Namespace, device: Any) -> list[dict[str, Any]]:
     import jax
     import numpy as np
-
-    from spmd.kv_transfer import _device
 
     rows = []
     for kind in args.pipes:
@@ -272,10 +278,12 @@ def _receiver(args: argparse.Namespace, device: Any) -> list[dict[str, Any]]:
                     best = min(times)
                     row = {"pipe": kind, "mode": mode, "bytes": size, "us": best * 1e6, "GBps": size / best / 1e9}
                     row["ok"] = _same(got, _data(mode, size, args, device))
+                    if kind == "ipc":
+                        row["receive"] = pipe.receive  # (after a fallback: "copy")
                     rows.append(row)
                     _print(row)
                     if prof.enabled:
-                        sender = _device.meta_from(pipe.recv_tensor(), "kv_ipc")
+                        sender = json.loads(bytes(np.asarray(pipe.recv_tensor())))
                         row["profile"] = {"send": sender, "recv": prof.per_message_us()}
                         _print_profile(row, times)
     if "raw-copy" in _rows_wanted(args, device):

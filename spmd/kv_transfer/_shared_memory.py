@@ -119,6 +119,15 @@ class Cuda:
     def close_mapping(self, device: Any, mapped: Any) -> None:
         self.cuda.ipc_close(self.ordinal(device), mapped)
 
+    def check_room(self, device: Any, mapped: Any, end: int) -> None:
+        """Raise ``ValueError`` unless the peer's mapping holds ``end`` bytes (when the driver can tell)."""
+        try:
+            room = self.cuda.allocation_size(self.ordinal(device), mapped)
+        except self.cuda.CudaError:  # (not checked on a GPU yet for IPC mappings: the sender's bound stands)
+            return
+        if end > room:
+            raise ValueError(f"IpcKVPipe: a piece ending at byte {end} overruns the peer's {room}-byte staging buffer.")
+
     def fetch(self, device: Any, mapped: Any, offset: int, nbytes: int, dtype: Any, shape: tuple[int, ...]) -> Any:
         import jax
         import jax.numpy as jnp

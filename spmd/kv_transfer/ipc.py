@@ -30,7 +30,6 @@ work (each side stages its own sends).
 
 from __future__ import annotations
 
-import math
 import os
 import select
 import time
@@ -39,7 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from spmd.kv_transfer import _arrays, _device, _route, _shared_memory, _slots
+from kernels import peer_copy
+from spmd.kv_transfer import _arrays, _device, _receive, _route, _shared_memory, _slots
+from spmd.kv_transfer._ipc_recv import IpcReceiving
 from spmd.kv_transfer._profile import Phases
 from spmd.kv_transfer.base import KVPipeBase
 from spmd.kv_transfer.heads import kv_head_ranges, kv_head_sharding
@@ -49,7 +50,7 @@ __all__ = ["BACKENDS", "INLINE_BYTES", "IpcKVPipe"]
 
 BACKENDS = ("auto", "cuda", "shm")
 INLINE_BYTES = _slots.INLINE_BYTES  # arrays up to this size travel inside the slot header
-_ALIGN = 256
+_ALIGN = peer_copy.TILE_BYTES
 _PROCESS_TOKEN = os.urandom(16).hex()  # this process (pids repeat across PID namespaces)
 _MIN_SLOT = 1 << 20
 _SPINS = 64  # polls of a slot's epoch before the receiver starts sleeping between polls
@@ -63,13 +64,16 @@ def _count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-class IpcKVPipe(KVPipeBase):
+class IpcKVPipe(IpcReceiving, KVPipeBase):
     """A two-way KV pipe between independent processes on one host, through shared device memory.
 
     Args:
       host, port, role, timeout_s, secret: the control channel's (see :class:`TCPKVPipe`).
       devices: this side's devices in TP rank order (default: all local devices).
       backend: ``"cuda"``, ``"shm"`` or ``"auto"`` (``"cuda"`` on GPUs, ``"shm"`` on CPU).
+      receive: how the receiver reads a peer's staging (:mod:`spmd.kv_transfer._receive`): ``"kernel"`` (CUDA:
+        one program per receiver device reads it by address), ``"copy"`` (the backend copies the pieces
+        first), ``"auto"`` (``"kernel"`` on CUDA, falling back to ``"copy"`` if the kernel fails to compile).
       profile: time each phase of every message (``pipe.phases``; see ``spmd.bench.kv_ipc --profile``).
 
     Raises:
@@ -87,6 +91,7 @@ class IpcKVPipe(KVPipeBase):
         secret: bytes | None = None,
         devices: Sequence[Any] | None = None,
         backend: str = "auto",
+        receive: str = "auto",
         profile: bool = False,
     ) -> None:
         import jax
@@ -104,6 +109,12 @@ class IpcKVPipe(KVPipeBase):
                 raise ValueError(f"IpcKVPipe: no shared-memory backend for {platform} devices (GPU or CPU).")
         if backend == "shm" and platform != "cpu":
             raise ValueError(f"IpcKVPipe: backend 'shm' moves CPU arrays, got {platform} devices.")
+        if receive not in _receive.RECEIVE or (receive == "kernel" and backend != "cuda"):
+            raise ValueError(
+                f"IpcKVPipe: expected receive in {_receive.RECEIVE} ('kernel' needs CUDA), got {receive!r}."
+            )
+        self.receive = ("kernel" if backend == "cuda" else "copy") if receive == "auto" else receive
+        self._fallback = receive == "auto"  # a kernel that fails to compile: say so once, then copy
         self._files = _shared_memory.Shm()  # the headers (and the sweep of dead processes' files)
         self._mem = _shared_memory.Cuda() if backend == "cuda" else self._files
         self.backend = backend
@@ -256,7 +267,8 @@ class IpcKVPipe(KVPipeBase):
                 raise ValueError(f"{fn}: a piece on {dev}, not one of this pipe's devices {self.devices}.")
             nbytes = int(p.size) * p.dtype.itemsize
             placed.append((i, offsets.get(i, 0), nbytes))
-            offsets[i] = offsets.get(i, 0) + _aligned(nbytes)
+            room = peer_copy.padded_bytes(nbytes) if self.backend == "cuda" and nbytes else nbytes  # (whole tiles)
+            offsets[i] = offsets.get(i, 0) + _aligned(room)
         slots = {i: self._slot(i, parity, total) for i, total in offsets.items()}
         descs = [{"id": slots[i].id, "off": off, "n": n} for i, off, n in placed]
         layout = _device.meta_bytes({**meta, "seq": seq, "pieces": descs}).tobytes()
@@ -368,48 +380,6 @@ class IpcKVPipe(KVPipeBase):
         self._received = upto
         self._control.send_tensor(_device.meta_bytes({"kind": "ack", "upto": upto}))
 
-    def _fetch(self, layout: dict, specs: list[tuple[Any, Any, tuple[int, ...]]], fn: str, deadline: float) -> list:
-        """Copy the pieces ``layout`` names into new arrays (``specs``: device, dtype, shape each)."""
-        pieces = layout.get("pieces")
-        if not isinstance(pieces, list) or len(pieces) != len(specs):
-            raise ValueError(f"{fn}: expected {len(specs)} pieces in message {layout.get('seq')}, got {pieces!r:.200}")
-        out: list[Any] = []
-        used: list[Any] = []
-        try:
-            for desc, (device, dtype, shape) in zip(pieces, specs, strict=True):
-                _arrays.check_dtype(np.empty(0, dtype), fn)  # a 64-bit array would not fit: refuse, never truncate
-                out.append(self._fetch_piece(desc, device, dtype, shape, fn, deadline))
-                used.append(device)
-        finally:
-            self._mem.flush(list(dict.fromkeys(used)))  # no copy may still write into (dropped) arrays
-        self.phases.mark("recv: copy (and wait for it)")
-        return out
-
-    def _fetch_piece(self, desc: Any, device: Any, dtype: Any, shape: tuple[int, ...], fn: str, deadline) -> Any:
-        want = math.prod(shape) * np.dtype(dtype).itemsize
-        slot_id, off, n = (desc.get(k) if isinstance(desc, dict) else None for k in ("id", "off", "n"))
-        if not all(_count(v) for v in (slot_id, off, n)) or n != want:
-            raise ValueError(f"{fn}: malformed piece {desc!r:.200} for {np.dtype(dtype).name}{list(shape)}.")
-        while slot_id not in self._maps:  # its map message was sent before the epoch: it is on its way
-            self._control_message(fn, deadline)
-        m = self._maps[slot_id]
-        if off + n > m["cap"]:
-            raise ValueError(f"{fn}: malformed piece {desc!r:.200}: past the end of its {m['cap']}-byte staging.")
-        i = self.devices.index(device)
-        mapped = self._mapped.get((i, m["h"]))
-        if mapped is None and self._same_process:
-            mapped = m["addr"]
-            if mapped <= 0:
-                raise ValueError(f"{fn}: malformed staging map {m!r:.200} (no staging address).")
-        elif mapped is None:
-            try:
-                mapped = self._mapped[(i, m["h"])] = self._mem.open(device, m["h"])
-            except FileNotFoundError:
-                raise ConnectionError(
-                    f"{fn}: the peer closed before this message was taken (its staging {m['h']!r} is gone)."
-                ) from None
-        return self._mem.fetch(device, mapped, off, n, dtype, shape)
-
     def recv_tensor(self) -> Any | None:
         """The next array (a ``jax.Array`` on this side's first device), or ``None``.
 
@@ -419,35 +389,20 @@ class IpcKVPipe(KVPipeBase):
         """
         return self._receive("IpcKVPipe.recv_tensor", self._take_tensor)
 
-    def _take_tensor(self, layout: dict, inline: bytes, deadline: float) -> Any:
-        import jax
-
-        fn = "IpcKVPipe.recv_tensor"
-        kind = layout.get("kind")
-        if kind == "none":
-            return None
-        if kind == "kv":
-            raise ValueError(
-                f"{fn}: the peer sent a KV cache (send_kv_cache); receive it with recv_kv_cache. It was dropped."
-            )
-        if kind != "array":
-            raise ValueError(f"{fn}: malformed layout from the peer: {layout!r:.200}")
-        dtype, shape = _arrays.array_spec(layout, fn)
-        _arrays.check_dtype(np.empty(0, dtype), fn)
-        if layout.get("inline"):
-            if len(inline) != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"{fn}: the inline array holds {len(inline)} bytes, not {dtype}{list(shape)}.")
-            return jax.device_put(np.frombuffer(inline, dtype).reshape(shape), self.devices[0])
-        (out,) = self._fetch(layout, [(self.devices[0], dtype, shape)], fn, deadline)
-        return out
-
-    def recv_kv_cache(self, *, devices: Sequence[Any] | None = None, tp: int | None = None) -> list[Any]:
+    def recv_kv_cache(
+        self, *, devices: Sequence[Any] | None = None, tp: int | None = None, out: Sequence[Any] | None = None
+    ) -> list[Any]:
         """As :meth:`KVPipeBase.recv_kv_cache`, on this pipe's ``devices`` (the sender cut the cache for them).
 
+        Args:
+          devices, tp: as :meth:`KVPipeBase.recv_kv_cache` (only this pipe's devices).
+          out: a cache of the same layers to write into (as a previous ``recv_kv_cache`` returned it):
+            its buffers are DONATED (the result takes their place; ``out`` must not be used after).
+
         Raises:
-          ValueError: other ``devices`` / ``tp``; the next message is not a KV cache (it is dropped, so
-            the pipe stays usable) or its layout is malformed. TimeoutError / ConnectionError: as
-            :meth:`recv_tensor`.
+          ValueError: other ``devices`` / ``tp``; the next message is not a KV cache, or ``out`` does
+            not match it (the message is dropped, so the pipe stays usable), or its layout is
+            malformed. TimeoutError / ConnectionError: as :meth:`recv_tensor`.
         """
         import jax
 
@@ -458,26 +413,4 @@ class IpcKVPipe(KVPipeBase):
             raise ValueError(
                 f"{fn}: the sender cut the cache for this pipe's {len(self.devices)} devices; pass devices=None."
             )
-        return self._receive(fn, self._take_kv)
-
-    def _take_kv(self, layout: dict, inline: bytes, deadline: float) -> list[Any]:
-        fn = "IpcKVPipe.recv_kv_cache"
-        if layout.get("kind") != "kv":
-            kind = layout.get("kind")
-            got = "None" if kind == "none" else f"a tensor {layout.get('dtype')}{layout.get('shape')}"
-            raise ValueError(
-                f"recv_kv_cache: expected the KV cache sent by send_kv_cache, got {got}; both sides must call "
-                "send_kv_cache / recv_kv_cache in the same order."
-            )
-        route = _route.KVRoute.from_metadata(layout.get("kv"), self.peer_tp, len(self.devices), fn)
-        devices = self.devices
-        wanted = [
-            (devices[g], dtype, shape) for s_, g in route.pairs for dtype, shape in route.buffer_specs(s_, g, True)
-        ]
-        self.phases.mark("recv: layout and route")
-        flat = iter(self._fetch(layout, wanted, fn, deadline))
-        arrived = {(s_, g): [next(flat) for _ in route.buffer_specs(s_, g, True)] for s_, g in route.pairs}
-        sharding = kv_head_sharding(devices, route.num_heads, head_axis=route.head_axis)
-        out = _route.receiver_layers(route, arrived, devices, True, sharding)
-        self.phases.mark("recv: unpack (dispatch)")
-        return out
+        return self._receive(fn, lambda layout, inline, deadline: self._take_kv(layout, deadline, out))
