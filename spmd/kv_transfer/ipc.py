@@ -254,9 +254,13 @@ class IpcKVPipe(IpcReceiving, KVPipeBase):
 
     def _send(self, meta: dict[str, Any], pieces: list[Any], fn: str, inline: bytes = b"") -> None:
         """Stage single-device ``pieces`` (after the message ``SLOTS`` back was taken), then publish the epoch."""
+        import jax
+
         seq, parity, ph = self._sent, self._sent % _slots.SLOTS, self.phases
         self._wait_acked(seq - _slots.SLOTS + 1, fn)
         ph.mark("send: wait for the slot's ack")
+        jax.block_until_ready(pieces)  # the staging copies run on a stream of their own
+        ph.mark("send: wait for the packing")
         index = {d: i for i, d in enumerate(self.devices)}
         offsets: dict[int, int] = {}
         placed = []
