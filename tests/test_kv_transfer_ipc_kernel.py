@@ -64,7 +64,7 @@ def test_the_reference_reads_whole_tiles_at_a_host_address(rng):
 
 def test_the_receive_program_of_a_route_lowers_for_cuda():
     route = _route.kv_route(2, 2, 1, 1, (("bfloat16", (1, 2, 64, 128)),) * 4)
-    fn = _receive._kernel_fn(route, 0, False)
+    fn = _receive._kernel_fn(route, 0, False, None)
     words = jax.ShapeDtypeStruct((len(_receive.buffers(route, 0)), 2), jnp.int32)
     assert "mosaic_gpu" in fn.trace(words).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -124,6 +124,7 @@ def test_a_kv_cache_read_by_address_equals_numpy(by_address, rng, src, dst, head
             got = c.recv_kv_cache()
             for x, y in zip(layers, got, strict=True):
                 assert y.dtype == x.dtype and y.shape == x.shape
+                assert y.sharding.is_equivalent_to(kv_head_sharding(c.devices, heads, head_axis=1), y.ndim)
                 want = split_kv_heads(x, dst, head_axis=1)
                 for shard in y.addressable_shards:
                     r = c.devices.index(shard.device)
@@ -176,11 +177,12 @@ def test_a_kernel_that_fails_after_it_worked_is_an_error_not_a_fallback(by_addre
     _receive._array_fn.cache_clear()
 
 
+@pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("kernel", [False, True], ids=["copy", "kernel"])
-def test_recv_kv_cache_writes_into_out(by_address, rng, kernel):
+def test_recv_kv_cache_writes_into_out(by_address, rng, kernel, tp):
     heads = 2
     layers = [rng.standard_normal((2, heads, 24, 16)).astype(np.float32) for _ in range(4)]
-    s, c = kernel_pair(server_devices=2, client_devices=2) if kernel else pair(server_devices=2, client_devices=2)
+    s, c = (kernel_pair if kernel else pair)(server_devices=tp, client_devices=tp)
     with s, c:
         s.send_kv_cache(layers, head_axis=1)
         first = c.recv_kv_cache()

@@ -9,6 +9,7 @@ arrays (``receive="copy"``) or one program per receiver device reads them by add
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from typing import Any
@@ -145,12 +146,13 @@ class IpcReceiving:
                 f"recv_kv_cache: expected the KV cache sent by send_kv_cache, got {got}; both sides must call "
                 "send_kv_cache / recv_kv_cache in the same order."
             )
-        route = _route.KVRoute.from_metadata(layout.get("kv"), self.peer_tp, len(self.devices), fn)
+        route = self._route_of(layout.get("kv"), fn)
         devices = self.devices
         sharding = kv_head_sharding(devices, route.num_heads, head_axis=route.head_axis)
         out = None if out is None else _receive.check_out(out, route, sharding, fn)
         firsts = [ranks[0] for _, _, ranks in route.groups]
         outs = {g: _receive.out_shards(out, route, devices[g]) for g in firsts}  # all, before any is donated
+        one = sharding if len(devices) == 1 else None  # one device: the programs give the layers themselves
         wanted = [
             (devices[g], dtype, shape) for s_, g in route.pairs for dtype, shape in route.buffer_specs(s_, g, True)
         ]
@@ -159,13 +161,11 @@ class IpcReceiving:
             flat = iter(self._addresses(layout, wanted, fn, deadline))
             addresses = {g: [next(flat) for _ in _receive.buffers(route, g)] for g in firsts}
             try:
-                layers = _route.receiver_layers(
+                layers = self._layers(
                     route,
-                    None,
-                    devices,
-                    True,
                     sharding,
-                    lambda g: _receive.kernel_shards(route, g, addresses[g], devices[g], outs[g]),
+                    one,
+                    lambda g: _receive.kernel_shards(route, g, addresses[g], devices[g], outs[g], one),
                 )
                 self.phases.mark("recv: read by address (one program per device, dispatch)")
                 jax.block_until_ready(layers)  # the staging was read: it may be acked (and reused)
@@ -180,8 +180,33 @@ class IpcReceiving:
 
         def shards_of(g: int) -> list[Any]:
             flats = [x for s_, gg in route.pairs if gg == g for x in arrived[(s_, gg)]]
-            return _receive.unpack_shards(route, g, flats, outs[g])
+            return _receive.unpack_shards(route, g, flats, outs[g], one)
 
-        layers = _route.receiver_layers(route, arrived, devices, True, sharding, shards_of)
+        layers = self._layers(route, sharding, one, shards_of)
         self.phases.mark("recv: unpack (dispatch)")
         return layers
+
+    def _route_of(self, kv: Any, fn: str) -> _route.KVRoute:
+        """The checked route of a cache's metadata, remembered by its JSON (same-shaped caches are checked once)."""
+        routes = self.__dict__.setdefault("_routes", {})
+        key = json.dumps(kv, separators=(",", ":"))
+        route = routes.get(key)
+        if route is None:
+            route = _route.KVRoute.from_metadata(kv, self.peer_tp, len(self.devices), fn)
+            if len(routes) >= 64:
+                routes.clear()
+            routes[key] = route
+        return route
+
+    def _layers(self, route: _route.KVRoute, sharding: Any, one: Any, shards_of: Any) -> list[Any]:
+        """Every layer, from ``shards_of(receiver rank)``; with ``one``, its outputs are the live layers already."""
+        import jax
+        import jax.numpy as jnp
+
+        if one is None:
+            return _route.receiver_layers(route, None, self.devices, True, sharding, shards_of)
+        live = iter(shards_of(0) if route.live else [])
+        return [
+            next(live) if int(np.prod(shape)) else jax.device_put(jnp.zeros(shape, dtype), sharding)
+            for dtype, shape in route.layers
+        ]

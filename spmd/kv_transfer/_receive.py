@@ -49,10 +49,24 @@ def _as_carrier(raw: Any, dtype: np.dtype, count: int) -> Any:
     return x[:count]
 
 
-@functools.lru_cache(maxsize=256)
-def _kernel_fn(route: _route.KVRoute, g: int, donate: bool) -> Any:
+def _jit(fn: Any, route: _route.KVRoute, donate: int, sharding: Any) -> Any:
+    """``jax.jit(fn)``, donating arguments ``donate..`` (kept, though unused) and placing every output by ``sharding``.
+
+    With ``sharding`` (a receiver of ONE device) the program's outputs are already the layers as
+    ``recv_kv_cache`` returns them: no per-layer assembly afterwards.
+    """
     import jax
 
+    kw: dict[str, Any] = {}
+    if donate:
+        kw.update(donate_argnums=tuple(range(donate, donate + len(route.live))), keep_unused=True)
+    if sharding is not None:
+        kw.update(out_shardings=(sharding,) * len(route.live))
+    return jax.jit(fn, **kw)
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel_fn(route: _route.KVRoute, g: int, donate: bool, sharding: Any) -> Any:
     specs = buffers(route, g)
     unpack = _route.unpack_fn(route, g, True)
 
@@ -63,36 +77,37 @@ def _kernel_fn(route: _route.KVRoute, g: int, donate: bool) -> Any:
             flats.append(_as_carrier(COPY(words[j], count * dtype.itemsize), dtype, count))
         return unpack(*flats)
 
-    return jax.jit(fn, donate_argnums=tuple(range(1, 1 + len(route.live))) if donate else (), keep_unused=donate)
+    return _jit(fn, route, 1 if donate else 0, sharding)
 
 
 def kernel_shards(
-    route: _route.KVRoute, g: int, addresses: Sequence[int], device: Any, outs: list[Any] | None
+    route: _route.KVRoute, g: int, addresses: Sequence[int], device: Any, outs: list[Any] | None, sharding: Any = None
 ) -> list[Any]:
     """Receiver ``g``'s shard of every live layer, read from the staged buffers at ``addresses`` (on ``device``).
 
-    ``outs``: receiver ``g``'s shards of the ``out`` cache (donated), or ``None``.
+    ``outs``: receiver ``g``'s shards of the ``out`` cache (donated), or ``None``. ``sharding``: place
+    the outputs so (a receiver of one device: the layers themselves).
     """
     import jax
 
     words = np.array([[a & 0xFFFFFFFF, a >> 32] for a in addresses], np.uint32).view(np.int32)
-    fn = _kernel_fn(route, g, outs is not None)
+    fn = _kernel_fn(route, g, outs is not None, sharding)
     return list(fn(jax.device_put(words, device), *(outs or ())))
 
 
 @functools.lru_cache(maxsize=256)
-def _unpack_into_fn(route: _route.KVRoute, g: int) -> Any:
-    import jax
-
+def _unpack_fn(route: _route.KVRoute, g: int, donate: bool, sharding: Any) -> Any:
     unpack = _route.unpack_fn(route, g, True)
-    return jax.jit(lambda outs, *flats: unpack(*flats), donate_argnums=0, keep_unused=True)  # (kept: donated)
+    if donate:
+        return _jit(lambda flats, *outs: unpack(*flats), route, 1, sharding)
+    return _jit(lambda flats: unpack(*flats), route, 0, sharding)
 
 
-def unpack_shards(route: _route.KVRoute, g: int, flats: list[Any], outs: list[Any] | None) -> list[Any]:
+def unpack_shards(
+    route: _route.KVRoute, g: int, flats: list[Any], outs: list[Any] | None, sharding: Any = None
+) -> list[Any]:
     """Receiver ``g``'s shard of every live layer from the buffers copied to it (``flats``), into ``outs`` if given."""
-    if outs is None:
-        return list(_route.unpack_fn(route, g, True)(*flats))
-    return list(_unpack_into_fn(route, g)(outs, *flats))
+    return list(_unpack_fn(route, g, outs is not None, sharding)(flats, *(outs or ())))
 
 
 def check_out(out: Any, route: _route.KVRoute, sharding: Any, fn: str) -> list[Any]:

@@ -217,6 +217,8 @@ def local_shards(layer: Any, sharding: Any, src_devices: list[Any]) -> list[Any]
     """
     import jax
 
+    if len(src_devices) == 1 and isinstance(layer, jax.Array) and layer.devices() == {src_devices[0]}:
+        return [layer]  # one device: the layer is its own shard
     if not (
         isinstance(layer, jax.Array)
         and (layer.sharding == sharding or layer.sharding.is_equivalent_to(sharding, layer.ndim))
