@@ -34,6 +34,8 @@ import tempfile
 import time
 import types
 
+from models.cli import positive_int, token_ids
+
 __all__ = ["build_parser", "main", "mesh_problem", "positive_int", "tiny_config", "token_ids"]
 
 PROG = "python -m models.generate"
@@ -71,28 +73,6 @@ def tiny_config(model: str):
             **common,
         )
     return ModelConfig(architecture="LlamaForCausalLM", intermediate_size=512, **common)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a positive int (shared with ``python -m models.disagg``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
-
-
-def token_ids(text: str) -> list[int]:
-    """argparse type: comma-separated token ids, at least one."""
-    try:
-        ids = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,2,3, got {text!r}") from None
-    if not ids:
-        raise argparse.ArgumentTypeError(f"expected at least one token id, got {text!r}")
-    return ids
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,8 +16,9 @@ from model_fixtures import llama_config
 
 import models
 import spmd
-from models.disagg import build_parser, kv_cache_from_layers, kv_layers_for_transfer, main, tp_devices
+from models.disagg import build_parser, main
 from models.generation import Prefill, decode_from, prefill
+from models.kv_layout import kv_cache_from_layers, kv_layers_for_transfer, tp_devices
 from models.llama import KVCache
 from spmd.kv_transfer import kv_head_sharding, merge_kv_heads, split_kv_heads
 
@@ -140,6 +141,38 @@ def test_cli_rejects_tp_sizes_that_do_not_split_the_model(capsys):
         assert "--pipe device_put runs both workers in one spmd-launch job" in capsys.readouterr().err
 
 
+def test_platform_gpu_without_gpus_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--platform", "gpu", "--prefill-tp", "1", "--decode-tp", "1"])
+    assert e.value.code == 2
+    assert "--platform gpu: JAX sees no GPU here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("pipe", "p", "d", "gpus", "want"),
+    [
+        ("ipc", 1, 1, 2, (1, 0.45)),  # prefill on GPU 0, decode on GPU 1
+        ("tcp", 2, 2, 4, (2, 0.45)),
+        ("ipc", 1, 1, 1, (0, 0.28)),  # both on GPU 0
+        ("tcp", 2, 4, 4, (0, 0.28)),
+        ("tcp", 2, 4, 3, "need at least 4 GPUs, found 3"),
+        ("device_put", 1, 1, 2, (0, 0.9)),  # one process per GPU
+        ("device_put", 1, 1, 1, "it needs 2 GPUs, found 1"),
+        ("device_put", 2, 1, 3, "it needs 4 GPUs, found 3"),
+    ],
+)
+def test_workers_are_placed_on_the_gpus_there_are(pipe, p, d, gpus, want):
+    import argparse
+
+    from models.disagg import _placement
+
+    got = _placement(argparse.Namespace(pipe=pipe, prefill_tp=p, decode_tp=d), gpus)
+    if isinstance(want, str):
+        assert isinstance(got, str) and want in got and "use --platform cpu" in got
+    else:
+        assert got == want
+
+
 # ---------------------------------------------------------------------------------------------------
 # The command, as a user runs it: two worker processes each time.
 
@@ -181,6 +214,8 @@ def test_cli_end_to_end(pipe, p, d, cli_env):
     if pipe == "ipc":  # its receiver jits the unpacking per route: the counter does see compiles
         assert int(timed[2]) > 0, out
     assert f"ms/token over 5 steps (TP {d})" in out
+    assert "workers on cpu (simulated devices)" in out  # --platform auto on a machine without GPUs
+    assert "[prefill] on cpu: " in out and "[decode] on cpu: " in out
     assert f"check: the tokens equal single-process generation on one device (after a transfer over the {pipe}" in out
     assert "FAILED" not in out
 
@@ -215,7 +250,7 @@ def test_the_demos_pipes_take_no_peer_without_the_runs_secret(pipe, tmp_path):
     import argparse
     import threading
 
-    from models import disagg
+    from models import disagg_worker
     from spmd.kv_transfer import TCPKVPipe
     from spmd.net import free_port
 
@@ -227,7 +262,7 @@ def test_the_demos_pipes_take_no_peer_without_the_runs_secret(pipe, tmp_path):
 
     def decode_worker():
         try:
-            box["pipe"] = disagg._open_pipe(args, "decode", jax.devices()[:1])
+            box["pipe"] = disagg_worker._open_pipe(args, "decode", jax.devices()[:1])
         except Exception as e:  # the stranger is refused, then nobody else comes
             box["error"] = e
 

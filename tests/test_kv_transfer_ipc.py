@@ -203,7 +203,7 @@ def test_closed_pipe_gone_peer_and_no_files_left(rng):
     x = rng.standard_normal(1 << 16).astype(np.float32)
     s.send_tensor(x)
     np.testing.assert_array_equal(np.asarray(c.recv_tensor()), x)
-    assert len(shm_files() - before) == 1  # one slot in use
+    assert len(shm_files() - before) == 1 + 2 * 2  # one staging slot in use, two slot headers per side
     s.close()
     s.close()
     with pytest.raises(ValueError, match="closed"):
@@ -242,9 +242,9 @@ def test_close_with_a_reader_that_never_comes(rng):
     x = rng.standard_normal(1 << 16).astype(np.float32)
     s.send_tensor(x)
     t0 = time.monotonic()
-    s.close()  # gives up after timeout_s; the shared-memory file goes (no reader had it)
+    s.close()  # gives up after timeout_s; the shared-memory files go (no reader had the staging open)
     assert 0.4 < time.monotonic() - t0 < 5
-    assert shm_files() - before == set()
+    assert shm_files() - before == set(c._headers.names)  # the reader's own slot headers stay until it closes
     with pytest.raises(ConnectionError, match="closed before this message was taken"):
         c.recv_tensor()
     c.close()
@@ -298,67 +298,6 @@ def test_hello_checks(hello, match):
     try:
         with pytest.raises(ValueError, match=match):
             IpcKVPipe("127.0.0.1", port, role="client", timeout_s=5.0, devices=jax.devices()[:1])
-    finally:
-        t.join()
-        box["p"].close()
-
-
-def data_meta(**kw):
-    return _device.meta_bytes({"kind": "data", "seq": 0, "dtype": "float32", "shape": [4096], **kw})
-
-
-@pytest.mark.parametrize(
-    ("msg", "match"),
-    [
-        (data_meta(pieces=[{"h": "../../etc/passwd", "off": 0, "n": 16384, "cap": 1 << 20}]), "malformed shared"),
-        (data_meta(pieces=[{"h": "spmd-kv-x", "off": 0, "n": 16, "cap": 1 << 20}]), "malformed piece"),
-        (data_meta(pieces=[{"h": "spmd-kv-x", "off": 1 << 20, "n": 16384, "cap": 1 << 20}]), "malformed piece"),
-        (data_meta(pieces=[{"h": "spmd-kv-x", "off": -1, "n": 16384, "cap": 1 << 20}]), "malformed piece"),
-        (data_meta(pieces=[]), "expected message 0 with 1 pieces"),
-        (data_meta(seq=5, pieces=[{"h": "spmd-kv-x", "off": 0, "n": 16384, "cap": 1 << 20}]), "expected message 0"),
-        (_device.meta_bytes({"kind": "gossip"}), "malformed message"),
-        (_device.meta_bytes({"kind": "data", "dtype": "float32", "shape": [-1]}), "malformed array metadata"),
-        (np.frombuffer(b"\xff\xfe", np.uint8), "malformed metadata"),
-    ],
-)
-def test_malformed_messages_are_refused(msg, match):
-    port, t, box = fake_peer(good_hello(), then=[msg])
-    try:
-        with IpcKVPipe("127.0.0.1", port, role="client", timeout_s=5.0, devices=jax.devices()[:1]) as pipe:
-            with pytest.raises(ValueError, match=match):
-                pipe.recv_tensor()
-    finally:
-        t.join()
-        box["p"].close()
-
-
-@pytest.mark.parametrize(
-    ("kv", "match"),
-    [
-        ({"heads": 2, "head_axis": 0, "src_tp": 4, "dst_tp": 1, "layers": [["float32", [2, 4]]]}, "TP 4 -> 1"),
-        ({"heads": 2, "head_axis": 0, "src_tp": 1, "dst_tp": 1, "layers": [["float32", [3, 4]]]}, "not 2 heads"),
-        ({"heads": 2, "head_axis": 0, "src_tp": 1, "dst_tp": 1, "layers": []}, "malformed KV-cache"),
-        ({"heads": True, "head_axis": 0, "src_tp": 1, "dst_tp": 1, "layers": [["float32", [2]]]}, "malformed KV"),
-        ({"heads": 2, "head_axis": 0, "src_tp": 1, "dst_tp": 1, "layers": [["float32"]]}, "malformed metadata"),
-    ],
-)
-def test_malformed_kv_metadata_is_refused(kv, match):
-    port, t, box = fake_peer(good_hello(), then=[data_meta(kv=kv, pieces=[])])
-    try:
-        with IpcKVPipe("127.0.0.1", port, role="client", timeout_s=5.0, devices=jax.devices()[:1]) as pipe:
-            with pytest.raises(ValueError, match=match):
-                pipe.recv_kv_cache()
-    finally:
-        t.join()
-        box["p"].close()
-
-
-def test_an_ack_out_of_order_is_refused(rng):
-    port, t, box = fake_peer(good_hello(), then=[_device.meta_bytes({"kind": "ack", "seq": 3})])
-    try:
-        with IpcKVPipe("127.0.0.1", port, role="client", timeout_s=5.0, devices=jax.devices()[:1]) as pipe:
-            with pytest.raises(ValueError, match="expected the ack of message 0"):
-                pipe.recv_tensor()
     finally:
         t.join()
         box["p"].close()
@@ -474,73 +413,6 @@ def test_soak_a_thousand_messages_and_fifty_pipes_leave_nothing_behind(rng):
     assert shm_files() - before_files == set()
 
 
-def _staged_meta(dtype="float32", shape=(4096,), **piece):
-    desc = {"h": "spmd-kv-0-0_missing", "off": 0, "n": 4 * int(np.prod(shape)), "cap": 1 << 20, **piece}
-    return data_meta(dtype=dtype, shape=list(shape), pieces=[desc])
-
-
-def test_a_64_bit_message_without_x64_is_refused_dropped_and_the_pipe_goes_on():
-    small = np.arange(6, dtype=np.float32)
-    then = [
-        _staged_meta(dtype="int64", shape=(4096,), n=8 * 4096),  # staged: refused, acked (the slot is freed)
-        _device.meta_bytes({"kind": "data", "dtype": "int64", "shape": [3], "inline": True}),
-        np.arange(3, dtype=np.int64),
-        _device.meta_bytes({"kind": "data", "dtype": "float32", "shape": [6], "inline": True}),
-        small,
-    ]
-    port, t, box = fake_peer(good_hello(), then=then)
-    try:
-        with IpcKVPipe("127.0.0.1", port, role="client", timeout_s=5.0, devices=jax.devices()[:1]) as pipe:
-            with pytest.raises(TypeError, match="truncated to 32 bits"):
-                pipe.recv_tensor()
-            with pytest.raises(TypeError, match="truncated to 32 bits"):
-                pipe.recv_tensor()
-            np.testing.assert_array_equal(np.asarray(pipe.recv_tensor()), small)
-        t.join()
-        ack = _device.meta_from(box["p"].recv_tensor(), "test")
-        assert ack == {"kind": "ack", "seq": 0}
-    finally:
-        t.join()
-        box["p"].close()
-
-
-def test_a_piece_that_fails_is_acked_so_the_next_message_is_in_step():
-    small = np.arange(6, dtype=np.float32)
-    then = [
-        _staged_meta(),  # its staging file does not exist: ConnectionError, message dropped
-        _device.meta_bytes({"kind": "data", "dtype": "float32", "shape": [6], "inline": True}),
-        small,
-    ]
-    port, t, box = fake_peer(good_hello(), then=then)
-    try:
-        with IpcKVPipe("127.0.0.1", port, role="client", timeout_s=5.0, devices=jax.devices()[:1]) as pipe:
-            with pytest.raises(ConnectionError, match="closed before this message was taken"):
-                pipe.recv_tensor()
-            np.testing.assert_array_equal(np.asarray(pipe.recv_tensor()), small)
-        t.join()
-        assert _device.meta_from(box["p"].recv_tensor(), "test") == {"kind": "ack", "seq": 0}
-    finally:
-        t.join()
-        box["p"].close()
-
-
-def test_half_an_inline_message_closes_the_pipe():
-    then = [_device.meta_bytes({"kind": "data", "dtype": "float32", "shape": [6], "inline": True})]
-    port, t, box = fake_peer(good_hello(), then=then)
-    try:
-        pipe = IpcKVPipe("127.0.0.1", port, role="client", timeout_s=2.0, devices=jax.devices()[:1])
-        t.join()
-        box["p"].close()  # the peer goes before the array
-        with pytest.raises(ConnectionError):
-            pipe.recv_tensor()
-        assert pipe.closed
-        with pytest.raises(ValueError, match="closed"):
-            pipe.recv_tensor()
-    finally:
-        t.join()
-        box["p"].close()
-
-
 def test_a_peer_dripping_its_hello_cannot_stretch_the_constructors_deadline():
     """The control channel's handshake passes; then the hello arrives one byte every 50 ms (issue 22, item 1)."""
     port, stop = free_port(), threading.Event()
@@ -569,19 +441,6 @@ def test_a_peer_dripping_its_hello_cannot_stretch_the_constructors_deadline():
         stop.set()
         t.join(5)
         box["p"].close()
-
-
-@pytest.mark.parametrize("shape", [[1 << 62, 8], [1 << 31, 1 << 31, 4]], ids=["wraps-to-0", "wraps-to-2**65"])
-def test_a_shape_whose_bytes_overflow_int64_is_refused_and_the_pipe_goes_on(shape):
-    s, c = pair()
-    with s, c:
-        piece = {"h": "spmd-kv-0-0_x", "off": 0, "n": 0, "cap": 1 << 20}
-        s._control.send_tensor(data_meta(dtype="float32", shape=shape, pieces=[piece]))
-        with pytest.raises(ValueError, match="holds more bytes than an int64 can count"):
-            c.recv_tensor()
-        x = np.arange(6, dtype=np.float32)
-        s.send_tensor(x)
-        np.testing.assert_array_equal(np.asarray(c.recv_tensor()), x)
 
 
 # A peer's staging file is not trusted: links, FIFOs, other users' files, truncation (issue 22, item 7) ---

@@ -17,11 +17,19 @@ Timing: the receiver says "go", the sender stamps ``time.monotonic_ns()`` (one c
 process of the machine) and sends; the receiver stops the clock when every array it received is
 ready. One warm-up, then the best of ``--repeats``; the last message of every row is checked byte
 for byte. The receiver prints the table and writes ``--json``.
+
+``--profile`` (the ``ipc`` pipe): both ends time every phase of each timed message (host time,
+``IpcKVPipe(profile=True)``: waiting for a slot's ack, packing dispatch, the layout and staging
+maps, queueing the staging copies, the release (staging copies finished) and the epoch, on the
+receiver the wait for the epoch, the layout and route, the copy (and the wait for it), the
+unpacking dispatch, the ack, and the caller's ``block_until_ready``); the receiver prints a table
+of microseconds per message for every row and adds it to the row's JSON (``"profile"``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -52,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=harness.positive_int, default=128, help="head size")
     p.add_argument("--repeats", type=harness.positive_int, default=5, help="timed messages per row (best reported)")
     p.add_argument("--platform", choices=("auto", "gpu", "cpu"), default="auto", help="the devices to use")
+    p.add_argument("--profile", action="store_true", help="time each phase of every message (ipc pipe)")
+    p.add_argument(
+        "--receive",
+        choices=("auto", "kernel", "copy"),
+        default="auto",
+        help="how the ipc receiver reads the staging: by address in one program (kernel, CUDA) or copies",
+    )
     p.add_argument("--json", default="bench_kv_ipc.json", help="where the receiver writes the results")
     p.add_argument("--role", choices=("send", "recv"), default="send", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -107,29 +122,62 @@ def _stamp() -> Any:
     return np.array(divmod(time.monotonic_ns(), 1 << 30), np.int32)
 
 
-def _pipe(kind: str, role: str, port: int, device: Any) -> Any:
+def _pipe(kind: str, role: str, args: argparse.Namespace, device: Any) -> Any:
     from spmd.kv_transfer import IpcKVPipe, TransferServerKVPipe
 
-    cls = IpcKVPipe if kind == "ipc" else TransferServerKVPipe
-    return cls("127.0.0.1", port, role="server" if role == "send" else "client", timeout_s=300, devices=[device])
+    kw = dict(role="server" if role == "send" else "client", timeout_s=300, devices=[device])
+    if kind == "ipc":
+        receive = args.receive if role == "recv" else "auto"
+        return IpcKVPipe("127.0.0.1", args.port, profile=args.profile, receive=receive, **kw)
+    return TransferServerKVPipe("127.0.0.1", args.port, **kw)
+
+
+class _Profile:
+    """Per-phase host time of the timed messages of one row (``IpcKVPipe.phases``, reset around each)."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.phases = getattr(pipe, "phases", None)
+        self.enabled = bool(self.phases is not None and self.phases.enabled)
+        self.totals: dict[str, float] = {}
+        self.n = 0
+
+    def begin(self) -> None:
+        if self.enabled:
+            self.phases.reset()
+
+    def end(self, extra: dict[str, float] | None = None) -> None:
+        if self.enabled:
+            for name, ns in {**self.phases.totals, **(extra or {})}.items():
+                self.totals[name] = self.totals.get(name, 0.0) + ns
+            self.n += 1
+
+    def per_message_us(self) -> dict[str, float]:
+        return {name: ns / max(self.n, 1) / 1e3 for name, ns in self.totals.items()}
 
 
 def _sender(args: argparse.Namespace, device: Any) -> None:
     import jax
+    import numpy as np
 
     for kind in args.pipes:
-        with _pipe(kind, "send", args.port, device) as pipe:
+        with _pipe(kind, "send", args, device) as pipe:
             for mode in args.modes:
                 for size in args.sizes:
                     sent = jax.block_until_ready(_data(mode, size, args, device))
-                    for _ in range(args.repeats + 1):
+                    prof = _Profile(pipe)
+                    for i in range(args.repeats + 1):
                         assert pipe.recv_tensor() is None  # the receiver's "go"
                         stamp = _stamp()
+                        prof.begin()
                         if mode == "array":
                             pipe.send_tensor(sent[0])
                         else:
                             pipe.send_kv_cache(sent)
+                        if i:
+                            prof.end()
                         pipe.send_tensor(stamp)
+                    if prof.enabled:  # the sender's phases, for the receiver's table
+                        pipe.send_tensor(np.frombuffer(json.dumps(prof.per_message_us()).encode(), np.uint8))
     if "raw-copy" in _rows_wanted(args, device):
         _raw_copy_sender(args, device)
 
@@ -192,29 +240,52 @@ def _print(row: dict[str, Any]) -> None:
     )
 
 
+def _print_profile(row: dict[str, Any], times: list[float]) -> None:
+    mean = sum(times) / len(times) * 1e6
+    print(f"  profile of {row['mode']} {harness.format_size(row['bytes'])}, receive={row.get('receive')}: "
+          f"us per message (mean of {len(times)}; "
+          f"end to end mean {mean:.1f} us, best {row['us']:.1f} us)")  # fmt: skip
+    for side in ("send", "recv"):
+        phases = row["profile"][side]
+        for name, us in phases.items():
+            print(f"    {name:<44} {us:10.1f}")
+        print(f"    {side + ': all phases':<44} {sum(phases.values()):10.1f}", flush=True)
+
+
 def _receiver(args: argparse.Namespace, device: Any) -> list[dict[str, Any]]:
     import jax
     import numpy as np
 
     rows = []
     for kind in args.pipes:
-        with _pipe(kind, "recv", args.port, device) as pipe:
+        with _pipe(kind, "recv", args, device) as pipe:
             for mode in args.modes:
                 for size in args.sizes:
                     times, got = [], None
+                    prof = _Profile(pipe)
                     for i in range(args.repeats + 1):
                         pipe.send_tensor(None)  # go
+                        prof.begin()
                         got = [pipe.recv_tensor()] if mode == "array" else pipe.recv_kv_cache()
+                        t0 = time.monotonic_ns()
                         jax.block_until_ready(got)
                         t1 = time.monotonic_ns()
+                        if i:
+                            prof.end({"recv: block_until_ready (the caller)": t1 - t0})
                         hi, lo = (int(v) for v in np.asarray(pipe.recv_tensor()))
                         if i:
                             times.append((t1 - (hi << 30 | lo)) / 1e9)
                     best = min(times)
                     row = {"pipe": kind, "mode": mode, "bytes": size, "us": best * 1e6, "GBps": size / best / 1e9}
                     row["ok"] = _same(got, _data(mode, size, args, device))
+                    if kind == "ipc":
+                        row["receive"] = pipe.receive  # (after a fallback: "copy")
                     rows.append(row)
                     _print(row)
+                    if prof.enabled:
+                        sender = json.loads(bytes(np.asarray(pipe.recv_tensor())))
+                        row["profile"] = {"send": sender, "recv": prof.per_message_us()}
+                        _print_profile(row, times)
     if "raw-copy" in _rows_wanted(args, device):
         rows += _raw_copy_rows(args, device)
     return rows

@@ -197,7 +197,7 @@ def _to_bits(x: Any, carrier: str) -> Any:
     return x if x.dtype == np.dtype(carrier) else jax.lax.bitcast_convert_type(x, np.dtype(carrier))
 
 
-def _from_bits(bits: Any, dtype: str) -> Any:
+def from_bits(bits: Any, dtype: str) -> Any:
     import jax
 
     dt = _arrays.dtype_from_name(dtype)
@@ -217,6 +217,8 @@ def local_shards(layer: Any, sharding: Any, src_devices: list[Any]) -> list[Any]
     """
     import jax
 
+    if len(src_devices) == 1 and isinstance(layer, jax.Array) and layer.devices() == {src_devices[0]}:
+        return [layer]  # one device: the layer is its own shard
     if not (
         isinstance(layer, jax.Array)
         and (layer.sharding == sharding or layer.sharding.is_equivalent_to(sharding, layer.ndim))
@@ -268,7 +270,7 @@ def sender_arrays(route: KVRoute, shards: list[list[Any]], s: int, g: int, pack:
 
 
 @functools.lru_cache(maxsize=256)
-def _unpack_fn(route: KVRoute, g: int, pack: bool) -> Any:
+def unpack_fn(route: KVRoute, g: int, pack: bool) -> Any:
     """A jitted function: everything pairs ``(*, g)`` brought -> receiver ``g``'s shard of every live layer."""
     import jax
     import jax.numpy as jnp
@@ -293,7 +295,7 @@ def _unpack_fn(route: KVRoute, g: int, pack: bool) -> Any:
                     shape = route.piece_shape(i, k, g)
                     n = int(np.prod(shape))
                     bits = jax.lax.slice_in_dim(flat, offset, offset + n)
-                    pieces[(i, k)] = _from_bits(bits, route.layers[i][0]).reshape(shape)
+                    pieces[(i, k)] = from_bits(bits, route.layers[i][0]).reshape(shape)
                     offset += n
         out = []
         for i in route.live:
@@ -309,16 +311,21 @@ def receiver_shards(route: KVRoute, arrived: dict[tuple[int, int], list[Any]], g
     flat = [x for s, gg in route.pairs if gg == g for x in arrived[(s, gg)]]
     if not pack and route.one_piece(g):
         return flat  # one piece per layer (its whole shard), already in layer order
-    return list(_unpack_fn(route, g, pack)(*flat))
+    return list(unpack_fn(route, g, pack)(*flat))
 
 
 def receiver_layers(
-    route: KVRoute, arrived: dict[tuple[int, int], list[Any]], devices: list[Any], pack: bool, sharding: Any
+    route: KVRoute,
+    arrived: dict[tuple[int, int], list[Any]] | None,
+    devices: list[Any],
+    pack: bool,
+    sharding: Any,
+    shards_of: Any = None,
 ) -> list[Any]:
     """Every layer of the cache, sharded by heads over ``devices`` (``sharding``), from what each pair brought.
 
-    Each head group's first receiver cuts its shards out of ``arrived`` (:func:`receiver_shards`);
-    its replicas (``tp > kv_heads``) get local copies; empty layers are made here.
+    Each head group's first receiver cuts its shards out of ``arrived`` (:func:`receiver_shards`), or
+    ``shards_of(rank)`` gives them; its replicas (``tp > kv_heads``) get local copies; empty layers are made here.
     """
     import jax
     import jax.numpy as jnp
@@ -326,7 +333,12 @@ def receiver_layers(
 
     by_rank: dict[int, list[Any]] = {}
     for _, _, ranks in route.groups:
-        shards = receiver_shards(route, arrived, ranks[0], pack) if route.live else []
+        if not route.live:
+            shards = []
+        elif shards_of is not None:
+            shards = shards_of(ranks[0])
+        else:
+            shards = receiver_shards(route, arrived, ranks[0], pack)
         by_rank[ranks[0]] = shards
         for r in ranks[1:]:  # replicated heads: local copies, one batched call per replica device
             by_rank[r] = jax.device_put(shards, [SingleDeviceSharding(devices[r])] * len(shards))

@@ -27,11 +27,16 @@ import numpy as np
 
 from kernels.symmetric_memory import machine_id as host_identity  # one definition of "one machine"
 
-__all__ = ["Cuda", "Shm", "Slot", "host_identity"]
+__all__ = ["Cuda", "Shm", "Slot", "host_identity", "shm_name"]
 
 _SHM_NAME = re.compile(r"^spmd-kv-\d{1,20}-\d{1,10}_[A-Za-z0-9_]{1,64}$")
 _SHM_OWNER = re.compile(r"^spmd-kv-(\d{1,20})-(\d{1,10})_[A-Za-z0-9_]{1,64}$")
 _PID_MAX = 1 << 22  # the kernel's largest pid_max
+
+
+def shm_name(name: str) -> bool:
+    """Whether ``name`` is one this module writes in ``/dev/shm`` (``spmd-kv-<namespace>-<pid>_<random>``)."""
+    return bool(_SHM_NAME.match(name))
 
 
 def _pid_namespace() -> int:
@@ -64,10 +69,11 @@ class _ShmFile:
 
 
 class Slot:
-    """One staging buffer: ``handle`` (what the peer opens), ``addr`` / ``view`` (what we write)."""
+    """One staging buffer: ``handle`` (what the peer opens), ``addr`` / ``view`` (what we write), ``id``."""
 
     def __init__(self, handle: str, capacity: int, addr: int = 0, view: Any = None, path: str = "") -> None:
         self.handle, self.capacity, self.addr, self.view, self.path = handle, capacity, addr, view, path
+        self.id = 0
 
 
 class Cuda:
@@ -112,6 +118,15 @@ class Cuda:
 
     def close_mapping(self, device: Any, mapped: Any) -> None:
         self.cuda.ipc_close(self.ordinal(device), mapped)
+
+    def check_room(self, device: Any, mapped: Any, end: int) -> None:
+        """Raise ``ValueError`` unless the peer's mapping holds ``end`` bytes (when the driver can tell)."""
+        try:
+            room = self.cuda.allocation_size(self.ordinal(device), mapped)
+        except self.cuda.CudaError:  # (not checked on a GPU yet for IPC mappings: the sender's bound stands)
+            return
+        if end > room:
+            raise ValueError(f"IpcKVPipe: a piece ending at byte {end} overruns the peer's {room}-byte staging buffer.")
 
     def fetch(self, device: Any, mapped: Any, offset: int, nbytes: int, dtype: Any, shape: tuple[int, ...]) -> Any:
         import jax

@@ -15,6 +15,7 @@ Every function takes the head axis as ``head_axis`` (0 for ``[kv_heads, tokens, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -189,6 +190,12 @@ def kv_head_sharding(devices: Sequence[Any], num_kv_heads: int, *, head_axis: in
     Raises:
       ValueError: a TP size (``len(devices)``) that does not fit the heads.
     """
+    return _kv_head_sharding(tuple(devices), num_kv_heads, head_axis)
+
+
+@functools.lru_cache(maxsize=64)
+def _kv_head_sharding(devices: tuple[Any, ...], num_kv_heads: int, head_axis: int) -> Any:
+    """:func:`kv_head_sharding`, made once per arguments (a pipe asks for it with every cache)."""
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 

@@ -1,43 +1,47 @@
 """``IpcKVPipe``: device to device between independent processes on ONE host, through shared memory.
 
 The sender copies each message (one array, or a whole KV cache packed per (sender device,
-receiver head group) pair as :class:`DevicePutKVPipe` packs it) into a staging buffer that the
-receiver can map, and sends where it lies; the receiver copies it straight into arrays on its own
-devices and cuts the layers back out. Two kinds of shared memory (``backend``):
+receiver head group) pair as :class:`DevicePutKVPipe` packs it) into a staging slot the receiver
+can map, and marks it ready IN THE SHARED MEMORY (:mod:`spmd.kv_transfer._slots`: the layout, then
+an epoch written last); the receiver waits for the epoch, copies the data straight into arrays on
+its own devices and cuts the layers back out. No message crosses TCP on the data path. Two kinds
+of data buffers (``backend``):
 
 * ``"cuda"`` (NVIDIA GPUs): staging allocated with ``cuMemAlloc`` and shared by CUDA IPC handles
   (:mod:`kernels.symmetric_memory.cuda`); the receiver's copy reads the sender's GPU memory over
   NVLink / PCIe peer access, never through the host. JAX's own buffers cannot be exported this
   way (they sit in XLA's virtual-memory pool), hence the one local staging copy on the sender.
-* ``"shm"`` (CPU devices): staging files in ``/dev/shm`` mapped by both processes.
+* ``"shm"`` (CPU devices): staging files in ``/dev/shm``.
 
-Closing waits (up to ``timeout_s``) until the peer has taken every staged message, so nothing
-sent is lost by closing right after a send.
+Slot headers (epoch, layout, small arrays inline) are ``/dev/shm`` files on both backends.
 
 Control: a :class:`TCPKVPipe` (HMAC with a ``secret``) carries the hello (backend, TP size, host
-identity: both ends must share the machine), each message's metadata as JSON (the handle, offset
-and size of every piece: never pickle), small arrays (<= 16 KiB) inline, and the receiver's ack
-for every staged message. Each sender device has two staging slots used alternately: message
-``k`` waits only until message ``k - 2`` has been taken, so the sender runs a message ahead of
-the receiver. A slot that is too small is replaced by a larger one (the old one stays allocated
-until the pipe closes: the peer may still hold a mapping of it). A side sends at most two staged
-messages ahead of what the other has taken, in each direction.
+identity: both ends must share the machine; the header files), one ``map`` message per new
+staging buffer (its handle and capacity: off the data path once the slots have grown), the acks
+("taken up to n": the sender reads them only when it needs a slot again) and the close (EOF: a
+receiver waiting for a message from a closed or dead peer raises ``ConnectionError`` at once).
+Each sender device has ``SLOTS`` (2) staging slots used in turn: message ``k`` waits only until
+message ``k - 2`` has been taken, so the sender runs a message ahead of the receiver.
 
-Not thread-safe: one thread per pipe end. Both directions work (each side stages its own sends).
+Closing waits (up to ``timeout_s``) until the peer has taken every staged message, so nothing sent
+is lost by closing right after a send. Not thread-safe: one thread per pipe end. Both directions
+work (each side stages its own sends).
 """
 
 from __future__ import annotations
 
-import collections
-import math
 import os
+import select
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from spmd.kv_transfer import _arrays, _device, _route, _shared_memory
+from kernels import peer_copy
+from spmd.kv_transfer import _arrays, _device, _receive, _route, _shared_memory, _slots
+from spmd.kv_transfer._ipc_recv import IpcReceiving
+from spmd.kv_transfer._profile import Phases
 from spmd.kv_transfer.base import KVPipeBase
 from spmd.kv_transfer.heads import kv_head_ranges, kv_head_sharding
 from spmd.kv_transfer.tcp import TCPKVPipe
@@ -45,27 +49,37 @@ from spmd.kv_transfer.tcp import TCPKVPipe
 __all__ = ["BACKENDS", "INLINE_BYTES", "IpcKVPipe"]
 
 BACKENDS = ("auto", "cuda", "shm")
-INLINE_BYTES = 16 << 10  # arrays up to this size travel inside the control channel
-_ALIGN = 256
+INLINE_BYTES = _slots.INLINE_BYTES  # arrays up to this size travel inside the slot header
+_ALIGN = peer_copy.TILE_BYTES
 _PROCESS_TOKEN = os.urandom(16).hex()  # this process (pids repeat across PID namespaces)
 _MIN_SLOT = 1 << 20
+# How long the receiver polls a slot's epoch without sleeping: on CPU devices the sender's copies need the cores.
+_SPIN_S = {"cuda": 2e-3, "shm": 2e-4}
 
 
 def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-class IpcKVPipe(KVPipeBase):
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+class IpcKVPipe(IpcReceiving, KVPipeBase):
     """A two-way KV pipe between independent processes on one host, through shared device memory.
 
     Args:
       host, port, role, timeout_s, secret: the control channel's (see :class:`TCPKVPipe`).
       devices: this side's devices in TP rank order (default: all local devices).
       backend: ``"cuda"``, ``"shm"`` or ``"auto"`` (``"cuda"`` on GPUs, ``"shm"`` on CPU).
+      receive: how the receiver reads a peer's staging (:mod:`spmd.kv_transfer._receive`): ``"kernel"`` (CUDA:
+        one program per receiver device reads it by address), ``"copy"`` (the backend copies the pieces
+        first), ``"auto"`` (``"kernel"`` on CUDA, falling back to ``"copy"`` if the kernel fails to compile).
+      profile: time each phase of every message (``pipe.phases``; see ``spmd.bench.kv_ipc --profile``).
 
     Raises:
       As :class:`TCPKVPipe` for the control channel; ``ValueError``: a bad backend, the two sides
-      on different machines or backends; ``RuntimeError``: no CUDA driver for ``"cuda"``.
+      on different machines or backends, a malformed hello; ``RuntimeError``: no CUDA driver for ``"cuda"``.
     """
 
     def __init__(
@@ -78,6 +92,8 @@ class IpcKVPipe(KVPipeBase):
         secret: bytes | None = None,
         devices: Sequence[Any] | None = None,
         backend: str = "auto",
+        receive: str = "auto",
+        profile: bool = False,
     ) -> None:
         import jax
 
@@ -94,22 +110,33 @@ class IpcKVPipe(KVPipeBase):
                 raise ValueError(f"IpcKVPipe: no shared-memory backend for {platform} devices (GPU or CPU).")
         if backend == "shm" and platform != "cpu":
             raise ValueError(f"IpcKVPipe: backend 'shm' moves CPU arrays, got {platform} devices.")
-        self._mem = _shared_memory.Cuda() if backend == "cuda" else _shared_memory.Shm()
+        if receive not in _receive.RECEIVE or (receive == "kernel" and backend != "cuda"):
+            raise ValueError(
+                f"IpcKVPipe: expected receive in {_receive.RECEIVE} ('kernel' needs CUDA), got {receive!r}."
+            )
+        self.receive = ("kernel" if backend == "cuda" else "copy") if receive == "auto" else receive
+        self._fallback = receive == "auto"  # a kernel that fails to compile: say so once, then copy
+        self._files = _shared_memory.Shm()  # the headers (and the sweep of dead processes' files)
+        self._mem = _shared_memory.Cuda() if backend == "cuda" else self._files
         self.backend = backend
         self.timeout_s = float(timeout_s)
+        self.phases = Phases(enabled=profile)
         self._slots: dict[tuple[int, int], _shared_memory.Slot] = {}  # (device index, parity) -> current slot
         self._retired: list[tuple[Any, _shared_memory.Slot]] = []  # replaced slots, freed on close
+        self._ids = 0  # staging buffers made (their ids in map messages)
+        self._maps: dict[int, dict[str, Any]] = {}  # the peer's staging buffers by id: handle, capacity, address
         self._mapped: dict[tuple[int, str], Any] = {}  # (device index, handle) -> the peer's mapping
-        self._pending: collections.deque = collections.deque()  # data read while waiting for acks
-        self._sent = 0  # staged messages sent
-        self._acked = 0  # of those, taken by the peer
-        self._received = 0  # staged messages received
+        self._dirty: list[Any] = []  # devices with staging copies in flight (synchronised by the release)
+        self._sent = self._acked = self._received = 0  # messages sent, of those taken by the peer, received
         self._same_process = False
+        self._headers = self._peer = None
         self._control = TCPKVPipe(host, port, role=role, timeout_s=timeout_s, secret=secret, deadline=deadline)
         try:
+            prefix = f"spmd-kv-{self._files.namespace}-{os.getpid()}_"
+            self._headers = _slots.HeaderFile(self._files.dir, prefix, flush=lambda slot: self._mem.flush(self._dirty))
             host_id = _shared_memory.host_identity()
             me = {"backend": backend, "tp": len(self.devices), "host": host_id, "process": _PROCESS_TOKEN}
-            self._control.send_tensor(_device.meta_bytes(me))
+            self._control.send_tensor(_device.meta_bytes({**me, "headers": self._headers.names}))
             hello = _device.meta_from(self._control.recv_tensor(deadline=deadline), "IpcKVPipe")
             self.peer_tp = hello.get("tp")
             if not isinstance(self.peer_tp, int) or isinstance(self.peer_tp, bool) or self.peer_tp < 1:
@@ -121,6 +148,7 @@ class IpcKVPipe(KVPipeBase):
                     f"IpcKVPipe: the peer runs on another machine ({hello.get('host')!r:.80}, here {me['host']!r}); "
                     "shared memory needs both processes on one host: use TransferServerKVPipe or TCPKVPipe."
                 )
+            self._peer = _slots.HeaderView(self._files.dir, hello.get("headers"), _shared_memory.shm_name, "IpcKVPipe")
             # CUDA cannot open a handle in the process that exported it: both ends here use the address.
             self._same_process = hello.get("process") == _PROCESS_TOKEN and backend == "cuda"
         except BaseException:
@@ -139,8 +167,8 @@ class IpcKVPipe(KVPipeBase):
         Nothing sent is lost by closing right after a send: the staging stays until the peer has
         copied it. Then this side's staging is freed and the peer's unmapped. If the peer does not
         take a message in time (or is gone), CUDA staging is left allocated rather than freed under
-        a reader that may still copy it; shared-memory files are unlinked (a mapping the peer
-        already holds stays valid; a peer that had not opened it gets an error, never wrong data).
+        a reader that may still copy it; shared-memory files are unlinked (a file the peer already
+        opened stays readable and unchanged; a peer that had not opened it gets an error, never wrong data).
         """
         if not self._control.closed and self._acked < self._sent:
             try:
@@ -155,68 +183,64 @@ class IpcKVPipe(KVPipeBase):
                 pass
         self._mapped.clear()
         if self._acked >= self._sent or self._mem.name == "shm":
-            slots = [(self.devices[i], s) for (i, _), s in self._slots.items()] + self._retired
-            for device, slot in slots:
+            for device, slot in [(self.devices[i], s) for (i, _), s in self._slots.items()] + self._retired:
                 try:
                     self._mem.free(device, slot)
                 except Exception:
                     pass
         self._slots.clear()
         self._retired.clear()
+        for part in (self._peer, self._headers):
+            if part is not None:
+                part.close()
 
     def _live(self, op: str) -> None:
         if self._control.closed:
             raise ValueError(f"IpcKVPipe.{op}: the pipe is closed.")
 
-    # Control messages ------------------------------------------------------------------------
+    # The control channel -------------------------------------------------------------------------
 
-    def _read(self, fn: str) -> tuple[dict[str, Any] | None, Any]:
-        """The next message from the peer: ``(meta, inline array)``; ``(None, None)`` for ``None``."""
-        raw = self._control.recv_tensor()
-        if raw is None:
-            return None, None
-        meta = _device.meta_from(raw, f"IpcKVPipe.{fn}")
-        kind = meta.get("kind")
-        if kind not in ("ack", "data"):
-            raise ValueError(f"IpcKVPipe.{fn}: malformed message from the peer: {meta!r:.200}")
-        if not meta.get("inline"):
-            return meta, None
-        try:
-            return meta, self._control.recv_tensor()
-        except BaseException:
-            self._control.close()  # half a message read: the stream is out of step, nothing after it can be trusted
-            raise
+    def _control_message(self, fn: str, deadline: float) -> None:
+        """Read and apply one control message (an ack or a map); the peer's EOF is a ``ConnectionError``."""
+        meta = _device.meta_from(self._control.recv_tensor(deadline=deadline), fn)
+        if meta.get("kind") == "ack":
+            upto = meta.get("upto")
+            if not _count(upto) or not self._acked < upto <= self._sent:
+                raise ValueError(f"{fn}: expected the ack of message {self._acked} (of {self._sent}), got {meta!r:.80}")
+            self._acked = upto
+        elif meta.get("kind") == "map":
+            slot_id, handle, cap, addr = (meta.get(k) for k in ("id", "h", "cap", "addr"))
+            if not (_count(slot_id) and isinstance(handle, str) and _count(cap) and _count(addr)):
+                raise ValueError(f"{fn}: malformed staging map from the peer: {meta!r:.200}")
+            self._maps[slot_id] = {"h": handle, "cap": cap, "addr": addr}
+        else:
+            raise ValueError(f"{fn}: malformed message from the peer: {meta!r:.200}")
 
-    def _next_data(self, fn: str) -> tuple[dict[str, Any] | None, Any]:
-        self._live(fn)
-        while True:
-            if self._pending:
-                return self._pending.popleft()
-            meta, inline = self._read(fn)
-            if meta is not None and meta["kind"] == "ack":
-                self._take_ack(meta, fn)
-                continue
-            return meta, inline
-
-    def _take_ack(self, meta: dict[str, Any], fn: str) -> None:
-        if meta.get("seq") != self._acked:
-            raise ValueError(f"IpcKVPipe.{fn}: expected the ack of message {self._acked}, got {meta!r:.100}")
-        self._acked += 1
+    def _poll(self, fn: str, deadline: float, spins: list[float]) -> None:
+        """Between two polls of a slot's epoch: apply control messages, sleep a little, keep the deadline."""
+        now = time.monotonic()
+        if now >= deadline:
+            raise TimeoutError(f"{fn}: no message from the peer within {self.timeout_s} s (the pipe stays usable).")
+        waited = now - spins[1]  # (spins: [polls, when the wait began])
+        spins[0] += 1
+        # Sleep a quarter of what the wait has lasted beyond the spinning: at most 25% late, 1 ms at most.
+        spin = _SPIN_S[self.backend]
+        wait = 0.0 if waited < spin else min(1e-3, 2e-5 + (waited - spin) / 4, deadline - now)
+        sock = self._control._sock
+        if sock is not None and select.select([sock], [], [], wait)[0]:
+            self._control_message(fn, deadline)
 
     def _wait_acked(self, upto: int, fn: str) -> None:
-        """Read the peer's messages until the first ``upto`` staged messages were taken."""
+        """Read the peer's control messages until the first ``upto`` of this side's messages were taken."""
+        deadline = time.monotonic() + self.timeout_s
         while self._acked < upto:
             try:
-                meta, inline = self._read(fn)
+                self._control_message(fn, deadline)
             except TimeoutError as e:
                 raise TimeoutError(
                     f"IpcKVPipe.{fn}: the peer has not taken message {self._acked} within {self.timeout_s} s "
                     f"(its staging slot is needed again): {e}"
                 ) from None
-            if meta is not None and meta["kind"] == "ack":
-                self._take_ack(meta, fn)
-            else:
-                self._pending.append((meta, inline))
 
     # Sending ---------------------------------------------------------------------------------
 
@@ -227,15 +251,20 @@ class IpcKVPipe(KVPipeBase):
                 self._retired.append((self.devices[index], slot))
             size = max(_MIN_SLOT, 1 << (nbytes - 1).bit_length())
             slot = self._slots[(index, parity)] = self._mem.alloc(self.devices[index], size)
+            slot.id, self._ids = self._ids, self._ids + 1
+            meta = {"kind": "map", "id": slot.id, "h": slot.handle, "cap": slot.capacity, "addr": slot.addr}
+            self._control.send_tensor(_device.meta_bytes(meta))
         return slot
 
-    def _send_pieces(self, pieces: list[Any], meta: dict[str, Any], fn: str) -> None:
-        """Stage single-device ``pieces`` and send where they lie (after the message two back was taken)."""
+    def _send(self, meta: dict[str, Any], pieces: list[Any], fn: str, inline: bytes = b"") -> None:
+        """Stage single-device ``pieces`` (after the message ``SLOTS`` back was taken), then publish the epoch."""
         import jax
 
-        seq = self._sent
-        self._wait_acked(seq - 1, fn)
-        jax.block_until_ready(pieces)
+        seq, parity, ph = self._sent, self._sent % _slots.SLOTS, self.phases
+        self._wait_acked(seq - _slots.SLOTS + 1, fn)
+        ph.mark("send: wait for the slot's ack")
+        jax.block_until_ready(pieces)  # the staging copies run on a stream of their own
+        ph.mark("send: wait for the packing")
         index = {d: i for i, d in enumerate(self.devices)}
         offsets: dict[int, int] = {}
         placed = []
@@ -246,15 +275,22 @@ class IpcKVPipe(KVPipeBase):
                 raise ValueError(f"{fn}: a piece on {dev}, not one of this pipe's devices {self.devices}.")
             nbytes = int(p.size) * p.dtype.itemsize
             placed.append((i, offsets.get(i, 0), nbytes))
-            offsets[i] = offsets.get(i, 0) + _aligned(nbytes)
-        slots = {i: self._slot(i, seq % 2, total) for i, total in offsets.items()}
-        descs = []
-        for p, (i, off, nbytes) in zip(pieces, placed, strict=True):
-            self._mem.stage(self.devices[i], slots[i], off, p, nbytes)
-            slot = slots[i]
-            descs.append({"h": slot.handle, "off": off, "n": nbytes, "cap": slot.capacity, "addr": slot.addr})
-        self._mem.flush([self.devices[i] for i in slots])
-        self._control.send_tensor(_device.meta_bytes({**meta, "kind": "data", "seq": seq, "pieces": descs}))
+            room = peer_copy.padded_bytes(nbytes) if self.backend == "cuda" and nbytes else nbytes  # (whole tiles)
+            offsets[i] = offsets.get(i, 0) + _aligned(room)
+        slots = {i: self._slot(i, parity, total) for i, total in offsets.items()}
+        descs = [{"id": slots[i].id, "off": off, "n": n} for i, off, n in placed]
+        layout = _device.meta_bytes({**meta, "seq": seq, "pieces": descs}).tobytes()
+        ph.mark("send: layout and maps")
+        self._dirty = [self.devices[i] for i in slots]
+
+        def write_data(_):
+            for p, (i, off, n) in zip(pieces, placed, strict=True):
+                self._mem.stage(self.devices[i], slots[i], off, p, n)
+            ph.mark("send: stage (queue the copies)")
+            yield from ()
+
+        _slots.run(_slots.publish(self._headers, seq, layout, write_data, lambda: self._acked, inline), lambda: None)
+        ph.mark("send: release (copies done) and epoch", message=True)
         self._sent += 1
 
     def send_tensor(self, tensor: Any | None) -> None:
@@ -269,21 +305,19 @@ class IpcKVPipe(KVPipeBase):
 
         fn = "IpcKVPipe.send_tensor"
         self._live("send_tensor")
+        self.phases.start()
         if tensor is None:
-            self._control.send_tensor(None)
-            return
+            return self._send({"kind": "none"}, [], fn)
         x = _arrays.as_device_array(tensor, fn)
-        meta = {"dtype": _arrays.dtype_name(x.dtype), "shape": list(np.shape(x))}
+        meta = {"kind": "array", "dtype": _arrays.dtype_name(x.dtype), "shape": list(np.shape(x))}
         nbytes = int(np.size(x)) * np.dtype(x.dtype).itemsize
         if nbytes <= INLINE_BYTES:
-            host = np.asarray(x)  # first: a slow or failing computation must not split the message
-            self._control.send_tensor(_device.meta_bytes({**meta, "kind": "data", "inline": True}))
-            self._control.send_tensor(host)
-            return
-        self._send_pieces([jax.device_put(x, self.devices[0])], meta, fn)
+            host = np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)
+            return self._send({**meta, "inline": True}, [], fn, inline=host.tobytes())
+        self._send(meta, [jax.device_put(x, self.devices[0])], fn)
 
     def send_kv_cache(self, layers: Sequence[Any], *, head_axis: int = 0) -> None:
-        """As :meth:`KVPipeBase.send_kv_cache`, as ONE staged message and one ack for the whole cache.
+        """As :meth:`KVPipeBase.send_kv_cache`, as ONE staged message for the whole cache.
 
         The pieces every (sender device, receiver head group) pair carries are packed on the sender
         device by one jitted concatenation per pair (:mod:`spmd.kv_transfer._route`), staged, and cut
@@ -294,6 +328,7 @@ class IpcKVPipe(KVPipeBase):
 
         fn = "IpcKVPipe.send_kv_cache"
         self._live("send_kv_cache")
+        self.phases.start()
         layers = list(layers)
         if not layers:
             raise ValueError("send_kv_cache: expected at least one layer, got none.")
@@ -310,109 +345,73 @@ class IpcKVPipe(KVPipeBase):
         live = set(route.live)
         shards = [_route.local_shards(x, sharding, self.devices) if i in live else None for i, x in enumerate(layers)]
         pieces = [a for s_, g in route.pairs for a in _route.sender_arrays(route, shards, s_, g, True)]
+        self.phases.mark("send: pack (dispatch)")
         kv = {"heads": heads, "head_axis": head_axis, "src_tp": src_tp, "dst_tp": self.peer_tp}
         kv["layers"] = [[d, list(shape)] for d, shape in specs]
-        self._send_pieces(pieces, {"kv": kv}, fn)
+        self._send({"kind": "kv", "kv": kv}, pieces, fn)
 
     # Receiving -------------------------------------------------------------------------------
 
-    def _fetch(self, meta: dict[str, Any], specs: list[tuple[Any, Any, tuple[int, ...]]], fn: str) -> list[Any]:
-        """Copy the pieces ``meta`` names into new arrays (``specs``: device, dtype, shape each); ack."""
-        pieces = meta.get("pieces")
-        if meta.get("seq") != self._received or not isinstance(pieces, list) or len(pieces) != len(specs):
-            raise ValueError(
-                f"{fn}: expected message {self._received} with {len(specs)} pieces, got {meta!r:.200}; both sides "
-                "must call send / recv in the same order."
-            )
-        out: list[Any] = []
-        used: list[Any] = []
+    def _receive(self, fn: str, take: Any) -> Any:
+        """Wait for the next message; ``take(layout, inline)`` turns it into arrays. A refused message is dropped."""
+        self._live(fn.rsplit(".", 1)[-1])
+        self.phases.start()
+        now = time.monotonic()
+        deadline, spins, seq = now + self.timeout_s, [0, now], self._received
+        state = {"taken": False, "done": False}
+
+        def read(layout: dict[str, Any], inline: bytes):
+            self.phases.mark("recv: wait for the epoch")
+            state["taken"] = True
+            yield _slots.STEP
+            out = take(layout, inline, deadline)
+            state["done"] = True
+            return out
+
         try:
-            for desc, (device, dtype, shape) in zip(pieces, specs, strict=True):
-                _arrays.check_dtype(np.empty(0, dtype), fn)  # a 64-bit array would not fit: refuse, never truncate
-                out.append(self._fetch_piece(desc, device, dtype, shape, fn))
-                used.append(device)
+            out = _slots.run(_slots.receive(self._peer, seq, read, fn), lambda: self._poll(fn, deadline, spins))
+        except TimeoutError:
+            raise  # nothing was consumed: the pipe stays usable
         except BaseException:
-            try:
-                self._mem.flush(list(dict.fromkeys(used)))  # no copy may still write into dropped arrays
-            finally:
-                self._drop(meta)  # the message is lost, the pipe stays in step
+            if state["taken"] and not state["done"] and not self._control.closed:
+                try:  # a message it refused: acked unread, so the pipe stays in step
+                    self._ack(seq + 1)
+                except Exception:
+                    pass
+            else:  # the peer broke the protocol (or is gone): nothing after this can be trusted
+                self._control.close()
             raise
-        self._mem.flush(list(dict.fromkeys(used)))
-        self._control.send_tensor(_device.meta_bytes({"kind": "ack", "seq": self._received}))
-        self._received += 1
+        self._ack(seq + 1)
+        self.phases.mark("recv: ack", message=True)
         return out
 
-    def _fetch_piece(self, desc: Any, device: Any, dtype: Any, shape: tuple[int, ...], fn: str) -> Any:
-        want = math.prod(shape) * np.dtype(dtype).itemsize
-        h, off, n, cap = (desc.get(k) if isinstance(desc, dict) else None for k in ("h", "off", "n", "cap"))
-        if (
-            not isinstance(h, str)
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in (off, n, cap))
-            or n != want
-            or off < 0
-            or off + n > cap
-        ):
-            raise ValueError(f"{fn}: malformed piece {desc!r:.200} for {np.dtype(dtype).name}{list(shape)}.")
-        i = self.devices.index(device)
-        mapped = self._mapped.get((i, h))
-        if mapped is None and self._same_process:
-            mapped = desc.get("addr")
-            if not isinstance(mapped, int) or isinstance(mapped, bool) or mapped <= 0:
-                raise ValueError(f"{fn}: malformed piece {desc!r:.200} (no staging address).")
-        elif mapped is None:
-            try:
-                mapped = self._mapped[(i, h)] = self._mem.open(device, h)
-            except FileNotFoundError:
-                raise ConnectionError(
-                    f"{fn}: the peer closed before this message was taken (its staging {h!r} is gone)."
-                ) from None
-        return self._mem.fetch(device, mapped, off, n, dtype, shape)
+    def _ack(self, upto: int) -> None:
+        self._received = upto
+        self._control.send_tensor(_device.meta_bytes({"kind": "ack", "upto": upto}))
 
     def recv_tensor(self) -> Any | None:
         """The next array (a ``jax.Array`` on this side's first device), or ``None``.
 
         Raises:
-          TimeoutError / ConnectionError: the control pipe's; ValueError: closed or malformed metadata.
+          TimeoutError: nothing within ``timeout_s`` (the pipe stays usable). ConnectionError: the peer
+          closed or died. ValueError: closed, malformed layout, or a KV cache (dropped).
         """
-        import jax
+        return self._receive("IpcKVPipe.recv_tensor", self._take_tensor)
 
-        fn = "IpcKVPipe.recv_tensor"
-        meta, inline = self._next_data("recv_tensor")
-        if meta is None:
-            return None
-        if "kv" in meta:
-            self._drop(meta)
-            raise ValueError(
-                f"{fn}: the peer sent a KV cache (send_kv_cache); receive it with recv_kv_cache. It was dropped."
-            )
-        try:
-            dtype, shape = _arrays.array_spec(meta, fn)
-        except ValueError:
-            if not meta.get("inline"):
-                self._drop(meta)  # staged: acked unread, so the pipe stays in step
-            raise
-        if meta.get("inline"):
-            _arrays.check_dtype(np.empty(0, dtype), fn)
-            host = np.asarray(inline)
-            if host.dtype != dtype or host.shape != shape:
-                raise ValueError(f"{fn}: the inline array is {host.dtype}{list(host.shape)}, not {dtype}{list(shape)}.")
-            return jax.device_put(host, self.devices[0])
-        (out,) = self._fetch(meta, [(self.devices[0], dtype, shape)], fn)
-        return out
-
-    def _drop(self, meta: dict[str, Any]) -> None:
-        """Take a staged message without copying it (the caller asked for something else): free its slot."""
-        if meta.get("seq") == self._received and not self._control.closed:
-            self._control.send_tensor(_device.meta_bytes({"kind": "ack", "seq": self._received}))
-            self._received += 1
-
-    def recv_kv_cache(self, *, devices: Sequence[Any] | None = None, tp: int | None = None) -> list[Any]:
+    def recv_kv_cache(
+        self, *, devices: Sequence[Any] | None = None, tp: int | None = None, out: Sequence[Any] | None = None
+    ) -> list[Any]:
         """As :meth:`KVPipeBase.recv_kv_cache`, on this pipe's ``devices`` (the sender cut the cache for them).
 
+        Args:
+          devices, tp: as :meth:`KVPipeBase.recv_kv_cache` (only this pipe's devices).
+          out: a cache of the same layers to write into (as a previous ``recv_kv_cache`` returned it):
+            its buffers are DONATED (the result takes their place; ``out`` must not be used after).
+
         Raises:
-          ValueError: other ``devices`` / ``tp``; the next message is not a KV cache (it is dropped, so
-            the pipe stays usable) or its metadata is malformed. TimeoutError / ConnectionError: the
-            control pipe's.
+          ValueError: other ``devices`` / ``tp``; the next message is not a KV cache, or ``out`` does
+            not match it (the message is dropped, so the pipe stays usable), or its layout is
+            malformed. TimeoutError / ConnectionError: as :meth:`recv_tensor`.
         """
         import jax
 
@@ -423,21 +422,4 @@ class IpcKVPipe(KVPipeBase):
             raise ValueError(
                 f"{fn}: the sender cut the cache for this pipe's {len(self.devices)} devices; pass devices=None."
             )
-        meta, _ = self._next_data("recv_kv_cache")
-        if meta is None or "kv" not in meta:
-            got = "None" if meta is None else f"a tensor {meta.get('dtype')}{meta.get('shape')}"
-            if meta is not None:
-                self._drop(meta)
-            raise ValueError(
-                f"recv_kv_cache: expected the KV cache sent by send_kv_cache, got {got}; both sides must call "
-                "send_kv_cache / recv_kv_cache in the same order."
-            )
-        route = _route.KVRoute.from_metadata(meta["kv"], self.peer_tp, len(self.devices), fn)
-        devices = self.devices
-        wanted = [
-            (devices[g], dtype, shape) for s_, g in route.pairs for dtype, shape in route.buffer_specs(s_, g, True)
-        ]
-        flat = iter(self._fetch(meta, wanted, fn))
-        arrived = {(s_, g): [next(flat) for _ in route.buffer_specs(s_, g, True)] for s_, g in route.pairs}
-        sharding = kv_head_sharding(devices, route.num_heads, head_axis=route.head_axis)
-        return _route.receiver_layers(route, arrived, devices, True, sharding)
+        return self._receive(fn, lambda layout, inline, deadline: self._take_kv(layout, deadline, out))
