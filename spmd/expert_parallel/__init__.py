@@ -19,6 +19,13 @@ from spmd.expert_parallel.managers import (
     RaggedRoutingState,
     ragged_all_to_all_dense,
 )
+from spmd.expert_parallel.low_latency import (
+    LowLatencyAll2AllManager,
+    LowLatencyRoutingState,
+    allocate_low_latency_buffers,
+)
+
+MANAGERS["low_latency"] = LowLatencyAll2AllManager
 
 __all__ = [
     "All2AllManagerBase",
@@ -26,11 +33,14 @@ __all__ = [
     "CapacityRoutingState",
     "ExpertInputs",
     "ExpertTokens",
+    "LowLatencyAll2AllManager",
+    "LowLatencyRoutingState",
     "NaiveAll2AllManager",
     "NaiveRoutingState",
     "RaggedAll2AllManager",
     "RaggedRoutingState",
     "RoutingState",
+    "allocate_low_latency_buffers",
     "combine_by_all_gather",
     "combine_by_all_to_all",
     "get_all2all_manager",
@@ -41,7 +51,7 @@ __all__ = [
 
 
 def get_all2all_manager(name: str, num_experts: int, **kwargs) -> All2AllManagerBase:
-    """The manager called ``name`` ("naive", "capacity" or "ragged") for ``num_experts`` experts.
+    """The manager called ``name`` ("naive", "capacity", "ragged" or "low_latency") for ``num_experts`` experts.
 
     Args:
       name: a key of ``MANAGERS``.

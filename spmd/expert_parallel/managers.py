@@ -420,3 +420,4 @@ MANAGERS: dict[str, type[All2AllManagerBase]] = {
     "capacity": CapacityAll2AllManager,
     "ragged": RaggedAll2AllManager,
 }
+
