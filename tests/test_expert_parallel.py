@@ -20,6 +20,7 @@ from spmd.expert_parallel import (
     CapacityRoutingState,
     ExpertInputs,
     ExpertTokens,
+    LowLatencyRoutingState,
     NaiveAll2AllManager,
     NaiveRoutingState,
     RaggedAll2AllManager,
@@ -27,7 +28,7 @@ from spmd.expert_parallel import (
     get_all2all_manager,
 )
 
-MANAGER_NAMES = ["naive", "capacity", "ragged"]
+MANAGER_NAMES = ["naive", "capacity", "ragged", "low_latency"]
 # (dp, pp, ep, tp): ep in 1, 2, 4, 8, with and without tp
 EP_MESHES = [(8, 1, 1, 1), (1, 1, 2, 4), (2, 1, 4, 1), (1, 1, 4, 2), (1, 1, 8, 1)]
 EP_IDS = [f"ep{e}tp{t}dp{d}" for d, _, e, t in EP_MESHES]
@@ -356,10 +357,15 @@ def test_routing_state_is_typed_per_manager(name, rng):
 
     spec = P(("dp", "ep", "tp"))
     jax.eval_shape(spmd.shard_map(body, in_specs=(spec,) * 3, out_specs=spec, check_vma=False), x, w, ids)
-    expected = {"naive": NaiveRoutingState, "capacity": CapacityRoutingState, "ragged": RaggedRoutingState}[name]
+    expected = {
+        "naive": NaiveRoutingState,
+        "capacity": CapacityRoutingState,
+        "ragged": RaggedRoutingState,
+        "low_latency": LowLatencyRoutingState,
+    }[name]
     assert type(out["state"]) is expected and out["state"].is_sequence_parallel
     assert isinstance(out["inputs"], ExpertTokens) and ExpertInputs is ExpertTokens
-    assert out["inputs"].is_ragged == (name == "ragged")
+    assert out["inputs"].is_ragged == (name in ("ragged", "low_latency"))
 
 
 @pytest.mark.parametrize("name", MANAGER_NAMES)
