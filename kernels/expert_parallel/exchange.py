@@ -28,7 +28,7 @@ finishing call ``k``; so ``s`` is at most one call ahead, hence the wait accepts
 runs this protocol step by step on CPU.
 
 CPU and everywhere else: :func:`exchange_rows_reference`, the same exchange as one ``all_to_all``
-of the padded blocks (rows past a count are zeros there).
+of the padded blocks (rows past a count hold a fill value the caller picks).
 """
 
 from __future__ import annotations
@@ -132,23 +132,26 @@ def symmetric_layout(nbytes: int, ranks: int) -> Layout:
     return Layout(max_blocks=1, tiles_per_block_max=max(1, tiles), max_ranks=ranks, ll_tiles_per_block_max=1)
 
 
-def exchange_rows_reference(send: jax.Array, counts: jax.Array, *, axis_name: Any) -> tuple[jax.Array, jax.Array]:
-    """The exchange as one ``all_to_all`` (inside ``shard_map``): same rows, zeros past each count.
+def exchange_rows_reference(
+    send: jax.Array, counts: jax.Array, *, axis_name: Any, fill: Any = 0
+) -> tuple[jax.Array, jax.Array]:
+    """The exchange as one ``all_to_all`` (inside ``shard_map``): the same rows as the kernel delivers.
 
     Args:
       send: ``T[ep, max_rows, ...]``: rows for each destination, packed at the front.
       counts: ``int32[ep]``: rows for each destination.
       axis_name: the EP axis.
+      fill: what rows past a source's count hold (the kernel leaves them undefined; a caller that
+        must not read them passes a poison value, all-ones words say, so a test sees if it does).
 
     Returns:
       ``(recv T[ep, max_rows, ...], recv_counts int32[ep])``, indexed by source rank.
     """
-    rows = jnp.arange(send.shape[1], dtype=jnp.int32)
-    keep = (rows[None, :] < counts[:, None]).reshape(*counts.shape, send.shape[1], *(1,) * (send.ndim - 2))
-    send = jnp.where(keep, send, jnp.zeros((), send.dtype))
     recv = lax.all_to_all(send, axis_name, 0, 0, tiled=True)
     recv_counts = lax.all_to_all(counts.astype(jnp.int32), axis_name, 0, 0, tiled=True)
-    return recv, recv_counts
+    rows = jnp.arange(send.shape[1], dtype=jnp.int32)
+    keep = (rows[None, :] < recv_counts[:, None]).reshape(*counts.shape, send.shape[1], *(1,) * (send.ndim - 2))
+    return jnp.where(keep, recv, jnp.asarray(fill, send.dtype)), recv_counts
 
 
 # GPU form --------------------------------------------------------------------------------------------

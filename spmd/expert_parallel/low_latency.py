@@ -48,6 +48,7 @@ __all__ = ["FP8_MAX", "LowLatencyAll2AllManager", "LowLatencyRoutingState", "all
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 WIRES = ("auto", "peer", "all_to_all")
+_POISON = 0xFFFFFFFF  # rows past a count on the all_to_all wire: NaN as floats, -1 as ids
 
 
 @jax.tree_util.register_dataclass
@@ -124,11 +125,17 @@ def _from_words(w: jax.Array, dtype: Any) -> jax.Array:
 
 
 def quantize_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-token e4m3: ``(q float8_e4m3fn[T, H], scale f32[T])`` with ``x ~ q * scale``."""
+    """Per-token e4m3 with power-of-two scales: ``(q float8_e4m3fn[T, H], scale f32[T])``, ``x ~ q * scale``.
+
+    ``scale = 2**p``, the smallest power of two with ``max|x| / scale <= 448`` (e4m3's largest
+    finite value), found from the exponent of ``max|x|``: scaling is exact, rounding to e4m3
+    (to nearest even) is the only rounding, and the result is the same bits on every platform.
+    """
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)
-    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
-    q = (x.astype(jnp.float32) / scale[:, None]).astype(jnp.float8_e4m3fn)
-    return q, scale
+    m, e = jnp.frexp(amax)  # amax = m * 2**e, m in [0.5, 1)
+    p = jnp.clip(jnp.where(m <= 0.875, e - 9, e - 8), -126, 127)  # 448 = 0.875 * 2**9
+    q = jnp.ldexp(x.astype(jnp.float32), -p[:, None]).astype(jnp.float8_e4m3fn)
+    return q, jnp.ldexp(jnp.ones_like(amax), p)
 
 
 class LowLatencyAll2AllManager(All2AllManagerBase):
@@ -229,7 +236,7 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
         if path == "peer":
             table = self.buffers.peer_table(self.ep_axis)
             return exchange_rows_peer(send, counts, table, layout=layout)
-        return exchange_rows_reference(send, counts, axis_name=self.ep_axis)
+        return exchange_rows_reference(send, counts, axis_name=self.ep_axis, fill=_POISON)  # as undefined as the kernel's
 
     # The manager's steps --------------------------------------------------------------------------------
     def _scatter_buckets(self, buckets):
