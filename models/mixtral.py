@@ -27,32 +27,37 @@ __all__ = ["MixtralDecoderLayer", "MixtralForCausalLM", "MixtralModel", "default
 
 
 def default_moe_manager(platform: str | None = None) -> str:
-    """The all-to-all manager to use on ``platform``: the one measured fastest there.
+    """The all-to-all manager to use on ``platform``.
 
-    ``naive`` (all-gather + reduce-scatter) on GPUs (docs/expert_parallel.md: 4 and 2 x H200, every
-    shape measured) and on CPU, where the others are emulated with the same collectives.
+    ``naive`` (all-gather + reduce-scatter): measured fastest of the XLA-collective managers on
+    GPUs (docs/expert_parallel.md: 4 and 2 x H200, every shape measured) and on CPU, where the
+    others are emulated with the same collectives. On GPUs the blocks get ``low_latency`` with
+    ``naive`` as its fallback: the naive path until :func:`models.moe.prepare_low_latency` gives
+    them peer buffers, then the Pallas kernel for calls of up to ``max_tokens`` tokens per rank.
     """
-    del platform  # every platform measured so far picks naive
-    return "naive"
+    platform = jax.default_backend() if platform is None else platform
+    return "low_latency" if platform == "gpu" else "naive"
 
 
 class MixtralDecoderLayer(LlamaDecoderLayer):
     """Llama's block with :class:`~models.moe.MoEBlock` as the feed-forward (attribute ``block_sparse_moe``)."""
 
     def _make_mlp(self, config: ModelConfig, *, params_dtype: Any, tp_size: int, rngs: nnx.Rngs) -> nnx.Module:
+        manager = default_moe_manager()
         return MoEBlock(
             config.hidden_size,
             config.intermediate_size,
             config.num_local_experts,
             config.num_experts_per_tok,
-            manager=default_moe_manager(),
+            manager=manager,
             dtype=params_dtype,
             rngs=rngs,
+            **({"fallback": "naive"} if manager == "low_latency" else {}),
         )
 
     def feed_forward(self, h: jax.Array) -> jax.Array:
         b, t, d = h.shape
-        y, _ = self.mlp(h.reshape(b * t, d))  # naive never drops a token
+        y, _ = self.mlp(h.reshape(b * t, d))  # naive and low_latency never drop a token
         return y.reshape(b, t, d)
 
 

@@ -28,7 +28,13 @@ from jax.sharding import PartitionSpec as P
 
 from models.sharding import ShardedModule, partitioned, shard_module
 from spmd import DP, EP, MESH_AXES, TP
-from spmd.expert_parallel import All2AllManagerBase, ExpertTokens, get_all2all_manager
+from spmd.expert_parallel import (
+    All2AllManagerBase,
+    ExpertTokens,
+    LowLatencyAll2AllManager,
+    allocate_low_latency_buffers,
+    get_all2all_manager,
+)
 
 __all__ = [
     "MoEBlock",
@@ -36,6 +42,7 @@ __all__ = [
     "dense_moe_reference",
     "moe_forward",
     "moe_token_spec",
+    "prepare_low_latency",
     "route",
     "shard_moe_block",
 ]
@@ -161,7 +168,8 @@ class MoEBlock(nnx.Module):
       ffn: each expert's intermediate width (divisible by the TP size).
       num_experts: experts (divisible by the EP size).
       top_k: experts per token.
-      manager: "naive", "capacity" or "ragged" (or an :class:`All2AllManagerBase`).
+      manager: "naive", "capacity", "ragged" or "low_latency" (or an :class:`All2AllManagerBase`);
+        the low-latency manager uses its GPU kernel once :func:`prepare_low_latency` gave it buffers.
       dtype: the experts' parameter dtype (the router stays float32).
       rngs: ``nnx.Rngs`` for initialisation.
       **manager_kwargs: options for the named manager (``expert_capacity=``, ...).
@@ -266,3 +274,53 @@ def shard_moe_block(block: MoEBlock, *, is_sequence_parallel: bool = False, mesh
         mesh=mesh,
         call_kwargs={"is_sequence_parallel": is_sequence_parallel},
     )
+
+
+def prepare_low_latency(module: nnx.Module, *, max_tokens: int, mesh: Mesh | None = None) -> list[str]:
+    """Give every low-latency manager in ``module`` peer buffers, so its MoE blocks use the GPU kernel.
+
+    For each :class:`MoEBlock` whose manager is a :class:`LowLatencyAll2AllManager` without
+    buffers: on a mesh of NVIDIA GPUs with more than one EP rank (one process, or one GPU per
+    process of one host), allocate buffers for ``max_tokens`` tokens per EP rank of the block's
+    hidden size and top-k (blocks of one shape share them) and set the manager's ``buffers`` and
+    ``max_tokens``. Elsewhere nothing changes: the manager runs its fallback (or the ``all_to_all``
+    form). A collective across processes: call it in every process, in the same order.
+
+    Args:
+      module: a block, or a model holding blocks.
+      max_tokens: tokens per EP rank one call may carry (a larger call takes the fallback).
+      mesh: defaults to the global mesh.
+
+    Returns:
+      One line per block saying what it got (buffers, or why not).
+    """
+    import spmd
+
+    mesh = spmd.get_mesh() if mesh is None else mesh
+    lines = []
+    for path, block in nnx.iter_graph(module):
+        if not isinstance(block, MoEBlock) or not isinstance(block.manager, LowLatencyAll2AllManager):
+            continue
+        where = "/".join(str(p) for p in path) or "block"
+        manager = block.manager
+        platforms = sorted({d.platform for d in mesh.devices.flat})
+        if platforms != ["gpu"] or int(mesh.shape[manager.ep_axis]) < 2:
+            lines.append(f"{where}: no buffers (devices {platforms}, ep {int(mesh.shape[manager.ep_axis])})")
+            continue
+        hidden = int(block.w_gate[...].shape[1])
+        try:
+            manager.buffers = allocate_low_latency_buffers(
+                mesh,
+                max_tokens=max_tokens,
+                hidden=hidden,
+                top_k=block.top_k,
+                use_fp8=manager.use_fp8,
+                dtype=block.w_gate[...].dtype,
+                ep_axis=manager.ep_axis,
+            )
+        except ValueError as e:  # across hosts, CPU devices across processes, ...: the fallback stays
+            lines.append(f"{where}: no buffers ({e})")
+            continue
+        manager.max_tokens = max_tokens
+        lines.append(f"{where}: buffers for {max_tokens} tokens x {hidden} x top-{block.top_k}")
+    return lines

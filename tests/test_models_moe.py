@@ -21,7 +21,7 @@ from models.moe import MoEBlock, apply_experts, moe_forward, moe_token_spec, rou
 from models.sharding import ShardedModule, partitioned, shard_module, shard_state
 from spmd.expert_parallel import ExpertTokens, get_all2all_manager
 
-MANAGER_NAMES = ["naive", "capacity", "ragged"]
+MANAGER_NAMES = ["naive", "capacity", "ragged", "low_latency"]
 # (dp, ep, tp)
 MESHES = [(2, 2, 2), (1, 4, 2), (1, 8, 1)]
 MESH_IDS = [f"dp{d}ep{e}tp{t}" for d, e, t in MESHES]
