@@ -212,7 +212,7 @@ def test_expert_parallel_bench_defaults_fit_a_cpu(tmp_path):
     assert data["meta"]["ep"] == 8 and data["meta"]["iters"] == 5
     rows = data["results"]
     assert {(row["tokens"], row["hidden"]) for row in rows} == {(1, 256), (16, 256)}
-    assert {row["manager"] for row in rows} == {"naive", "capacity", "ragged"}
+    assert {row["manager"] for row in rows} == {"naive", "capacity", "ragged", "low_latency"}
     assert all(row["ok"] and row["memory_estimate_bytes"] > 0 for row in rows)
 
 

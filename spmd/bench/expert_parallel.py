@@ -3,6 +3,8 @@
     python -m spmd.bench.expert_parallel --json ep.json           # every local accelerator as EP ranks
     python -m spmd.bench.expert_parallel --platform cpu           # 8 simulated CPU devices, small shapes
 
+Managers: naive, capacity, ragged (and ragged-dense), low_latency (on GPUs its Pallas kernel on peer
+buffers allocated for each row's shape; elsewhere its all_to_all form) and low_latency-fp8.
 Per configuration (tokens per rank, hidden, top-k, experts) each manager routes bf16 tokens to
 identity experts and back (dispatch + combine, no expert math), checked once against a numpy
 reference (identity experts give back the input, times the kept routing weights), then timed as
@@ -15,6 +17,7 @@ what one rank sends per round trip; GB/s is that over the time.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
@@ -23,7 +26,7 @@ from spmd.bench import harness
 __all__ = ["DEFAULTS", "build_parser", "main"]
 
 PROG = "python -m spmd.bench.expert_parallel"
-MANAGERS = ("naive", "capacity", "ragged", "ragged-dense")
+MANAGERS = ("naive", "capacity", "ragged", "ragged-dense", "low_latency", "low_latency-fp8")
 # Shapes per platform: accelerators get serving shapes; a CPU laptop gets shapes that run in seconds.
 DEFAULTS = {
     "accelerator": {"tokens": "1,128,4096", "hidden": "4096,7168", "configs": "2x8,8x64", "iters": 20, "repeats": 3},
@@ -74,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--managers",
         type=lambda s: harness.parse_list(s, _manager, what="managers"),
-        default="naive,capacity,ragged",
-        help="all-to-all managers; ragged-dense is the ragged manager over the padded all_to_all",
+        default="naive,capacity,ragged,low_latency",
+        help="all-to-all managers; ragged-dense is the ragged manager over the padded all_to_all; low_latency "
+        "runs its Pallas kernel on GPUs (buffers allocated for the row's shape) and its all_to_all form elsewhere; "
+        "low_latency-fp8 dispatches float8 e4m3",
     )
     p.add_argument("--capacity-factor", type=float, default=1.25, help="the capacity manager's slack per expert")
     p.add_argument(
@@ -102,6 +107,10 @@ def _wire_bytes(name: str, ep: int, t: int, h: int, k: int, e: int, cap: int) ->
         return int(2 * frac * e * cap * h * 2)
     if name == "ragged-dense":
         return int(2 * frac * ep * t * k * h * 2)  # padded to every slot per destination
+    if name.startswith("low_latency"):  # once per remote rank holding one of its experts; f32 partials back
+        el = e // ep
+        hit = 1 - math.comb(e - el, k) / math.comb(e, k)  # a given rank holds one of the token's experts
+        return int(t * (ep - 1) * hit * (h * (1 if name.endswith("fp8") else 2) + h * 4))
     return int(2 * frac * t * k * h * 2)  # ragged: the routed rows, both ways (uniform routing)
 
 
@@ -128,6 +137,14 @@ def _case(name: str, ep: int, t: int, h: int, k: int, e: int, args: argparse.Nam
         kwargs: dict[str, Any] = {"capacity_factor": args.capacity_factor} if name == "capacity" else {}
         if name == "ragged-dense":
             kwargs = {"use_ragged_collective": False}
+        fp8 = name == "low_latency-fp8"
+        if name.startswith("low_latency"):
+            kwargs = {"max_tokens": t, "use_fp8": fp8, "wire": "all_to_all"}
+            if devices_are_gpus(mesh):  # the kernel, or a loud failure: a silent fallback would time the wrong thing
+                from spmd.expert_parallel import allocate_low_latency_buffers
+
+                bufs = allocate_low_latency_buffers(mesh, max_tokens=t, hidden=h, top_k=k, use_fp8=fp8)
+                kwargs.update(buffers=bufs, wire="peer")
         manager = get_all2all_manager(name.split("-")[0], e, tp_axis=None, **kwargs)
 
         def round_trip(x, w, ids):
@@ -149,7 +166,7 @@ def _case(name: str, ep: int, t: int, h: int, k: int, e: int, args: argparse.Nam
             dropped = int(np.asarray(dropped).sum())
             if dropped:  # dropped slots change the sum; report, and check nothing else
                 return {"ok": True, "dropped": dropped}
-            want = x.astype(np.float32)  # identity experts: sum_k w_k * x = x (weights sum to 1)
+            want = (fp8_roundtrip(x) if fp8 else x).astype(np.float32)  # identity experts: sum_k w_k x = x
             return {"ok": bool(np.allclose(y, want, rtol=2e-2, atol=2e-2)), "dropped": 0}
 
         def loop(x, w, ids):
@@ -171,12 +188,28 @@ def _case(name: str, ep: int, t: int, h: int, k: int, e: int, args: argparse.Nam
     return harness.Case(key={"tokens": t, "hidden": h, "k": k, "experts": e, "manager": name}, build=build)
 
 
+def devices_are_gpus(mesh) -> bool:
+    return all(d.platform == "gpu" for d in mesh.devices.flat)
+
+
+def fp8_roundtrip(x):
+    """What the low-latency manager's fp8 dispatch delivers, in numpy: per-token power-of-two scales, e4m3."""
+    import ml_dtypes
+    import numpy as np
+
+    x32 = np.asarray(x, np.float32)
+    m, e = np.frexp(np.abs(x32).max(axis=-1))
+    p = np.clip(np.where(m <= 0.875, e - 9, e - 8), -126, 127)
+    q = np.ldexp(x32, -p[:, None]).astype(ml_dtypes.float8_e4m3fn)
+    return np.ldexp(q.astype(np.float32), p[:, None])
+
+
 COLUMNS = [
     harness.Column("tokens", "tokens", 6),
     harness.Column("hidden", "hidden", 6),
     harness.Column("k", "k", 2),
     harness.Column("experts", "E", 3),
-    harness.Column("manager", "manager", 12),
+    harness.Column("manager", "manager", 15),
     harness.Column("us", "us", 9, ".1f"),
     harness.Column("wire_MB", "wire MB", 8, ".2f"),
     harness.Column("GBps", "GB/s", 7, ".1f"),
