@@ -52,7 +52,9 @@ def _run(manager, ep, x, w, ids):
         y = manager.combine(_scale(inputs, e_local), state)
         return inputs.tokens[None], inputs.group_sizes[None], y
 
-    f = jax.jit(jax.shard_map(body, mesh=_mesh(ep), in_specs=(SPEC,) * 3, out_specs=(SPEC, SPEC, SPEC), check_vma=False))
+    f = jax.jit(
+        jax.shard_map(body, mesh=_mesh(ep), in_specs=(SPEC,) * 3, out_specs=(SPEC, SPEC, SPEC), check_vma=False)
+    )
     g, sizes, y = f(x, w, ids)
     return np.asarray(g), np.asarray(sizes), np.asarray(y)
 
@@ -103,7 +105,9 @@ def _routing(rng, kind, n, e, k, ep):
 @pytest.mark.parametrize("ep", [2, 4])
 @pytest.mark.parametrize("kind", ["random", "duplicates_on_one_rank", "idle_rank", "all_to_one_rank"])
 @pytest.mark.parametrize(
-    "dtype,fp8", [(ml_dtypes.bfloat16, False), (np.float32, False), (ml_dtypes.bfloat16, True)], ids=["bf16", "f32", "fp8"]
+    "dtype,fp8",
+    [(ml_dtypes.bfloat16, False), (np.float32, False), (ml_dtypes.bfloat16, True)],
+    ids=["bf16", "f32", "fp8"],
 )
 def test_dispatch_and_combine_match_numpy(ep, kind, dtype, fp8, rng):
     t, h, e, k = 5, 24, 2 * ep, 2
@@ -128,7 +132,7 @@ def test_exactly_max_tokens_and_a_rank_with_no_routed_tokens(max_tokens, rng):
     x = rng.standard_normal((ep * t, h)).astype(np.float32)
     ids, w = _routing(rng, "all_to_one_rank", ep * t, e, 2, ep)
     ids[:t] = -1  # rank 0's slots all invalid inside jit: it sends nothing, drops all
-    g, sizes, y = _run(LowLatencyAll2AllManager(e, max_tokens=max_tokens, tp_axis=None), ep, x, w, ids)
+    _, sizes, y = _run(LowLatencyAll2AllManager(e, max_tokens=max_tokens, tp_axis=None), ep, x, w, ids)
     valid = (ids >= 0).astype(np.float64)
     want = ((w * valid)[:, :, None] * (np.clip(ids, 0, None) + 1)[:, :, None] * x[:, None, :]).sum(1)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
@@ -168,9 +172,13 @@ def test_bit_exact_against_naive_and_the_same_bits_every_run(rng):
         m = NaiveAll2AllManager(e, tp_axis=None)
         inputs, state = m.dispatch(x, w, ids)
         scale = (jax.lax.axis_index("ep") * (e // ep) + jnp.arange(e // ep) + 1).astype(jnp.float32)
-        return m.combine(inputs.with_tokens((inputs.tokens.astype(jnp.float32) * scale[:, None, None]).astype(x.dtype)), state)
+        return m.combine(
+            inputs.with_tokens((inputs.tokens.astype(jnp.float32) * scale[:, None, None]).astype(x.dtype)), state
+        )
 
-    ref = np.asarray(jax.jit(jax.shard_map(naive, mesh=_mesh(ep), in_specs=(SPEC,) * 3, out_specs=SPEC, check_vma=False))(x, w, ids))
+    ref = np.asarray(
+        jax.jit(jax.shard_map(naive, mesh=_mesh(ep), in_specs=(SPEC,) * 3, out_specs=SPEC, check_vma=False))(x, w, ids)
+    )
     np.testing.assert_array_equal(ours.view(np.uint16), ref.view(np.uint16))
     np.testing.assert_array_equal(ours.view(np.uint16), again.view(np.uint16))
 
@@ -227,21 +235,40 @@ def test_manager_peer_path_lowers_for_cuda(monkeypatch, rng):
 
 
 def test_kernel_ineligibility_reasons(rng):
+    """Each rule of the kernel's eligibility, with stand-in buffers on "GPU" devices where a rule needs them."""
+    import types
+
     ep = 2
     mesh = _mesh(ep)
     small = symmetric_memory.allocate(mesh, "ep", symmetric_layout(4096, ep))
-    reasons = {}
+    gpu = types.SimpleNamespace(platform="gpu")
+    fake_mesh = types.SimpleNamespace(devices=np.array([gpu, gpu]), axis_names=("ep",))
+    room = symmetric_layout(1 << 20, ep)
+
+    def fake(group=("ep",), mesh=fake_mesh, layout=room):
+        return types.SimpleNamespace(mesh=mesh, group=group, layout=layout)
 
     def probe(manager, t=4, h=16):
+        out = []
+
         def body(x):
-            reasons[manager] = manager.kernel_ineligibility(t, h, 2, jnp.bfloat16)
+            out.append(manager.kernel_ineligibility(t, h, 2, jnp.bfloat16))
             return x
 
         jax.shard_map(body, mesh=mesh, in_specs=SPEC, out_specs=SPEC, check_vma=False)(np.zeros(ep, np.float32))
-        return reasons[manager]
+        return out[0]
 
-    assert "no peer buffers" in probe(LowLatencyAll2AllManager(4, tp_axis=None))
-    assert "not NVIDIA GPUs" in probe(LowLatencyAll2AllManager(4, buffers=small, tp_axis=None))
+    def ll(**kw):
+        return LowLatencyAll2AllManager(4, tp_axis=None, **kw)
+
+    assert "no peer buffers" in probe(ll())
+    assert "not NVIDIA GPUs" in probe(ll(buffers=small))
+    assert "serve the group ('tp',)" in probe(ll(buffers=fake(group=("tp",))))
+    other = types.SimpleNamespace(devices=np.array([[gpu, gpu]]), axis_names=("dp", "ep"))
+    assert "allocated for another mesh" in probe(ll(buffers=fake(mesh=other)))
+    assert "5 tokens is more than max_tokens=4" in probe(ll(buffers=fake(), max_tokens=4), t=5)
+    assert "these shapes need" in probe(ll(buffers=fake(layout=symmetric_layout(4096, ep))), h=4096)
+    assert probe(ll(buffers=fake(), max_tokens=4)) is None
 
 
 # Errors ----------------------------------------------------------------------------------------------
@@ -253,7 +280,7 @@ def test_kernel_ineligibility_reasons(rng):
         ({"max_tokens": 0}, "expected a positive int max_tokens or None, got 0"),
         ({"max_tokens": True}, "expected a positive int max_tokens or None, got True"),
         ({"wire": "nvlink"}, r"expected wire in \('auto', 'peer', 'all_to_all'\), got 'nvlink'"),
-        ({"fallback": "low_latency"}, "expected fallback None or one of"),
+        ({"fallback": "low_latency"}, r"expected fallback None or one of \[.capacity., .naive., .ragged.\], got .low_latency."),
         ({"fallback": "fast"}, "expected fallback None or one of"),
         ({"chunks": 0}, "expected a positive int chunks or None, got 0"),
         ({"use_fp8": 1}, "expected use_fp8 True or False, got 1"),
@@ -319,9 +346,9 @@ def test_emulate_rejects_an_unknown_break():
 
 
 def test_prepare_low_latency_leaves_cpu_blocks_on_their_fallback():
-    import spmd
     from flax import nnx
 
+    import spmd
     from models.moe import MoEBlock, prepare_low_latency
 
     spmd.initialize_model_parallel(tensor_model_parallel_size=2, expert_model_parallel_size=4)

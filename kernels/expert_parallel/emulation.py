@@ -181,7 +181,10 @@ def emulate(
     for c in range(calls):
         per = [tokens[c % len(tokens)] + r for r in range(ep)]
         x = [nrng.integers(-8, 9, size=(n, 3)) for n in per]
-        ids = [np.array([nrng.choice(experts, top_k, replace=False) for _ in range(n)], np.int64).reshape(n, top_k) for n in per]
+        ids = [
+            np.array([nrng.choice(experts, top_k, replace=False) for _ in range(n)], np.int64).reshape(n, top_k)
+            for n in per
+        ]
         w = [nrng.integers(1, 4, size=(n, top_k)) for n in per]
         rounds.append((x, ids, w))
     world = _World(ep, rng)

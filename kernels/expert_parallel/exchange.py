@@ -226,8 +226,10 @@ def _exchange_body(lay: ExchangeLayout, timeout_ns: int):
             def word(k):
                 return memref.load(table, [arith.constant(index, k)])
 
-            bases = [arith.ori(arith.extui(i64, word(1 + 2 * q)), arith.shli(arith.extui(i64, word(2 + 2 * q)), c64(32)))
-                     for q in range(ep)]  # fmt: skip
+            bases = [
+                arith.ori(arith.extui(i64, word(1 + 2 * q)), arith.shli(arith.extui(i64, word(2 + 2 * q)), c64(32)))
+                for q in range(ep)
+            ]
 
             def pick(idx, values):
                 out = values[0]
@@ -325,7 +327,12 @@ def _exchange_body(lay: ExchangeLayout, timeout_ns: int):
 
 
 def exchange_rows_peer(
-    send: jax.Array, counts: jax.Array, table: jax.Array, *, layout: ExchangeLayout, timeout_ns: int = DEFAULT_TIMEOUT_NS
+    send: jax.Array,
+    counts: jax.Array,
+    table: jax.Array,
+    *,
+    layout: ExchangeLayout,
+    timeout_ns: int = DEFAULT_TIMEOUT_NS,
 ) -> tuple[jax.Array, jax.Array]:
     """The exchange on the peer buffers (Mosaic GPU; inside ``shard_map`` on NVIDIA GPUs).
 
@@ -352,12 +359,16 @@ def exchange_rows_peer(
     if tuple(counts.shape) != (ep,) or counts.dtype != jnp.int32:
         raise ValueError(f"exchange_rows_peer: expected counts int32[{ep}], got {counts.dtype}{list(counts.shape)}.")
     if tuple(table.shape) != (1 + 2 * ep,) or table.dtype != jnp.int32:
-        raise ValueError(f"exchange_rows_peer: expected table int32[{1 + 2 * ep}], got {table.dtype}{list(table.shape)}.")
+        raise ValueError(
+            f"exchange_rows_peer: expected table int32[{1 + 2 * ep}], got {table.dtype}{list(table.shape)}."
+        )
     counts = jnp.clip(counts, 0, layout.max_rows)
     out_type = (jax.ShapeDtypeStruct(want, jnp.uint32), jax.ShapeDtypeStruct((ep, layout.chunks), jnp.int32))
     params = inspect.signature(plgpu.kernel).parameters
     kwargs = {("out_type" if "out_type" in params else "out_shape"): out_type}
-    kernel = plgpu.kernel(_exchange_body(layout, int(timeout_ns)), grid=(layout.blocks,), grid_names=("blocks",), **kwargs)
+    kernel = plgpu.kernel(
+        _exchange_body(layout, int(timeout_ns)), grid=(layout.blocks,), grid_names=("blocks",), **kwargs
+    )
     recv, chunk_counts = kernel(send, counts, table)
     return recv, chunk_counts.sum(axis=1).astype(jnp.int32)
 
@@ -365,4 +376,3 @@ def exchange_rows_peer(
 def row_words(payload_bytes: int) -> int:
     """32-bit words of a row carrying ``payload_bytes``, rounded up to 16 bytes."""
     return int(-(-payload_bytes // 16) * 4)
-

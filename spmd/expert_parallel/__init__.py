@@ -9,8 +9,13 @@ from spmd.expert_parallel.buckets import (
     scatter_by_all_gather,
     scatter_by_all_to_all,
 )
+from spmd.expert_parallel.low_latency import (
+    LowLatencyAll2AllManager,
+    LowLatencyRoutingState,
+    allocate_low_latency_buffers,
+)
+from spmd.expert_parallel.managers import MANAGERS as XLA_MANAGERS
 from spmd.expert_parallel.managers import (
-    MANAGERS,
     CapacityAll2AllManager,
     CapacityRoutingState,
     NaiveAll2AllManager,
@@ -19,13 +24,8 @@ from spmd.expert_parallel.managers import (
     RaggedRoutingState,
     ragged_all_to_all_dense,
 )
-from spmd.expert_parallel.low_latency import (
-    LowLatencyAll2AllManager,
-    LowLatencyRoutingState,
-    allocate_low_latency_buffers,
-)
 
-MANAGERS["low_latency"] = LowLatencyAll2AllManager
+MANAGERS = {**XLA_MANAGERS, "low_latency": LowLatencyAll2AllManager}  # every manager, by name
 
 __all__ = [
     "All2AllManagerBase",

@@ -43,6 +43,7 @@ from kernels.expert_parallel import (
 from spmd.axes import EP, TP
 from spmd.expert_parallel.base import All2AllManagerBase, ExpertTokens, RoutingState, slot_arrays
 from spmd.expert_parallel.buckets import combine_by_all_to_all, scatter_by_all_to_all
+from spmd.expert_parallel.managers import MANAGERS as XLA_MANAGERS
 
 __all__ = ["FP8_MAX", "LowLatencyAll2AllManager", "LowLatencyRoutingState", "allocate_low_latency_buffers"]
 
@@ -173,23 +174,26 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
         tp_axis: str | None = TP,
     ):
         super().__init__(num_experts, ep_axis=ep_axis, tp_axis=tp_axis)
-        from spmd.expert_parallel.managers import MANAGERS
-
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-            raise ValueError(f"LowLatencyAll2AllManager: expected a positive int max_tokens or None, got {max_tokens!r}.")
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+        ):
+            raise ValueError(
+                f"LowLatencyAll2AllManager: expected a positive int max_tokens or None, got {max_tokens!r}."
+            )
         if wire not in WIRES:
             raise ValueError(f"LowLatencyAll2AllManager: expected wire in {WIRES}, got {wire!r}.")
-        if fallback is not None and (fallback not in MANAGERS or fallback == self.name):
+        if fallback is not None and fallback not in XLA_MANAGERS:
             raise ValueError(
-                f"LowLatencyAll2AllManager: expected fallback None or one of {sorted(set(MANAGERS) - {self.name})}, "
-                f"got {fallback!r}."
+                f"LowLatencyAll2AllManager: expected fallback None or one of {sorted(XLA_MANAGERS)}, got {fallback!r}."
             )
         if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
             raise ValueError(f"LowLatencyAll2AllManager: expected a positive int chunks or None, got {chunks!r}.")
         if not isinstance(use_fp8, bool):
             raise ValueError(f"LowLatencyAll2AllManager: expected use_fp8 True or False, got {use_fp8!r}.")
         self.max_tokens, self.use_fp8, self.buffers, self.wire, self.chunks = max_tokens, use_fp8, buffers, wire, chunks
-        self.fallback = None if fallback is None else MANAGERS[fallback](num_experts, ep_axis=ep_axis, tp_axis=tp_axis)
+        self.fallback = (
+            None if fallback is None else XLA_MANAGERS[fallback](num_experts, ep_axis=ep_axis, tp_axis=tp_axis)
+        )
 
     # Which path ---------------------------------------------------------------------------------------
     def kernel_ineligibility(self, tokens: int, hidden: int, k: int, dtype: Any) -> str | None:
@@ -227,7 +231,8 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
             return "fallback"
         if self.max_tokens is not None and t > self.max_tokens:
             raise ValueError(
-                f"LowLatencyAll2AllManager.dispatch: {t} tokens on this rank is more than max_tokens={self.max_tokens}; "
+                f"LowLatencyAll2AllManager.dispatch: {t} tokens on this rank is more than "
+                f"max_tokens={self.max_tokens}; "
                 "raise max_tokens, or give fallback='naive' to route larger batches through another manager."
             )
         return "all_to_all"
@@ -236,7 +241,9 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
         if path == "peer":
             table = self.buffers.peer_table(self.ep_axis)
             return exchange_rows_peer(send, counts, table, layout=layout)
-        return exchange_rows_reference(send, counts, axis_name=self.ep_axis, fill=_POISON)  # as undefined as the kernel's
+        return exchange_rows_reference(
+            send, counts, axis_name=self.ep_axis, fill=_POISON
+        )  # as undefined as the kernel's
 
     # The manager's steps --------------------------------------------------------------------------------
     def _scatter_buckets(self, buckets):
@@ -249,7 +256,10 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
         if self.fallback is not None:
             self._check_routing(hidden_states, topk_weights, topk_ids)
             t = hidden_states.shape[0] * (self.tp_size() if is_sequence_parallel else 1)
-            if self._path(jax.ShapeDtypeStruct((t, hidden_states.shape[1]), hidden_states.dtype), topk_ids) == "fallback":
+            if (
+                self._path(jax.ShapeDtypeStruct((t, hidden_states.shape[1]), hidden_states.dtype), topk_ids)
+                == "fallback"
+            ):
                 return self.fallback.dispatch(
                     hidden_states, topk_weights, topk_ids, is_sequence_parallel=is_sequence_parallel
                 )
@@ -281,8 +291,10 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
             slot = jnp.cumsum(goes, axis=0, dtype=jnp.int32) - goes
             slot_of = jnp.where(goes, slot, m)  # [T, ep]
             send_counts = goes.sum(0).astype(jnp.int32)
-            token_at = jnp.full((ep, m), -1, jnp.int32).at[ranks[None, :], slot_of].set(
-                jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, ep)), mode="drop"
+            token_at = (
+                jnp.full((ep, m), -1, jnp.int32)
+                .at[ranks[None, :], slot_of]
+                .set(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, ep)), mode="drop")
             )  # [ep, M]: which token fills each slot
         with jax.named_scope("low_latency_dispatch/pack"):
             hp = _pad4(h)
@@ -296,7 +308,9 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
             local = jnp.where(here, ids[:, :, None] - ranks[None, None, :] * e_local, -1)  # [T, k, ep]
             meta = jnp.concatenate(
                 [
-                    lax.bitcast_convert_type(jnp.transpose(local, (0, 2, 1)).astype(jnp.int32), jnp.uint32),  # [T, ep, k]
+                    lax.bitcast_convert_type(
+                        jnp.transpose(local, (0, 2, 1)).astype(jnp.int32), jnp.uint32
+                    ),  # [T, ep, k]
                     lax.bitcast_convert_type(
                         jnp.transpose(jnp.where(here, weights[:, :, None], 0.0), (0, 2, 1)), jnp.uint32
                     ),
@@ -359,4 +373,3 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
                 s = state.slot_of[:, o]
                 y = y + jnp.where((s < m)[:, None], back[o, jnp.minimum(s, m - 1)], 0.0)
         return y
-

@@ -420,4 +420,3 @@ MANAGERS: dict[str, type[All2AllManagerBase]] = {
     "capacity": CapacityAll2AllManager,
     "ragged": RaggedAll2AllManager,
 }
-
