@@ -280,7 +280,10 @@ def test_kernel_ineligibility_reasons(rng):
         ({"max_tokens": 0}, "expected a positive int max_tokens or None, got 0"),
         ({"max_tokens": True}, "expected a positive int max_tokens or None, got True"),
         ({"wire": "nvlink"}, r"expected wire in \('auto', 'peer', 'all_to_all'\), got 'nvlink'"),
-        ({"fallback": "low_latency"}, r"expected fallback None or one of \[.capacity., .naive., .ragged.\], got .low_latency."),
+        (
+            {"fallback": "low_latency"},
+            r"expected fallback None or one of \[.capacity., .naive., .ragged.\], got .low_latency.",
+        ),
         ({"fallback": "fast"}, "expected fallback None or one of"),
         ({"chunks": 0}, "expected a positive int chunks or None, got 0"),
         ({"use_fp8": 1}, "expected use_fp8 True or False, got 1"),
