@@ -8,6 +8,9 @@ local expert source by source), not from the code under test.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -360,3 +363,41 @@ def test_prepare_low_latency_leaves_cpu_blocks_on_their_fallback():
     assert prepare_low_latency(block, max_tokens=8) == ["block: no buffers (devices ['cpu'], ep 4)"]
     assert prepare_low_latency(other, max_tokens=8) == []
     assert block.manager.buffers is None and block.manager.max_tokens is None
+
+
+@pytest.mark.skipif(shutil.which("ptxas") is None, reason="needs ptxas (CUDA toolkit)")
+def test_inline_ptx_assembles_for_sm90(tmp_path):
+    """Every inline PTX block of the exchange kernel, twice in one kernel (labels must stay local)."""
+    from kernels.expert_parallel import exchange
+
+    def inline(template, regs):
+        for k in range(len(regs) - 1, -1, -1):  # $10 before $1
+            template = template.replace(f"${k}", regs[k])
+        return template
+
+    body = []
+    for _ in range(2):
+        body.append(inline(exchange._WAIT_PTX, ["%rd1", "%r1", "%rd2"]))
+        body.append(inline(exchange._SIGNAL_PTX, ["%rd1", "%r1"]))
+        body.append(inline(exchange._LOAD16_PTX, ["%r2", "%r3", "%r4", "%r5", "%rd1"]))
+        body.append(inline(exchange._LOAD16_VOLATILE_PTX, ["%r2", "%r3", "%r4", "%r5", "%rd1"]))
+        body.append(inline(exchange._STORE16_PTX, ["%rd1", "%r2", "%r3", "%r4", "%r5"]))
+        body.append(inline(exchange._COUNTER_LOAD_PTX, ["%r6", "%rd1"]))
+        body.append(inline(exchange._ROWCOUNT_STORE_PTX, ["%rd1", "%r1"]))
+        body.append(inline(exchange._ROWCOUNT_LOAD_PTX, ["%r6", "%rd1"]))
+        body.append(inline(exchange._PLAIN_STORE_PTX, ["%rd1", "%r1"]))
+        body.append(inline(exchange._COUNTER_STORE_PTX, ["%rd1", "%r1"]))
+    ptx = (
+        ".version 8.0\n.target sm_90a\n.address_size 64\n"
+        ".visible .entry probe(.param .u64 p0)\n{\n.reg .b32 %r<8>;\n.reg .b64 %rd<4>;\n"
+        "ld.param.u64 %rd1, [p0];\nmov.u32 %r1, 7;\nmov.u64 %rd2, 1000;\n" + "\n".join(body) + "\nret;\n}\n"
+    )
+    src = tmp_path / "probe.ptx"
+    src.write_text(ptx)
+    r = subprocess.run(
+        ["ptxas", "-arch=sm_90a", str(src), "-o", str(tmp_path / "probe.cubin")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr + ptx

@@ -202,6 +202,11 @@ _SIGNAL_PTX = "fence.acq_rel.sys;\nst.relaxed.sys.global.b32 [$0], $1;"
 _LOAD16_PTX = "ld.global.v4.b32 {$0, $1, $2, $3}, [$4];"
 _LOAD16_VOLATILE_PTX = "ld.volatile.global.v4.b32 {$0, $1, $2, $3}, [$4];"
 _STORE16_PTX = "st.global.v4.b32 [$0], {$1, $2, $3, $4};"
+_COUNTER_LOAD_PTX = "ld.relaxed.gpu.global.b32 $0, [$1];"
+_COUNTER_STORE_PTX = "st.relaxed.gpu.global.b32 [$0], $1;"
+_ROWCOUNT_STORE_PTX = "st.relaxed.sys.global.b32 [$0], $1;"
+_ROWCOUNT_LOAD_PTX = "ld.relaxed.sys.global.b32 $0, [$1];"
+_PLAIN_STORE_PTX = "st.global.b32 [$0], $1;"
 
 
 def _exchange_body(lay: ExchangeLayout, timeout_ns: int):
@@ -247,7 +252,7 @@ def _exchange_body(lay: ExchangeLayout, timeout_ns: int):
             is_t0 = arith.cmpi(arith.CmpIPredicate.eq, tid, c32(0))
             blk64 = arith.extui(i64, blk)
             counter = arith.addi(own, arith.addi(c64(lay.counters_offset), arith.muli(blk64, c64(4))))
-            epoch = arith.addi(_asm("ld.relaxed.gpu.global.b32 $0, [$1];", [counter], results=1), c32(1))
+            epoch = arith.addi(_asm(_COUNTER_LOAD_PTX, [counter], results=1), c32(1))
             parity = arith.extui(i64, arith.andi(epoch, c32(1)))
             first = arith.muli(c, c32(rpc))  # this chunk's first row
 
@@ -297,7 +302,7 @@ def _exchange_body(lay: ExchangeLayout, timeout_ns: int):
             with mu.when(is_t0):
                 where = arith.addi(c64(lay.rowcount_offset), arith.muli(arith.addi(
                     arith.muli(parity, c64(lay.blocks * ep)), cell), c64(4)))  # fmt: skip
-                _asm("st.relaxed.sys.global.b32 [$0], $1;", [arith.addi(peer, where), n_send])
+                _asm(_ROWCOUNT_STORE_PTX, [arith.addi(peer, where), n_send])
             mu.warpgroup_barrier()
             with mu.when(is_t0):
                 flag = arith.addi(peer, arith.addi(c64(lay.flags_offset), arith.muli(cell, c64(4))))
@@ -310,16 +315,16 @@ def _exchange_body(lay: ExchangeLayout, timeout_ns: int):
             mu.warpgroup_barrier()
             where = arith.addi(c64(lay.rowcount_offset), arith.muli(arith.addi(
                 arith.muli(parity, c64(lay.blocks * ep)), mine), c64(4)))  # fmt: skip
-            n_recv = _asm("ld.relaxed.sys.global.b32 $0, [$1];", [arith.addi(own, where)], results=1)
+            n_recv = _asm(_ROWCOUNT_LOAD_PTX, [arith.addi(own, where)], results=1)
             copy_rows(
                 n_recv, lambda r: data_row(own, src, r), lambda r: array_row(recv_base, src, r), _LOAD16_VOLATILE_PTX
             )
             with mu.when(is_t0):
                 slot = arith.addi(arith.muli(arith.extui(i64, src), c64(lay.chunks)), arith.extui(i64, c))
-                _asm("st.global.b32 [$0], $1;", [arith.addi(ref_addr(rcounts), arith.muli(slot, c64(4))), n_recv])
+                _asm(_PLAIN_STORE_PTX, [arith.addi(ref_addr(rcounts), arith.muli(slot, c64(4))), n_recv])
             mu.warpgroup_barrier()  # every thread has read the counter before it moves
             with mu.when(is_t0):
-                _asm("st.relaxed.gpu.global.b32 [$0], $1;", [counter, epoch])
+                _asm(_COUNTER_STORE_PTX, [counter, epoch])
 
         _(send_ref, counts_ref, table_ref, recv_ref, rcounts_ref)
 
