@@ -44,6 +44,7 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
 
     def _make_mlp(self, config: ModelConfig, *, params_dtype: Any, tp_size: int, rngs: nnx.Rngs) -> nnx.Module:
         manager = default_moe_manager()
+        on_gpu = jax.default_backend() == "gpu"  # there: naive until prepare_low_latency gives it buffers
         return MoEBlock(
             config.hidden_size,
             config.intermediate_size,
@@ -52,7 +53,7 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
             manager=manager,
             dtype=params_dtype,
             rngs=rngs,
-            **({"fallback": "naive"} if manager == "low_latency" else {}),
+            **({"fallback": "naive"} if manager == "low_latency" and on_gpu else {}),
         )
 
     def feed_forward(self, h: jax.Array) -> jax.Array:

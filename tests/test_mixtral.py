@@ -55,6 +55,20 @@ def test_experts_must_split_over_ep(ckpt):
         models.load_state_dict(CONFIG, ckpt["weights"])
 
 
+def test_low_latency_manager_gives_the_reference_tokens(ckpt, monkeypatch):
+    """Mixtral with every MoE block on the low-latency manager (its all_to_all form on CPU)."""
+    import models.mixtral
+    from spmd.expert_parallel import LowLatencyAll2AllManager
+
+    monkeypatch.setattr(models.mixtral, "default_moe_manager", lambda platform=None: "low_latency")
+    init(2, 2)
+    model = models.load_state_dict(CONFIG, ckpt["weights"])
+    manager = model.module.model.layers[0].mlp.manager
+    assert isinstance(manager, LowLatencyAll2AllManager) and manager.fallback is None
+    np.testing.assert_allclose(np.asarray(models.score(model, ckpt["ids"])), ckpt["ref"], rtol=0, atol=1e-3)
+    assert models.generate(model, ckpt["prompts"], NEW_TOKENS) == [want for want, _ in ckpt["greedy"]]
+
+
 def test_moe_manager_is_the_measured_fastest():
     assert default_moe_manager("gpu") == "low_latency"  # with naive as its fallback until it has buffers
     assert default_moe_manager("cpu") == "naive"  # docs/expert_parallel.md
