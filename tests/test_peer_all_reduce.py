@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 import spmd
 from kernels import symmetric_memory
 from kernels.custom_all_reduce import peer, peer_ir
-from kernels.symmetric_memory import TILE_BYTES, Layout
+from kernels.symmetric_memory import TILE_BYTES, Layout, _registry
 from spmd.communicators import allreduce_plan, custom_all_reduce
 
 
@@ -203,7 +203,7 @@ def test_kernel_errors(make, match):
 @pytest.fixture
 def on_gpu(monkeypatch):
     monkeypatch.setattr(allreduce_plan, "_device_platform", lambda x: "gpu")
-    monkeypatch.setattr(symmetric_memory, "_REGISTRY", symmetric_memory._Registry())  # no buffers from earlier tests
+    monkeypatch.setattr(_registry, "REGISTRY", _registry.Registry())  # no buffers from earlier tests
     spmd.initialize_model_parallel(2, devices=jax.devices()[:2])  # CPU mesh: no buffers allocated off GPU
 
 
@@ -383,7 +383,7 @@ def test_gpu_lowering_takes_a_size_with_no_even_split():
 
 
 def test_lookup_refuses_to_guess_between_device_sets(monkeypatch, on_gpu):
-    monkeypatch.setattr(symmetric_memory, "_REGISTRY", symmetric_memory._Registry())
+    monkeypatch.setattr(_registry, "REGISTRY", _registry.Registry())
     a = jax.make_mesh((1, 1, 1, 2), spmd.MESH_AXES, devices=jax.devices()[:2], axis_types=(AxisType.Explicit,) * 4)
     b = jax.make_mesh((1, 1, 1, 2), spmd.MESH_AXES, devices=jax.devices()[2:4], axis_types=(AxisType.Explicit,) * 4)
     mine, theirs = symmetric_memory.allocate(a, "tp"), symmetric_memory.allocate(b, "tp")

@@ -23,8 +23,8 @@ import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from kernels import rendezvous, symmetric_memory
-from kernels.symmetric_memory import Layout
+from kernels import compat, machine, rendezvous, symmetric_memory
+from kernels.symmetric_memory import Layout, _ipc, _registry
 
 NATIVE, MAPPED = 0x7000_0000_0000, 0x2000_0000_0000
 
@@ -147,7 +147,7 @@ class PerProcess:
 
     def _own(self):
         if not hasattr(self.local, "reg"):
-            self.local.reg = symmetric_memory._Registry()
+            self.local.reg = _registry.Registry()
         return self.local.reg
 
     def __getattr__(self, name):
@@ -161,10 +161,10 @@ class PerProcess:
 def job(monkeypatch):
     fake, store = FakeCuda(), FakeStore()
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_gpu_shard_autotuning=false")
-    monkeypatch.setattr(symmetric_memory, "cuda", fake)
-    monkeypatch.setattr(symmetric_memory, "_process_index", lambda: _LOCAL.pid)
-    monkeypatch.setattr(symmetric_memory, "_REGISTRY", PerProcess())
-    monkeypatch.setattr(symmetric_memory, "_distributed_client", lambda: store)
+    monkeypatch.setattr(_ipc, "cuda", fake)
+    monkeypatch.setattr(_ipc, "process_index", lambda: _LOCAL.pid)
+    monkeypatch.setattr(_registry, "REGISTRY", PerProcess())
+    monkeypatch.setattr(compat, "distributed_client", lambda: store)
     return fake, store
 
 
@@ -385,7 +385,7 @@ def test_argument_errors(job, monkeypatch):
         got = run_processes(lambda p, t=bad: symmetric_memory.allocate(mesh, "tp", timeout_s=t), [0])
         with pytest.raises(ValueError, match=r"expected timeout_s > 0 seconds"):
             raise got[0]
-    monkeypatch.setattr(symmetric_memory, "_distributed_client", lambda: None)
+    monkeypatch.setattr(compat, "distributed_client", lambda: None)
     got = run_processes(lambda p: symmetric_memory.allocate(mesh, "tp"), [0])
     with pytest.raises(RuntimeError, match=r"jax\.distributed is not initialized here"):
         raise got[0]
@@ -425,17 +425,17 @@ def test_joining_a_multi_process_job_switches_sharded_autotuning_off(monkeypatch
     distributed.init_distributed_environment("127.0.0.1:1", 2, 0)
     assert joined["num_processes"] == 2
     assert os.environ["XLA_FLAGS"] == after
-    assert symmetric_memory._shard_autotuning_off() == ("=false" in after)
+    assert _ipc._shard_autotuning_off() == ("=false" in after)
 
 
 def test_processes_on_two_machines_all_refuse_and_open_nothing(job, monkeypatch):
     """A multi-node job: every process learns it from the same records, frees its buffer, raises NotOneHost."""
     fake, _ = job
 
-    def machine() -> str:
+    def on_machine() -> str:
         return "node-b/2" if _LOCAL.pid >= 2 and not getattr(_LOCAL, "moved", False) else "node-a/1"
 
-    monkeypatch.setattr(symmetric_memory, "machine_id", machine)
+    monkeypatch.setattr(machine, "machine_id", on_machine)
     mesh = fake_mesh((2, 2), ("dp", "tp"), [0, 1, 2, 3])
 
     def process(p):

@@ -83,6 +83,7 @@ def row_parallel_error() -> float:
 def check_peer_buffers_fall_back() -> None:
     """The custom all-reduce's peer buffers across hosts: NotOneHost on every process, every group on psum."""
     from kernels import symmetric_memory
+    from kernels.symmetric_memory import _ipc
     from spmd import compat
 
     spmd.destroy_model_parallel()
@@ -96,7 +97,7 @@ def check_peer_buffers_fall_back() -> None:
             raise
 
     compat.mesh_platform = lambda mesh: "gpu"  # pretend: a GPU job of one device per process
-    symmetric_memory.unsupported = lambda mesh: None
+    symmetric_memory.unsupported = _ipc.unsupported = lambda mesh: None
     symmetric_memory.allocate = allocate
     symmetric_memory.cuda.mem_alloc = lambda ordinal, nbytes: 4096
     symmetric_memory.cuda.ipc_handle = lambda ordinal, ptr: bytes(symmetric_memory.cuda.IPC_HANDLE_BYTES)

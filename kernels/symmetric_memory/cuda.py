@@ -1,17 +1,13 @@
 """The few CUDA driver calls that share device memory between processes (ctypes on ``libcuda``).
 
-JAX owns its allocations, and they cannot be shared with CUDA's legacy IPC: on JAX 0.11.2 (H200,
-2026-12-03) a ``jax.Array``'s buffer lives in XLA's virtual-memory pool (one 42 GiB range at the
-default memory fraction, ``CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE`` = 0) and
-``cuIpcGetMemHandle`` refuses it with ``CUDA_ERROR_INVALID_VALUE``. So what is to be shared is
-allocated here with ``cuMemAlloc`` (IPC-capable), in the device's primary context (the one XLA
-uses), and exported as a 64-byte handle that any process on the same host opens with
-``cuIpcOpenMemHandle``: plain bytes, sent like any other metadata, no file descriptors.
-
-Measured on one H200 with two processes on it (2026-12-03, docs/kv_transfer.md): exporting a
-handle 15-35 us, opening one 170-300 us (callers keep what they open), a 256 MiB device copy
-through the mapping exact. Everything raises :class:`CudaError`
-with the driver's error name; nothing is done at import time.
+JAX owns its allocations, and they cannot be shared with CUDA's legacy IPC: a ``jax.Array``'s
+buffer lives in XLA's virtual-memory pool, which ``cuIpcGetMemHandle`` refuses
+(docs/kv_transfer.md). So what is to be shared is allocated here with ``cuMemAlloc``
+(IPC-capable), in the device's primary context (the one XLA uses), and exported as a 64-byte
+handle that any process on the same host opens with ``cuIpcOpenMemHandle``: plain bytes, sent
+like any other metadata, no file descriptors. Opening a handle costs far more than exporting one
+(docs/custom_all_reduce.md measures both), so callers keep what they open. Everything raises
+:class:`CudaError` with the driver's error name; nothing is done at import time.
 """
 
 from __future__ import annotations
@@ -120,7 +116,7 @@ def mem_alloc(ordinal: int, nbytes: int) -> int:
     _use(ordinal)
     ptr = ctypes.c_uint64()
     _check("cuMemAlloc_v2", ctypes.byref(ptr), ctypes.c_size_t(nbytes))
-    try:  # (a context-wide sync, once per allocation; the form that ran on the H200)
+    try:  # zeroed before any peer maps it; a context-wide sync, once per allocation
         _check("cuMemsetD8_v2", ptr, ctypes.c_ubyte(0), ctypes.c_size_t(nbytes))
         _check("cuCtxSynchronize")
     except CudaError:

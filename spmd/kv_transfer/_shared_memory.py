@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from kernels.symmetric_memory import machine_id as host_identity  # one definition of "one machine"
+from kernels.machine import machine_id as host_identity  # one definition of "one machine"
 
 __all__ = ["Cuda", "Shm", "Slot", "host_identity", "shm_name"]
 
