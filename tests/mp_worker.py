@@ -132,7 +132,7 @@ def check_host_protocol() -> None:
     """Issue 10 items 1-6 on 2 processes (SPMD_COLLECTIVE_TIMEOUT_S is small here)."""
     import enum
 
-    from spmd import host
+    from spmd import host, host_store
 
     timeout = spmd.envs.SpmdEnv.from_environ().collective_timeout_s
     assert NPROC == 2 and timeout == 4.5, (NPROC, timeout)  # a float is accepted
@@ -183,9 +183,9 @@ def check_host_protocol() -> None:
         tree = {"array": {"dtype": "uint8", "shape": [2**31], "kind": "numpy", "index": 0}}
         header = {"op": "broadcast_object", "call": call, "sources": [0], "role": "send", "tree": tree, "nbytes": 2**31}
         client = host._client()
-        client.key_value_set_bytes(f"spmd/host/{call}/0", host._record(header))
+        client.key_value_set_bytes(f"spmd/host/{call}/0", host_store._record(header))
         client.blocking_key_value_get_bytes(f"spmd/host/{call}/1", 10_000)  # process 1 reached the call
-        if client.key_value_increment(f"spmd/host/{call}/done", 1) >= NPROC:  # as host._Call.finish: the last
+        if client.key_value_increment(f"spmd/host/{call}/done", 1) >= NPROC:  # as StoreCall.finish: the last
             client.key_value_delete(f"spmd/host/{call}")  # one out deletes the call's keys (else 3 stay behind)
     else:
         before = peak_mib()

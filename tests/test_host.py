@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import spmd
-from spmd import host, wire
+from spmd import host, host_store, wire
 
 
 def _roundtrip(value, inline=False):
@@ -235,7 +235,7 @@ def _raw(header, payload=b""):
 )
 def test_malformed_records_raise_one_error_type(raw, match):
     with pytest.raises(host.MalformedMessageError, match=match):
-        host._parse_record(raw, who="test")
+        host_store._parse_record(raw, who="test")
 
 
 @pytest.mark.parametrize(
@@ -263,8 +263,7 @@ def test_malformed_trees_raise_one_error_type(tree, match):
 
 
 class _FakeCall:
-    class env:
-        host_max_bytes = 1 << 30
+    max_bytes = 1 << 30
 
 
 def _send_header(shape, nbytes, dtype="uint8"):
@@ -284,9 +283,9 @@ def _send_header(shape, nbytes, dtype="uint8"):
 )
 def test_announced_sizes_are_checked_before_allocating(shape, nbytes, payload, match):
     """Sizes from a peer: Python ints (no int64 overflow), the cap, and the bytes that arrived."""
-    header, body = host._parse_record(_raw(_send_header(shape, nbytes), payload), who="t")
+    header, body = host_store._parse_record(_raw(_send_header(shape, nbytes), payload), who="t")
     with pytest.raises(host.MalformedMessageError, match=match):
-        host._message(_FakeCall, header, body, "t")
+        host_store._message(_FakeCall, header, body, "t")
 
 
 def test_inline_payload_roundtrip_through_a_record(rng):
@@ -306,9 +305,9 @@ def test_inline_payload_roundtrip_through_a_record(rng):
 
 def test_bucket_pads_little(rng):
     for n in [*rng.integers(1, 1 << 31, 200).tolist(), 1, 1024, 1025, 64 << 20, (64 << 20) + 1]:
-        b = host._bucket(n)
+        b = host_store._bucket(n)
         assert n <= b and (b <= max(1024, 1.25 * n)), (n, b)
-    sizes = {host._bucket(n) for n in range((1 << 20) + 1, 1 << 21, 997)}
+    sizes = {host_store._bucket(n) for n in range((1 << 20) + 1, 1 << 21, 997)}
     assert len(sizes) == 4
 
 
