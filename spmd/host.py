@@ -104,29 +104,29 @@ def _timeout_s(timeout_s: float | None, env: SpmdEnv | None = None) -> float:
     return t
 
 
-class _Meshes:
-    """This process's direct connections (:class:`spmd.host_net.Mesh`), one per coordination-service client."""
+class _Peers:
+    """This process's direct connections (:class:`spmd.host_net.PeerConnections`), one per coordination client."""
 
     def __init__(self) -> None:
-        self.mesh: host_net.Mesh | None = None
+        self.connections: host_net.PeerConnections | None = None
 
-    def get(self, client: Any, me: int, n_proc: int, env: SpmdEnv) -> host_net.Mesh | None:
-        """The mesh to use (set up, or finishing set-up, within the caller's call), or ``None``: use the store."""
+    def get(self, client: Any, me: int, n_proc: int, env: SpmdEnv) -> host_net.PeerConnections | None:
+        """The connections to use (set up, or finishing set-up within the caller's call), or ``None``: use the store."""
         if env.host_transport == "store":
             return None
         from spmd import host_net
 
-        m = self.mesh
+        m = self.connections
         if m is None or m.client is not client or (m.me, m.n_proc) != (me, n_proc):
             if m is not None:
                 m.close()
             address = job_host_address(env.host_address)  # None: one host, loopback
             config = host_net.NetConfig(env.host_transport, address and address.advertise, address and address.bind)
-            m = self.mesh = host_net.Mesh(client, me, n_proc, config)
+            m = self.connections = host_net.PeerConnections(client, me, n_proc, config)
         return m
 
 
-_MESHES = _Meshes()
+_PEERS = _Peers()
 
 
 class _Call:
@@ -141,18 +141,18 @@ class _Call:
         self.n = _CALLS.next()
         self.client = _client()
 
-    def direct(self) -> tuple[host_net.Mesh, host_net.Call] | None:
+    def direct(self) -> tuple[host_net.PeerConnections, host_net.Call] | None:
         """The direct connections and this call's frame identity, or ``None`` to use the key-value store.
 
         Sets the connections up on the first call (within this call's deadline).
         """
-        mesh = _MESHES.get(self.client, self.me, self.n_proc, self.env)
-        if mesh is None:
+        peers = _PEERS.get(self.client, self.me, self.n_proc, self.env)
+        if peers is None:
             return None
         from spmd import host_net
 
         net_call = host_net.Call(self.n, self.op, self.sources, self.timeout, self.deadline, self.env.host_max_bytes)
-        return (mesh, net_call) if mesh.ready(net_call) else None
+        return (peers, net_call) if peers.ready(net_call) else None
 
     def on_store(self) -> host_store.StoreCall:
         """This call on the coordination service's key-value store."""

@@ -48,7 +48,7 @@ def same(a, b):
 def main() -> None:
     assert NPROC == 2, NPROC
     seed = host.broadcast_object(int(np.random.SeedSequence().entropy % 2**31) if PID == 0 else None)
-    mesh = host._MESHES.mesh
+    mesh = host._PEERS.connections
     assert mesh is not None and mesh.mode == "tcp" and list(mesh.peers) == [1 - PID], mesh
     rng = np.random.default_rng(seed)  # the same stream on both processes: the reference
 

@@ -1,6 +1,6 @@
 """spmd.host_net: host-level messages over direct TCP connections, their set-up and their error paths.
 
-Each "process" is a :class:`spmd.host_net.Mesh` on its own thread, over real loopback sockets; an
+Each "process" is a :class:`spmd.host_net.PeerConnections` on its own thread, over real loopback sockets; an
 in-memory key-value store stands in for the coordination service, so every error path runs in well
 under a second. One test kills a real subprocess in the middle of a message. The same protocol
 under ``jax.distributed`` and ``spmd-launch``: tests/test_host_multiprocess.py.
@@ -29,7 +29,7 @@ import pytest
 from helpers import assert_same
 
 from spmd import stream
-from spmd.host_net import ABORT, INTENT, MSG, Call, Mesh, NetConfig, _mesh
+from spmd.host_net import ABORT, INTENT, MSG, Call, NetConfig, PeerConnections, _peers
 from spmd.host_net._frame import HANDSHAKE
 from spmd.wire import MalformedMessageError
 
@@ -108,7 +108,7 @@ class Job:
     def __init__(self, n: int, *, timeout: float = 10.0, max_bytes: int = 1 << 30, connect: bool = True) -> None:
         self.n, self.timeout, self.max_bytes = n, timeout, max_bytes
         self.kv = MemoryKV()
-        self.meshes = [Mesh(self.kv, p, n, NetConfig()) for p in range(n)]
+        self.meshes = [PeerConnections(self.kv, p, n, NetConfig()) for p in range(n)]
         self.seq = 0
         if connect:
             assert self.each(lambda m, c: m.ready(c), op="setup") == [True] * n
@@ -347,8 +347,8 @@ _CHILD = """
 import os, signal, sys, time
 sys.path.insert(0, {tests!r})
 from test_host_net import FileKV, _frame
-from spmd.host_net import INTENT, MSG, Call, Mesh, NetConfig
-mesh = Mesh(FileKV({root!r}), 1, 2, NetConfig())
+from spmd.host_net import INTENT, MSG, Call, NetConfig, PeerConnections
+mesh = PeerConnections(FileKV({root!r}), 1, 2, NetConfig())
 mesh.ready(Call(1, "setup", (0, 1), 30, time.monotonic() + 30, 1 << 30))
 s = mesh.peers[0].sock
 s.setblocking(True)
@@ -365,7 +365,7 @@ def test_a_killed_process_mid_message_is_an_error_within_the_timeout(tmp_path):
     code = _CHILD.format(tests=str(ROOT / "tests"), root=str(tmp_path))
     child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
-        mesh = Mesh(FileKV(str(tmp_path)), 0, 2, NetConfig())
+        mesh = PeerConnections(FileKV(str(tmp_path)), 0, 2, NetConfig())
         assert mesh.ready(Call(1, "setup", (0, 1), 60, time.monotonic() + 60, 1 << 30))
         t0 = time.monotonic()
         with pytest.raises(ConnectionError, match=r"(closed its connection|connection to process 1 failed).*payload"):
@@ -508,7 +508,7 @@ def test_a_server_without_the_secret_is_refused_by_the_client():
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     kv.key_value_set_bytes("spmd/host_net/secret", os.urandom(32))
-    rec = {"v": 1, "host": "127.0.0.1", "port": port, "machine": _mesh.machine(), "explicit": False}
+    rec = {"v": 1, "host": "127.0.0.1", "port": port, "machine": _peers.machine(), "explicit": False}
     kv.key_value_set_bytes("spmd/host_net/0", json.dumps(rec).encode())
 
     def impostor():
@@ -521,7 +521,7 @@ def test_a_server_without_the_secret_is_refused_by_the_client():
 
     t = threading.Thread(target=impostor)
     t.start()
-    mesh = Mesh(kv, 1, 2, NetConfig())
+    mesh = PeerConnections(kv, 1, 2, NetConfig())
     with pytest.raises(PermissionError, match="process 0's port failed to prove it holds the secret"):
         mesh.ready(Call(1, "setup", (0, 1), 5, time.monotonic() + 5, 1 << 30))
     t.join()
@@ -557,7 +557,7 @@ def _record(machine: str, explicit: bool) -> dict:
     ],
 )
 def test_direct_connections_only_where_every_process_can_reach_every_other(machines, explicit, transport, expect):
-    mesh = Mesh(MemoryKV(), 0, 2, NetConfig(transport))
+    mesh = PeerConnections(MemoryKV(), 0, 2, NetConfig(transport))
     mesh._records = {p: _record(m, e) for p, (m, e) in enumerate(zip(machines, explicit, strict=True))}
     if expect in ("tcp", "store"):
         assert mesh._decide() == expect
@@ -567,7 +567,7 @@ def test_direct_connections_only_where_every_process_can_reach_every_other(machi
 
 
 def test_several_machines_fall_back_to_the_store(monkeypatch):
-    monkeypatch.setattr(_mesh, "machine", lambda: threading.current_thread().name)  # p0, p1: two "machines"
+    monkeypatch.setattr(_peers, "machine", lambda: threading.current_thread().name)  # p0, p1: two "machines"
     job = Job(2, connect=False)
     assert job.each(lambda m, c: m.ready(c), op="setup") == [False, False]
     assert all(m._listener is None and not m.peers for m in job.meshes)
@@ -648,7 +648,7 @@ def test_an_interrupt_during_the_handshake_leaks_no_socket():
     kv = MemoryKV()
     listener = socket.create_server(("127.0.0.1", 0))
     kv.key_value_set_bytes("spmd/host_net/secret", os.urandom(32))
-    rec = {"v": 1, "host": "127.0.0.1", "port": listener.getsockname()[1], "machine": _mesh.machine()}
+    rec = {"v": 1, "host": "127.0.0.1", "port": listener.getsockname()[1], "machine": _peers.machine()}
     kv.key_value_set_bytes("spmd/host_net/0", json.dumps({**rec, "explicit": False}).encode())
     done = threading.Event()
 
@@ -663,7 +663,7 @@ def test_an_interrupt_during_the_handshake_leaks_no_socket():
 
     t = threading.Thread(target=slow_server)
     t.start()
-    mesh = Mesh(kv, 1, 2, NetConfig())
+    mesh = PeerConnections(kv, 1, 2, NetConfig())
     old = signal.signal(signal.SIGALRM, interrupt)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -684,9 +684,9 @@ def test_an_interrupt_during_the_handshake_leaks_no_socket():
 
 def test_a_refused_transport_decision_closes_the_listener(monkeypatch):
     """SPMD_HOST_TRANSPORT=tcp across machines: every call raises the ValueError; no port stays open."""
-    monkeypatch.setattr(_mesh, "machine", lambda: threading.current_thread().name)  # p0, p1: two "machines"
+    monkeypatch.setattr(_peers, "machine", lambda: threading.current_thread().name)  # p0, p1: two "machines"
     job = Job(2, connect=False)
-    job.meshes = [Mesh(job.kv, p, 2, NetConfig("tcp")) for p in range(2)]
+    job.meshes = [PeerConnections(job.kv, p, 2, NetConfig("tcp")) for p in range(2)]
     for _ in range(2):
         got = job.each(lambda m, c: m.ready(c), op="setup")
         assert all(isinstance(e, ValueError) and "SPMD_HOST_TRANSPORT=tcp" in str(e) for e in got), got
@@ -706,7 +706,7 @@ def test_a_failed_publish_is_retried_by_the_next_call():
             super().key_value_set_bytes(key, value, allow_overwrite)
 
     kv = FlakyKV()
-    meshes = [Mesh(kv, p, 2, NetConfig()) for p in range(2)]
+    meshes = [PeerConnections(kv, p, 2, NetConfig()) for p in range(2)]
 
     def process_1():
         with pytest.raises(RuntimeError, match="UNAVAILABLE"):
@@ -801,7 +801,7 @@ def test_a_dripping_stranger_on_a_peers_port_cannot_stretch_the_set_up():
     kv = MemoryKV()
     listener = socket.create_server(("127.0.0.1", 0))
     kv.key_value_set_bytes("spmd/host_net/secret", os.urandom(32))
-    rec = {"v": 1, "host": "127.0.0.1", "port": listener.getsockname()[1], "machine": _mesh.machine()}
+    rec = {"v": 1, "host": "127.0.0.1", "port": listener.getsockname()[1], "machine": _peers.machine()}
     kv.key_value_set_bytes("spmd/host_net/0", json.dumps({**rec, "explicit": False}).encode())
     stop = threading.Event()
 
@@ -823,7 +823,7 @@ def test_a_dripping_stranger_on_a_peers_port_cannot_stretch_the_set_up():
 
     t = threading.Thread(target=drip, daemon=True)
     t.start()
-    mesh = Mesh(kv, 1, 2, NetConfig())
+    mesh = PeerConnections(kv, 1, 2, NetConfig())
     t0 = time.monotonic()
     try:
         with pytest.raises(TimeoutError, match=r"waited 0.8 s for process 0 and got nothing \(could not connect"):

@@ -17,7 +17,7 @@ from test_host_net import Job
 
 from spmd import compat, distributed, net
 from spmd.envs import SpmdEnv
-from spmd.host_net import Mesh, NetConfig, _mesh
+from spmd.host_net import NetConfig, PeerConnections, _peers
 
 
 @pytest.mark.parametrize(
@@ -185,7 +185,7 @@ def test_host_env_rereads_the_opt_in(monkeypatch):
 
 
 def test_a_mesh_listens_on_its_bind_address_and_publishes_the_reachable_one(monkeypatch):
-    mesh = Mesh(None, 1, 2, NetConfig("auto", "127.0.0.1", "0.0.0.0"))
+    mesh = PeerConnections(None, 1, 2, NetConfig("auto", "127.0.0.1", "0.0.0.0"))
     published = {}
     monkeypatch.setattr(
         mesh, "client", type("KV", (), {"key_value_set_bytes": lambda s, k, v, **kw: published.update({k: v})})()
@@ -199,9 +199,9 @@ def test_a_mesh_listens_on_its_bind_address_and_publishes_the_reachable_one(monk
 
 
 def test_two_machines_with_addresses_connect_directly(monkeypatch):
-    monkeypatch.setattr(_mesh, "machine", lambda: threading.current_thread().name)  # p0, p1: two "machines"
+    monkeypatch.setattr(_peers, "machine", lambda: threading.current_thread().name)  # p0, p1: two "machines"
     job = Job(2, connect=False)
-    job.meshes = [Mesh(job.kv, p, 2, NetConfig("auto", "127.0.0.1", "0.0.0.0")) for p in range(2)]
+    job.meshes = [PeerConnections(job.kv, p, 2, NetConfig("auto", "127.0.0.1", "0.0.0.0")) for p in range(2)]
     try:
         assert job.each(lambda m, c: m.ready(c), op="setup") == [True, True]
         assert job.bcast([{"x": 1}, None], 0) == [{"x": 1}, {"x": 1}]
@@ -209,18 +209,18 @@ def test_two_machines_with_addresses_connect_directly(monkeypatch):
         job.close()
 
 
-def test_the_host_level_mesh_gets_the_job_address(monkeypatch):
+def test_the_host_level_connections_get_the_job_address(monkeypatch):
     from spmd import host
 
     monkeypatch.setattr(compat, "coordinator_address", lambda: "10.77.0.1:29500")
     monkeypatch.setattr(net, "route_address", lambda h, p: "10.77.0.2")
-    meshes = host._Meshes()
-    m = meshes.get(object(), 1, 2, SpmdEnv())
+    peers = host._Peers()
+    m = peers.get(object(), 1, 2, SpmdEnv())
     assert (m.config.address, m.config.bind) == ("10.77.0.2", "10.77.0.2")
-    m = meshes.get(object(), 1, 2, SpmdEnv(host_address="0.0.0.0"))
+    m = peers.get(object(), 1, 2, SpmdEnv(host_address="0.0.0.0"))
     assert (m.config.address, m.config.bind) == ("10.77.0.2", "0.0.0.0")
     monkeypatch.setattr(compat, "coordinator_address", lambda: "127.0.0.1:29500")
-    m = meshes.get(object(), 1, 2, SpmdEnv())
+    m = peers.get(object(), 1, 2, SpmdEnv())
     assert (m.config.address, m.config.bind) == (None, None)  # one host: loopback
 
 

@@ -58,7 +58,8 @@ def check_tensor_dicts() -> None:
         got["weights"] = {k: np.asarray(v) for k, v in got["weights"].items()}
         assert_same(got, want)
     print(f"broadcast_tensor_dict ok from both hosts (process {PID} on {os.uname().nodename})", flush=True)
-    assert spmd.host._MESHES.mesh is not None and spmd.host._MESHES.mesh.mode == "tcp", "host messages not over TCP"
+    peers = spmd.host._PEERS.connections
+    assert peers is not None and peers.mode == "tcp", "host messages not over TCP"
 
 
 def row_parallel_error() -> float:

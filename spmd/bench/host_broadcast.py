@@ -95,7 +95,7 @@ def _worker(kind: str, rank: int, sizes: list[int], iters: int | None, seed: int
         ok = bool(np.array_equal(np.asarray(got["x"]), expected))
         del got
         if kind == "spmd" and transport is None:
-            mesh = spmd.host._MESHES.mesh
+            mesh = spmd.host._PEERS.connections
             transport = "tcp" if mesh is not None and mesh.mode == "tcp" else "store"
         base = _status_kib("VmRSS")
         _reset_peak()

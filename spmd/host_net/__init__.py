@@ -5,8 +5,8 @@ coordination service's key-value store or, by default, over the connections buil
 travel in :mod:`spmd.wire`'s format (JSON tree plus packed array bytes, no pickle). The pieces,
 one concept each:
 
-* :mod:`~spmd.host_net._mesh`: setting up (addresses published in the key-value store, the
-  transport decision, connecting and accepting) and :class:`Mesh`, this process's connections;
+* :mod:`~spmd.host_net._peers`: setting up (addresses published in the key-value store, the
+  transport decision, connecting and accepting) and :class:`PeerConnections`, this process's connections;
 * :mod:`~spmd.host_net._frame`: this protocol's frames and handshake on :mod:`spmd.stream`'s wire
   (HMAC-SHA256 over a per-job secret, both ways), and one connection's non-blocking writer and
   incremental reader (sizes checked before anything is allocated);
@@ -21,7 +21,7 @@ The protocol, with its guarantees and its measurements: docs/host_messages.md.
 from spmd.envs import HOST_TRANSPORTS as TRANSPORTS
 from spmd.host_net._call import Call, describe
 from spmd.host_net._frame import ABORT, EAGER_MAX_BYTES, ERROR, INTENT, MAX_CONTROL_HEADER, MSG
-from spmd.host_net._mesh import Mesh, NetConfig
+from spmd.host_net._peers import NetConfig, PeerConnections
 
 __all__ = [
     "ABORT",
@@ -32,7 +32,7 @@ __all__ = [
     "MSG",
     "TRANSPORTS",
     "Call",
-    "Mesh",
+    "PeerConnections",
     "NetConfig",
     "describe",
 ]

@@ -1,4 +1,4 @@
-"""Setting up the direct connections: addresses in the key-value store, the transport decision, the mesh.
+"""Setting up the direct connections: addresses in the key-value store, the transport decision, the connections.
 
 Lazily, inside the first host-level call, bounded by its deadline, and resumable if that call
 fails. Every process binds a listening socket: to loopback, or across hosts to this host's address
@@ -13,7 +13,7 @@ being the process indices), within the call's one deadline: the accepting side r
 handshake side by side (:class:`spmd.stream.Acceptor`), so a stranger, garbage or a peer without
 the secret is dropped while the right peers get in, silent or slow strangers included.
 
-A mesh serves one thread at a time: host-level calls are numbered in the order a process makes
+One PeerConnections serves one thread at a time: host-level calls are numbered in the order a process makes
 them, so two threads calling at once cannot agree with the other processes; a second thread's
 call raises ``RuntimeError`` instead of interleaving its frames with the first one's.
 """
@@ -83,7 +83,7 @@ def machine() -> str:
     return "|".join(parts)
 
 
-class Mesh:
+class PeerConnections:
     """This process's connections to every other process of the job (see the module docstring).
 
     Args:
