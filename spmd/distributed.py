@@ -65,7 +65,7 @@ def _no_sharded_autotuning() -> None:
     Sharded autotuning has every process of a job autotune part of a program and assumes they all
     compile the same one. With the custom all-reduce's peer buffers shared across processes
     (CUDA IPC), each process compiles its own buffer addresses in, so the programs differ and the
-    first compile hangs in every process (seen on an H200, JAX 0.11.2, 2026-12-03).
+    first compile hangs in every process (docs/custom_all_reduce.md, cross-process peer buffers).
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_gpu_shard_autotuning" not in flags:
