@@ -77,7 +77,7 @@ def _start_watchdog(parent_pid: int) -> None:
     threading.Thread(target=watch, name="spmd-launch-watchdog", daemon=True).start()
 
 
-def _flush() -> None:
+def flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
@@ -91,9 +91,12 @@ def _flush() -> None:
             pass
 
 
-def _user_traceback(tb):
-    """``tb`` without the runner's and runpy's own frames, as ``python script.py`` would print it."""
-    own = {_user_traceback.__code__.co_filename, runpy.run_path.__code__.co_filename}  # runpy's: "<frozen runpy>"
+def user_traceback(tb, *callers: str):
+    """``tb`` without the leading frames of the runner, runpy and ``callers`` (file names): the user's code.
+
+    As ``python script.py`` would print it.
+    """
+    own = {user_traceback.__code__.co_filename, runpy.run_path.__code__.co_filename, *callers}  # "<frozen runpy>"
     while tb is not None and tb.tb_frame.f_code.co_filename in own:
         tb = tb.tb_next
     return tb
@@ -113,6 +116,20 @@ def _set_sys_path(module: bool, target: str) -> None:
     # a directory or zip file with __main__.py: runpy.run_path puts it on sys.path itself
 
 
+def run_target(target: str, script_args: Sequence[str] = (), *, module: bool = False) -> None:
+    """Run a script (or ``-m`` module) in this process as ``python SCRIPT ARGS...`` would.
+
+    ``__name__ == "__main__"``, the same ``sys.argv``, and the script's directory (the working
+    directory for ``-m``) as ``sys.path[0]``. Exceptions propagate.
+    """
+    _set_sys_path(module, target)
+    sys.argv = [target, *script_args]  # runpy replaces argv[0] with the file it runs
+    if module:
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    else:
+        runpy.run_path(target, run_name="__main__")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the rank's script or module; see the module docstring. Does not return on failure."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -123,25 +140,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parent_pid, rest = int(args[0]), args[2:] if module else args[1:]
     target, script_args = rest[0], rest[1:]
     _die_with_parent(parent_pid)
-    _set_sys_path(module, target)
-    sys.argv = [target, *script_args]  # runpy replaces argv[0] with the file it runs
     try:
-        if module:
-            runpy.run_module(target, run_name="__main__", alter_sys=True)
-        else:
-            runpy.run_path(target, run_name="__main__")
+        run_target(target, script_args, module=module)
     except SystemExit as e:
         code = exit_code_of(e)
         if code == 0:
             raise  # a clean exit: let the interpreter (and JAX's atexit shutdown) finish normally
         if not isinstance(e.code, int):
             print(e.code, file=sys.stderr)  # what Python prints for sys.exit("message")
-        _flush()
+        flush()
         os._exit(code)
     except BaseException as e:
-        tb = _user_traceback(e.__traceback__)
+        tb = user_traceback(e.__traceback__)
         sys.excepthook(type(e), e.with_traceback(tb), tb)  # the default hook prints e.__traceback__
-        _flush()
+        flush()
         os._exit(128 + signal.SIGINT if isinstance(e, KeyboardInterrupt) else 1)
 
 

@@ -291,17 +291,6 @@ def _wait_for(index: int, p: subprocess.Popen, exits: queue.Queue) -> None:
     exits.put((index, p.wait()))
 
 
-def _init_ray(ray, address: str | None) -> None:
-    """Join the Ray cluster at ``address`` (or RAY_ADDRESS, or a running local one), else start one here."""
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)
-        return
-    try:
-        ray.init(address="auto")
-    except ConnectionError:  # no cluster is running: a local one, for this job alone
-        ray.init(include_dashboard=False)
-
-
 def _prefixed(rank: int, text: str) -> str:
     return "".join(f"[rank {rank}] {line}\n" for line in text.rstrip("\n").split("\n"))
 
@@ -322,7 +311,7 @@ def _main_ray(a: argparse.Namespace) -> int:
     try:
         previous = _set_handlers(_raise_signalled, _FORWARDED)
         try:
-            _init_ray(ray, a.ray_address)
+            spmd_ray.init_cluster(a.ray_address)
         except (ConnectionError, RuntimeError, ValueError) as e:
             _say(f"could not join or start a Ray cluster ({type(e).__name__}: {e}); check --ray-address")
             return 2

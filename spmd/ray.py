@@ -43,17 +43,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import runpy
-import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from spmd._launch_runner import exit_code_of
+from spmd._launch_runner import exit_code_of, flush, run_target, user_traceback
 from spmd.net import free_port
 
-__all__ = ["RankError", "run", "run_script"]
+__all__ = ["RankError", "init_cluster", "run", "run_script"]
 
 _log = logging.getLogger(__name__)
 _STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
@@ -101,22 +99,6 @@ class _Outcome:
     traceback: str | None = None
 
 
-def _remote_frames(tb):
-    """``tb`` without this module's and runpy's frames: the user's code, as ``python script.py`` shows it."""
-    own = {_remote_frames.__code__.co_filename, runpy.run_path.__code__.co_filename}
-    while tb is not None and tb.tb_frame.f_code.co_filename in own:
-        tb = tb.tb_next
-    return tb
-
-
-def _flush() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # a closed stream must not hide the outcome
-            pass
-
-
 class _Rank:
     """One process of the job, as a Ray actor (made a Ray actor class by :func:`run`)."""
 
@@ -157,11 +139,11 @@ class _Rank:
             message = None if isinstance(e.code, int) else str(e.code)  # sys.exit("message")
             return _Outcome(ok=False, what=f"exited with code {code}", exit_code=code, traceback=message)
         except BaseException as e:
-            tb = _remote_frames(e.__traceback__)
+            tb = user_traceback(e.__traceback__, run_script.__code__.co_filename)
             text = "".join(traceback.format_exception(type(e), e, tb))
             return _Outcome(ok=False, what=f"raised {type(e).__name__}: {e}", exit_code=1, traceback=text)
         finally:
-            _flush()
+            flush()
 
 
 def run_script(target: str, script_args: Sequence[str] = (), *, module: bool = False, cwd: str | None = None) -> None:
@@ -173,13 +155,19 @@ def run_script(target: str, script_args: Sequence[str] = (), *, module: bool = F
     """
     if cwd and os.path.isdir(cwd):
         os.chdir(cwd)
-    if not sys.flags.safe_path:
-        sys.path.insert(0, os.getcwd() if module else os.path.dirname(os.path.realpath(target)))
-    sys.argv = [target, *script_args]
-    if module:
-        runpy.run_module(target, run_name="__main__", alter_sys=True)
-    else:
-        runpy.run_path(target, run_name="__main__")
+    run_target(target, script_args, module=module)
+
+
+def init_cluster(address: str | None = None) -> None:
+    """Join the Ray cluster at ``address`` (or RAY_ADDRESS, or a running local one), else start one here."""
+    ray = _ray()
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address)
+        return
+    try:
+        ray.init(address="auto")
+    except ConnectionError:  # no cluster is running: a local one, for this job alone
+        ray.init(include_dashboard=False)
 
 
 def _bundle(devices: int | None, cpu_devices: int | None, resources: Mapping[str, float] | None) -> dict[str, float]:
