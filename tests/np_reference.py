@@ -3,7 +3,7 @@
 Shares no code with ``models``: it reads the ``config.json`` dict itself (both RoPE styles), and
 writes RMSNorm, RoPE (Meta's per-frequency llama3 scaling, the rotation as pairs ``(x1, x2)``), GQA
 attention with a causal mask, SwiGLU and Mixtral's router (softmax, top-k, renormalise) in plain
-loops and matrix products. ``tests/hf_reference_check.py`` checks it against transformers itself
+loops and matrix products. ``tests/workers/hf_reference_check.py`` checks it against transformers itself
 (results in docs/models.md); the tests check ``models`` against it.
 """
 

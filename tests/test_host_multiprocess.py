@@ -1,8 +1,8 @@
 """Host-level messages between real processes (spmd-launch on CPU), over each transport.
 
 The key-value store (``SPMD_HOST_TRANSPORT=store``): issue 10, items 1-6, in one launch
-(tests/mp_worker.py, which also checks what the store holds). Direct TCP connections (the default
-when every process runs on one machine): tests/host_net_worker.py.
+(tests/workers/mp_worker.py, which also checks what the store holds). Direct TCP connections (the default
+when every process runs on one machine): tests/workers/host_net_worker.py.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_host_protocol_two_processes_through_the_store():
         "SPMD_COLLECTIVE_TIMEOUT_S": "4.5",  # a float; the timeout checks wait about this long
         "SPMD_HOST_MAX_BYTES": str(1 << 30),
     }
-    r = _launch("tests/mp_worker.py", "host_protocol", env=env)
+    r = _launch("tests/workers/mp_worker.py", "host_protocol", env=env)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     for rank in (0, 1):
         assert f"[rank {rank}] OK host_protocol" in r.stdout
@@ -46,7 +46,8 @@ def test_host_protocol_two_processes_through_the_store():
 
 
 def test_host_protocol_two_processes_over_direct_connections():
-    r = _launch("tests/host_net_worker.py", env={"SPMD_COLLECTIVE_TIMEOUT_S": "2", "SPMD_HOST_MAX_BYTES": str(1 << 30)})
+    env = {"SPMD_COLLECTIVE_TIMEOUT_S": "2", "SPMD_HOST_MAX_BYTES": str(1 << 30)}
+    r = _launch("tests/workers/host_net_worker.py", env=env)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     for rank in (0, 1):
         assert f"[rank {rank}] host net ok: 300 small calls" in r.stdout

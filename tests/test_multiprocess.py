@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+WORKER = "tests/workers/mp_worker.py"  # the script every rank runs
+
 pytestmark = pytest.mark.multiprocess
 
 HERE = pathlib.Path(__file__).parent
@@ -41,7 +43,7 @@ def test_cross_process_collectives_and_tensor_dicts(nproc, devices):
         str(devices),
         "--timeout",
         "90",
-        "tests/mp_worker.py",
+        WORKER,
         "collectives",
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
@@ -52,26 +54,20 @@ def test_cross_process_collectives_and_tensor_dicts(nproc, devices):
 
 
 def test_unsupported_value_fails_cleanly_everywhere():
-    r, _ = launch(
-        "--nproc-per-node", "2", "--cpu-devices-per-process", "1", "--timeout", "60", "tests/mp_worker.py", "bad_value"
-    )
+    r, _ = launch("--nproc-per-node", "2", "--cpu-devices-per-process", "1", "--timeout", "60", WORKER, "bad_value")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "[rank 0] OK bad_value" in r.stdout and "[rank 1] OK bad_value" in r.stdout
 
 
 def test_a_dying_process_stops_the_job_and_is_named():
-    r, elapsed = launch(
-        "--nproc-per-node", "2", "--cpu-devices-per-process", "1", "--timeout", "60", "tests/mp_worker.py", "die"
-    )
+    r, elapsed = launch("--nproc-per-node", "2", "--cpu-devices-per-process", "1", "--timeout", "60", WORKER, "die")
     assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
     assert "spmd-launch: rank 1 exited with code 3; stopping ranks [0]" in r.stderr
     assert elapsed < 30
 
 
 def test_launcher_timeout():
-    r, elapsed = launch(
-        "--nproc-per-node", "2", "--cpu-devices-per-process", "1", "--timeout", "3", "tests/mp_worker.py", "hang"
-    )
+    r, elapsed = launch("--nproc-per-node", "2", "--cpu-devices-per-process", "1", "--timeout", "3", WORKER, "hang")
     assert r.returncode == 124
     assert "spmd-launch: timed out after 3 s; ranks [0, 1] were still running" in r.stderr
     assert elapsed < 20
@@ -130,7 +126,7 @@ def test_ctrl_c_stops_every_rank():
             "2",
             "--cpu-devices-per-process",
             "1",
-            "tests/mp_worker.py",
+            WORKER,
             "hang",
         ],
         cwd=ROOT,

@@ -240,7 +240,7 @@ def _launch(address: str, *args: str, timeout: float = 120) -> subprocess.Comple
 @pytest.mark.parametrize(
     "script,expect",
     [
-        (["tests/mp_worker.py", "collectives"], "OK collectives"),
+        (["tests/workers/mp_worker.py", "collectives"], "OK collectives"),
         (
             ["docs/examples/multi_process.py"],
             "broadcast_tensor_dict ok: max_seq_len=4096, layer1.weight bfloat16[8, 4]",

@@ -107,7 +107,7 @@ def test_the_multi_process_example_across_two_hosts_node_1_first(hosts):
 @pytest.mark.slow  # 5-16 s on 2 shared cores
 def test_tensor_dicts_a_tp_all_reduce_and_peer_buffers_across_two_hosts(hosts):
     seed = int(np.random.SeedSequence().entropy % 2**31)
-    n0, n1 = _pair(hosts, ["tests/two_host_worker.py", "collectives", str(seed)])
+    n0, n1 = _pair(hosts, ["tests/workers/two_host_worker.py", "collectives", str(seed)])
     assert n0.proc.returncode == 0, n0.log()
     assert n1.proc.returncode == 0, n1.log()
     for node, n in enumerate((n0, n1)):
@@ -121,7 +121,7 @@ def test_tensor_dicts_a_tp_all_reduce_and_peer_buffers_across_two_hosts(hosts):
 
 @pytest.mark.slow  # 5-16 s on 2 shared cores
 def test_a_rank_killed_on_one_host_is_named_by_the_other_hosts_launcher(hosts):
-    n0, n1 = _pair(hosts, ["tests/two_host_worker.py", "die", "0"])
+    n0, n1 = _pair(hosts, ["tests/workers/two_host_worker.py", "die", "0"])
     assert n1.proc.returncode == 137, n1.log()
     assert "spmd-launch: rank 1 was killed by SIGKILL" in n1.err
     assert n0.proc.returncode == 1, n0.log()

@@ -1,6 +1,6 @@
 """GPU check: the fused all-reduce + add + RMSNorm kernel at world size 2, two processes on ONE GPU.
 
-    python tests/gpu_fused_ipc.py            # starts both ranks; exit status 0 when both are exact
+    python tests/workers/gpu_fused_ipc.py            # starts both ranks; exit status 0 when both are exact
 
 Each process allocates its peer buffer with cuMemAlloc (kernels.symmetric_memory.cuda), exports
 its CUDA IPC handle through a file, maps the other's, and runs the fused kernel and the plain

@@ -3,7 +3,7 @@
 Not collected by pytest and not run in CI (transformers and torch are not project dependencies).
 Run it in a virtualenv that has ``torch transformers safetensors numpy``::
 
-    python tests/hf_reference_check.py
+    python tests/workers/hf_reference_check.py
 
 It writes tiny random checkpoints (Llama: default RoPE in the hub's config style, llama3 RoPE in
 transformers 5's style with tied embeddings, attention / MLP biases with an explicit head_dim;
@@ -22,7 +22,7 @@ import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 import np_reference
 
 BASE = {
