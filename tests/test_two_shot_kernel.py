@@ -21,7 +21,7 @@ import spmd
 from kernels import symmetric_memory
 from kernels.custom_all_reduce import all_reduce_kernel
 from kernels.custom_all_reduce.two_shot import two_shot_peer
-from kernels.symmetric_memory import Layout
+from kernels.symmetric_memory import Layout, _registry
 from spmd.communicators import allreduce_plan, auto_algorithms, custom_all_reduce, tuning
 
 
@@ -124,7 +124,7 @@ def test_gpu_lowering_refuses_more_than_the_staging_area():
 @pytest.fixture
 def on_gpu(monkeypatch):
     monkeypatch.setattr(allreduce_plan, "_device_platform", lambda x: "gpu")
-    monkeypatch.setattr(symmetric_memory, "_REGISTRY", symmetric_memory._Registry())
+    monkeypatch.setattr(_registry, "REGISTRY", _registry.Registry())
     spmd.initialize_model_parallel(2, devices=jax.devices()[:2])
     symmetric_memory.allocate(spmd.get_mesh(), "tp")
 
