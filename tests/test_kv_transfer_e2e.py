@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+WORKER = "tests/workers/kv_worker.py"  # what both ends of a transfer run
+
 pytestmark = pytest.mark.multiprocess
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -33,7 +35,7 @@ def free_port() -> int:
 def test_device_put_pipe(p, d, heads):
     args = ["--nproc-per-node", "2", "--cpu-devices-per-process", str(max(p, d)), "--timeout", "120"]
     r = subprocess.run(
-        [sys.executable, "-m", "spmd.launch", *args, "tests/kv_worker.py", "devput", str(p), str(d), str(heads)],
+        [sys.executable, "-m", "spmd.launch", *args, WORKER, "devput", str(p), str(d), str(heads)],
         cwd=ROOT,
         env=_env(),
         capture_output=True,
@@ -49,7 +51,7 @@ def test_device_put_pipe(p, d, heads):
 @pytest.mark.parametrize("p,d,heads", CASES, ids=IDS)
 def test_independent_processes(pipe, p, d, heads):
     port = str(free_port())
-    cmd = [sys.executable, "tests/kv_worker.py", pipe]
+    cmd = [sys.executable, WORKER, pipe]
     tail = [str(p), str(d), str(heads), port]
     opts = dict(cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sender = subprocess.Popen([*cmd, "send", *tail], **opts)

@@ -1,7 +1,7 @@
 """Worker for the KV-transfer end-to-end tests: a prefill (sender) or decode (receiver) process.
 
-    spmd-launch --nproc-per-node 2 --cpu-devices-per-process N tests/kv_worker.py devput P D HEADS
-    python tests/kv_worker.py {tcp,ts,ipc} {send,recv} P D HEADS PORT  (two independent processes)
+    spmd-launch --nproc-per-node 2 --cpu-devices-per-process N tests/workers/kv_worker.py devput P D HEADS
+    python tests/workers/kv_worker.py {tcp,ts,ipc} {send,recv} P D HEADS PORT  (two independent processes)
 
 P and D are the prefill and decode TP sizes, HEADS the number of KV heads. The sender sends a
 list of arrays of every dtype (and None), then a head-sharded KV cache; the receiver checks each
