@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
+import subprocess
 import zlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -32,10 +34,27 @@ def _clean_parallel_state():
 
 # Fresh random data every run; SPMD_TEST_SEED=<n> replays a run (the seed is in the header).
 SESSION_SEED = int(os.environ.get("SPMD_TEST_SEED", np.random.SeedSequence().entropy % (2**31)))
+os.environ["SPMD_TEST_SEED"] = str(SESSION_SEED)  # pytest-xdist's workers (started later) draw the same data
 
 
 def pytest_report_header(config):
     return f"spmd: {NUM_DEVICES} simulated CPU devices, SPMD_TEST_SEED={SESSION_SEED}"
+
+
+@pytest.fixture(autouse=True)
+def _processes_need_the_marker(request, monkeypatch):
+    """A test that starts a process must say so (``@pytest.mark.multiprocess``): the fast lane leaves those out."""
+    if request.node.get_closest_marker("multiprocess") is not None:
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(
+            f"{request.node.nodeid} starts a process but is not marked: add @pytest.mark.multiprocess "
+            "(the fast lane, -m 'not slow and not multiprocess', leaves such tests out)"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
 
 
 @pytest.fixture

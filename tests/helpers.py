@@ -27,13 +27,20 @@ DTYPES = [np.float32, ml_dtypes.bfloat16]
 AXIS_POS = {"dp": 0, "pp": 1, "ep": 2, "tp": 3}
 
 
-def init(shape: tuple[int, int, int, int]):
-    dp, pp, ep, tp = shape
+def init(shape: tuple[int, int, int, int] | None = None, *, dp: int = 1, pp: int = 1, ep: int = 1, tp: int = 1):
+    """Parallel state on exactly ``dp x pp x ep x tp`` of the simulated devices (the first ones).
+
+    The one way the tests set up a mesh: ``init((dp, pp, ep, tp))`` as :data:`MESH_SHAPES` lists
+    shapes, or ``init(tp=2, ep=2)``.
+    """
+    if shape is not None:
+        dp, pp, ep, tp = shape
     return spmd.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         data_parallel_size=dp,
         expert_model_parallel_size=ep,
+        devices=jax.devices()[: dp * pp * ep * tp],
     )
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import jax
+import helpers
 import numpy as np
 
 import models
-import spmd
 from models.config import ModelConfig
 
 # llama3 RoPE whose three bands all hold a frequency at head_dim 8, theta 10000:
@@ -53,13 +52,8 @@ def mixtral_config(**kw) -> ModelConfig:
 
 
 def init(tp: int = 1, ep: int = 1, dp: int = 1) -> None:
-    """A mesh of exactly tp x ep x dp devices."""
-    spmd.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        expert_model_parallel_size=ep,
-        data_parallel_size=dp,
-        devices=jax.devices()[: tp * ep * dp],
-    )
+    """A mesh of exactly tp x ep x dp devices (:func:`helpers.init`, in the order the model tests name them)."""
+    helpers.init(dp=dp, ep=ep, tp=tp)
 
 
 def usable_prefix(margins: list[float], min_margin: float = 1e-4) -> int:

@@ -41,6 +41,7 @@ def _run(module, *args, cwd, timeout=300):
 # spmd-bench (collectives)
 
 
+@pytest.mark.multiprocess
 def test_collectives_bench_runs_and_writes_json(tmp_path):
     """The old command line (no subcommand, --sizes, --tp) still runs the collectives sweep."""
     out = tmp_path / "b.json"
@@ -69,6 +70,7 @@ def test_collectives_bench_runs_and_writes_json(tmp_path):
     }
 
 
+@pytest.mark.multiprocess
 def test_collectives_bench_refuses_a_platform_it_does_not_have(tmp_path):
     out = tmp_path / "b.json"
     out.write_text("keep me")
@@ -77,6 +79,7 @@ def test_collectives_bench_refuses_a_platform_it_does_not_have(tmp_path):
     assert out.read_text() == "keep me"
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "args,match",
     [
@@ -138,6 +141,7 @@ def test_every_option_has_help_and_shows_its_default(module):
 # python -m spmd.bench.custom_all_reduce
 
 
+@pytest.mark.multiprocess
 def test_custom_all_reduce_bench_on_cpu_checks_the_kernels(tmp_path):
     out = tmp_path / "car.json"
     r = _run("spmd.bench.custom_all_reduce", "--platform", "cpu", "--sizes", "100", "--json", str(out), cwd=tmp_path)
@@ -150,6 +154,7 @@ def test_custom_all_reduce_bench_on_cpu_checks_the_kernels(tmp_path):
     assert all(row["ok"] and row["identical_on_ranks"] and row["bytes"] == 112 and row["world"] == 2 for row in rows)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "args,match",
     [
@@ -203,6 +208,7 @@ def test_crossovers_read_the_gpu_protocols():
 # python -m spmd.bench.expert_parallel
 
 
+@pytest.mark.multiprocess
 def test_expert_parallel_bench_defaults_fit_a_cpu(tmp_path):
     """With only --platform cpu it runs small shapes on 8 simulated devices and checks every manager."""
     out = tmp_path / "ep.json"
@@ -216,6 +222,7 @@ def test_expert_parallel_bench_defaults_fit_a_cpu(tmp_path):
     assert all(row["ok"] and row["memory_estimate_bytes"] > 0 for row in rows)
 
 
+@pytest.mark.multiprocess
 def test_expert_parallel_bench_skips_rows_over_the_memory_budget(tmp_path):
     out = tmp_path / "ep.json"
     r = _run(
@@ -229,11 +236,13 @@ def test_expert_parallel_bench_skips_rows_over_the_memory_budget(tmp_path):
     assert "nothing was measured" in r.stderr and not out.exists()
 
 
+@pytest.mark.multiprocess
 def test_expert_parallel_bench_needs_two_devices(tmp_path):
     r = _run("spmd.bench.expert_parallel", "--platform", "cpu", "--cpu-devices", "1", cwd=tmp_path)
     assert r.returncode == 2 and "needs at least 2 devices as EP ranks, found 1" in r.stderr
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "args,match",
     [
@@ -303,6 +312,7 @@ def test_chain_counts_the_calls_it_times():
 # python -m spmd.bench.kv_ipc / spmd.bench.fused_norm
 
 
+@pytest.mark.multiprocess
 def test_kv_ipc_bench_runs_on_cpu_and_writes_json(tmp_path):
     out = tmp_path / "k.json"
     args = ("--platform", "cpu", "--sizes", "1MiB", "--pipes", "ipc", "--repeats", "1", "--json", str(out))
@@ -318,11 +328,13 @@ def test_kv_ipc_bench_runs_on_cpu_and_writes_json(tmp_path):
     assert all(row["ok"] and row["GBps"] > 0 for row in data["results"])
 
 
+@pytest.mark.multiprocess
 def test_kv_ipc_bench_refuses_a_size_the_cache_cannot_have(tmp_path):
     r = _run("spmd.bench.kv_ipc", "--platform", "cpu", "--sizes", "1000", cwd=tmp_path, timeout=60)
     assert r.returncode == 2 and "comes in steps of" in r.stderr
 
 
+@pytest.mark.multiprocess
 def test_fused_norm_bench_needs_a_gpu(tmp_path):
     r = _run("spmd.bench.fused_norm", "--rows", "1", cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "needs a GPU" in r.stderr
@@ -332,6 +344,7 @@ def test_fused_norm_bench_needs_a_gpu(tmp_path):
 # models.bench_decode and models.bench_gemv (CPU smoke runs: every row checks, times and is written)
 
 
+@pytest.mark.multiprocess
 def test_decode_bench_times_the_loop_and_the_generate_path(tmp_path):
     out = tmp_path / "decode.json"
     r = _run(
@@ -352,6 +365,7 @@ def test_decode_bench_times_the_loop_and_the_generate_path(tmp_path):
             assert 0 < row["mfu_pct"] < 100
 
 
+@pytest.mark.multiprocess
 def test_gemv_bench_checks_every_tiling_it_times(tmp_path):
     out = tmp_path / "gemv.json"
     r = _run("models.bench_gemv", "--platform", "cpu", "--only", "qkv", "--json", str(out), cwd=tmp_path)

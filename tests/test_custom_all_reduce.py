@@ -278,6 +278,7 @@ def test_gpu_lowering_needs_buffers_and_takes_both_kernels():
             traced(algorithm=algorithm)
 
 
+@pytest.mark.multiprocess
 def test_kernels_package_imports_only_jax():
     """``kernels`` is a leaf: importing it (GPU lowering included) loads no ``spmd`` module."""
     code = (

@@ -35,6 +35,7 @@ def test_docs_have_snippets():
     assert len(snippets()) >= 3
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("path,code,opts", snippets())
 def test_snippet_runs(path, code, opts, tmp_path):
     script = tmp_path / "snippet.py"

@@ -22,6 +22,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.multiprocess
 def test_main_job_check_passes():
     r = _run("--check", "--max-new-tokens", "6")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -31,6 +32,7 @@ def test_main_job_check_passes():
         assert phase in r.stdout
 
 
+@pytest.mark.multiprocess
 def test_main_job_on_a_mixtral_checkpoint(tmp_path):
     config = mixtral_config()
     models.write_checkpoint(tmp_path, config, models.random_checkpoint(config, seed=1), style="transformers5")
@@ -123,6 +125,7 @@ def test_a_bad_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
 # --check after a one-device run (issue 22, item 20) ---------------------------------------------------
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_check_on_one_device_is_not_a_check_of_itself():
     r = _run("--cpu-devices", "1", "--check", "--max-new-tokens", "2")

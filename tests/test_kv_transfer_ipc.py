@@ -324,6 +324,7 @@ def _my_pid_namespace() -> int:
     return int(os.readlink("/proc/self/ns/pid").split("[")[1].rstrip("]"))
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(not os.path.exists("/proc/self/ns/pid"), reason="needs /proc/self/ns/pid")
 def test_the_sweep_deletes_only_files_it_can_prove_are_its_own_and_dead():
     """Items 6 of issue 22: odd names, other namespaces, other users, FIFOs, links: left alone, and no error."""

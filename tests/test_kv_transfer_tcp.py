@@ -283,6 +283,7 @@ while True:
 """
 
 
+@pytest.mark.multiprocess
 def test_peer_killed_mid_transfer_raises_within_the_timeout():
     port = free_port()
     child = subprocess.Popen([sys.executable, "-c", _KILLED_SENDER, str(port)], cwd=ROOT, stdout=subprocess.PIPE)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import init
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -25,10 +26,6 @@ from models.layers import (
     VocabParallelEmbedding,
 )
 from models.sharding import shard_module
-
-
-def _init(tp: int) -> None:
-    spmd.initialize_model_parallel(tensor_model_parallel_size=tp, data_parallel_size=1, devices=jax.devices()[:tp])
 
 
 def _load(layer: nnx.Module, tensors: dict[str, list[np.ndarray]]) -> None:
@@ -59,7 +56,7 @@ def _rand(rng, *shape):
 
 @pytest.mark.parametrize("tp", [1, 4])
 def test_column_parallel_linear(tp, rng):
-    _init(tp)
+    init(tp=tp)
     w, b, x = _rand(rng, 16, 8), _rand(rng, 16), _rand(rng, 5, 8)  # w: [out, in] as in a checkpoint
     ref = x.astype(np.float64) @ w.T + b
     gathered = ColumnParallelLinear(8, 16, bias=True, gather_output=True, return_bias=False, rngs=nnx.Rngs(0))
@@ -75,7 +72,7 @@ def test_column_parallel_linear(tp, rng):
 
 @pytest.mark.parametrize("tp", [1, 4])
 def test_row_parallel_linear_adds_bias_once(tp, rng):
-    _init(tp)
+    init(tp=tp)
     w, b, x = _rand(rng, 6, 16), _rand(rng, 6), _rand(rng, 5, 16)
     ref = x.astype(np.float64) @ w.T + b
     row = RowParallelLinear(16, 6, bias=True, return_bias=False, rngs=nnx.Rngs(0))
@@ -95,7 +92,7 @@ def test_row_parallel_linear_adds_bias_once(tp, rng):
 
 def test_merged_column_holds_each_ranks_slice_of_every_matrix(rng):
     tp = 4
-    _init(tp)
+    init(tp=tp)
     gate, up, x = _rand(rng, 32, 8), _rand(rng, 32, 8), _rand(rng, 3, 8)
     layer = MergedColumnParallelLinear(8, [32, 32], bias=False, return_bias=False, rngs=nnx.Rngs(0))
     _load(layer, {"weight": [gate, up]})
@@ -109,7 +106,7 @@ def test_merged_column_holds_each_ranks_slice_of_every_matrix(rng):
 @pytest.mark.parametrize("tp", [2, 4, 8])
 def test_qkv_parallel_linear_replicates_kv_heads(tp, rng):
     """8 query heads, 2 KV heads: split at tp=2; at 4 and 8 each rank holds one KV head, replicated."""
-    _init(tp)
+    init(tp=tp)
     heads, kv, d, hidden = 8, 2, 4, 16
     q, k, v = _rand(rng, heads * d, hidden), _rand(rng, kv * d, hidden), _rand(rng, kv * d, hidden)
     qb, kb, vb = _rand(rng, heads * d), _rand(rng, kv * d), _rand(rng, kv * d)
@@ -143,7 +140,7 @@ def test_qkv_parallel_linear_replicates_kv_heads(tp, rng):
 
 @pytest.mark.parametrize("tp", [1, 4])
 def test_vocab_parallel_embedding_and_lm_head(tp, rng):
-    _init(tp)
+    init(tp=tp)
     vocab, hidden = 200, 8
     table = _rand(rng, vocab, hidden)
     emb = VocabParallelEmbedding(vocab, hidden, rngs=nnx.Rngs(0))
@@ -176,7 +173,7 @@ def test_vocab_parallel_embedding_and_lm_head(tp, rng):
 
 
 def test_layer_errors():
-    _init(4)
+    init(tp=4)
     rngs = nnx.Rngs(0)
     with pytest.raises(ValueError, match=r"reduce_results=False with a bias that is added"):
         RowParallelLinear(8, 8, bias=True, reduce_results=False, rngs=rngs)

@@ -423,6 +423,7 @@ def test_kernel_refuses_dtypes_and_groups_it_cannot_take(dtype, world, match):
         jax.make_jaxpr(jax.shard_map(f, mesh=mesh, in_specs=(), out_specs=P(), check_vma=False))()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(shutil.which("ptxas") is None, reason="needs ptxas (CUDA toolkit)")
 def test_inline_ptx_assembles_for_sm90(tmp_path):
     """Every inline PTX block of the kernels, twice in one kernel (labels must stay local)."""
