@@ -208,6 +208,7 @@ def test_crossovers_read_the_gpu_protocols():
 # python -m spmd.bench.expert_parallel
 
 
+@pytest.mark.slow  # about 10 s or more on 2 shared cores
 @pytest.mark.multiprocess
 def test_expert_parallel_bench_defaults_fit_a_cpu(tmp_path):
     """With only --platform cpu it runs small shapes on 8 simulated devices and checks every manager."""
@@ -344,6 +345,7 @@ def test_fused_norm_bench_needs_a_gpu(tmp_path):
 # models.bench_decode and models.bench_gemv (CPU smoke runs: every row checks, times and is written)
 
 
+@pytest.mark.slow  # about 10 s or more on 2 shared cores
 @pytest.mark.multiprocess
 def test_decode_bench_times_the_loop_and_the_generate_path(tmp_path):
     out = tmp_path / "decode.json"
@@ -365,6 +367,7 @@ def test_decode_bench_times_the_loop_and_the_generate_path(tmp_path):
             assert 0 < row["mfu_pct"] < 100
 
 
+@pytest.mark.slow  # about 10 s or more on 2 shared cores
 @pytest.mark.multiprocess
 def test_gemv_bench_checks_every_tiling_it_times(tmp_path):
     out = tmp_path / "gemv.json"

@@ -195,6 +195,7 @@ def _cli(env, *args: str) -> subprocess.CompletedProcess:
 CASES = [(pipe, p, d) for pipe in ("tcp", "device_put", "transfer", "ipc") for p, d in ((2, 2), (4, 2), (2, 4))]
 
 
+@pytest.mark.slow  # about 10 s or more on 2 shared cores
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("pipe,p,d", CASES, ids=[f"{c[0]}-P{c[1]}-D{c[2]}" for c in CASES])
 def test_cli_end_to_end(pipe, p, d, cli_env):
@@ -220,6 +221,7 @@ def test_cli_end_to_end(pipe, p, d, cli_env):
     assert "FAILED" not in out
 
 
+@pytest.mark.slow  # about 10 s or more on 2 shared cores
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "pipe,why", [("tcp", "ConnectionError"), ("ipc", "ConnectionError"), ("device_put", "ValueError")]
@@ -236,6 +238,7 @@ def test_cli_failed_transfer_recomputes_the_prefill(pipe, why, cli_env):
         assert "the prefill worker exited with code 3" in out
 
 
+@pytest.mark.slow  # about 10 s or more on 2 shared cores
 @pytest.mark.multiprocess
 def test_cli_check_catches_a_corrupted_head(cli_env):
     r = _cli(cli_env, "--pipe", "tcp", "--prefill-tp", "2", "--decode-tp", "2", "--corrupt-kv-head")

@@ -32,6 +32,7 @@ def _launch(script: str, *args: str, env: dict[str, str]) -> subprocess.Complete
     )
 
 
+@pytest.mark.slow  # about 10 s or more on 2 shared cores
 def test_host_protocol_two_processes_through_the_store():
     env = {
         "SPMD_HOST_TRANSPORT": "store",

@@ -130,6 +130,7 @@ def _launch(mode: str, seed: int, devices: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow  # about 10 s or more on 2 shared cores
 @pytest.mark.multiprocess
 def test_pieces_land_in_place_and_mismatched_calls_keep_the_pipe_in_step(rng):
     """One job (2 processes of 4 devices) runs both workers: ``swap``, then ``errors``."""
