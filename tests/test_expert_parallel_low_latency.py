@@ -365,6 +365,7 @@ def test_prepare_low_latency_leaves_cpu_blocks_on_their_fallback():
     assert block.manager.buffers is None and block.manager.max_tokens is None
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(shutil.which("ptxas") is None, reason="needs ptxas (CUDA toolkit)")
 def test_inline_ptx_assembles_for_sm90(tmp_path):
     """Every inline PTX block of the exchange kernel, twice in one kernel (labels must stay local)."""
