@@ -10,10 +10,8 @@ from models.generation import generate, generate_stream, generate_with_stats, sc
 from models.layers import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
-    ParallelLMHead,
     QKVParallelLinear,
     RowParallelLinear,
-    VocabParallelEmbedding,
 )
 from models.llama import KVCache, LlamaForCausalLM
 from models.loading import from_pretrained, load_state_dict, random_checkpoint, write_checkpoint
@@ -21,6 +19,7 @@ from models.mixtral import MixtralForCausalLM
 from models.moe import MoEBlock, apply_experts, dense_moe_reference, moe_forward, moe_token_spec, route, shard_moe_block
 from models.runner import CausalLM, shard_causal_lm
 from models.sharding import ShardedModule, partitioned, shard_module, shard_state, state_partition_specs
+from models.vocab import ParallelLMHead, VocabParallelEmbedding
 
 __all__ = [
     "CausalLM",

@@ -227,12 +227,6 @@ def test_the_private_name_finder_finds_them(tmp_path, monkeypatch):
 
 
 MAX_LINES = 450
-# Still over on main (the lead's files): the lead removes this list (and the xfail) once they are split.
-_STILL_OVER = (
-    "models/bench_decode.py",
-    "models/layers.py",
-    "models/llama.py",
-)
 
 
 def long_files() -> list[str]:
@@ -245,15 +239,9 @@ def long_files() -> list[str]:
     return out
 
 
-@pytest.mark.xfail(strict=False, reason=f"still over {MAX_LINES} lines on main, to be split: {_STILL_OVER}")
 def test_no_file_passes_450_lines():
+    """The house stays light: a module that grows past the limit is split by what it holds."""
     assert long_files() == [], "\n".join(long_files())
-
-
-def test_no_new_file_passes_450_lines():
-    """Until the xfail above goes: no file over the limit beyond the ones being split."""
-    new = [f for f in long_files() if f.partition(":")[0] not in _STILL_OVER]
-    assert new == [], "\n".join(new)
 
 
 def test_the_long_file_finder_finds_them(tmp_path, monkeypatch):

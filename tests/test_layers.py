@@ -20,12 +20,11 @@ import spmd
 from models.layers import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
-    ParallelLMHead,
     QKVParallelLinear,
     RowParallelLinear,
-    VocabParallelEmbedding,
 )
 from models.sharding import shard_module
+from models.vocab import ParallelLMHead, VocabParallelEmbedding
 
 
 def _load(layer: nnx.Module, tensors: dict[str, list[np.ndarray]]) -> None:

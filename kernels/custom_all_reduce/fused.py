@@ -6,7 +6,7 @@ instead of three::
 
     ar  = cast(sum_r x_r)                                   (float32, rank order; the plain kernel's bits)
     h   = cast(ar + residual)                               (the new residual)
-    out = cast(weight * cast(h * rsqrt(mean(h^2) + eps)))   (models.llama.RMSNorm's formula)
+    out = cast(weight * cast(h * rsqrt(mean(h^2) + eps)))   (models.blocks.RMSNorm's formula)
 
 with ``cast`` a rounding to the input dtype and the arithmetic in float32. Thread block ``b``
 owns row ``b`` (one token): it runs the low-latency exchange of :mod:`.peer` for the row's
