@@ -402,3 +402,24 @@ def test_inline_ptx_assembles_for_sm90(tmp_path):
         timeout=120,
     )
     assert r.returncode == 0, r.stderr + ptx
+
+
+def test_spin_timeout_from_env_reaches_the_kernel(monkeypatch):
+    """$SPMD_EP_SPIN_TIMEOUT_NS bounds the spin (the GPU check sets 2 s); a bad value names the variable."""
+    from kernels.expert_parallel import exchange
+
+    monkeypatch.delenv(exchange.TIMEOUT_ENV, raising=False)
+    assert exchange.spin_timeout_ns() == 20_000_000_000
+    monkeypatch.setenv(exchange.TIMEOUT_ENV, "2000000000")
+    assert exchange.spin_timeout_ns() == 2_000_000_000
+    seen = []
+    real = exchange._exchange_body
+    monkeypatch.setattr(exchange, "_exchange_body", lambda lay, t: seen.append(t) or real(lay, t))
+    lay = ExchangeLayout(2, 4, 4, 1)
+    bufs = symmetric_memory.allocate(_mesh(2), "ep", symmetric_layout(lay.end, 2))
+    _lower_exchange(2, lay, bufs)
+    assert seen == [2_000_000_000]
+    for bad in ("2s", "0", "-5"):
+        monkeypatch.setenv(exchange.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match="SPMD_EP_SPIN_TIMEOUT_NS: expected a positive number of nanoseconds"):
+            exchange.spin_timeout_ns()

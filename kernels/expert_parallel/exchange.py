@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 from typing import Any
 
 import jax
@@ -51,10 +52,30 @@ __all__ = [
     "exchange_rows_peer",
     "exchange_rows_reference",
     "row_words",
+    "spin_timeout_ns",
     "symmetric_layout",
 ]
 
 DEFAULT_TIMEOUT_NS = 20_000_000_000  # 20 s: far beyond any call, short of a silent hang
+TIMEOUT_ENV = "SPMD_EP_SPIN_TIMEOUT_NS"  # a GPU check sets a short bound (2 s) so a lost flag traps fast
+
+
+def spin_timeout_ns() -> int:
+    """The spin bound: ``$SPMD_EP_SPIN_TIMEOUT_NS`` when set (a positive int), else :data:`DEFAULT_TIMEOUT_NS`.
+
+    Raises:
+      ValueError: the variable is set but not a positive integer.
+    """
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None or raw == "":
+        return DEFAULT_TIMEOUT_NS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{TIMEOUT_ENV}: expected a positive number of nanoseconds (2000000000 = 2 s), got {raw!r}.")
+    return value
 THREADS = 128  # one warpgroup per block; each thread moves 16 bytes at a time
 
 
@@ -337,7 +358,7 @@ def exchange_rows_peer(
     table: jax.Array,
     *,
     layout: ExchangeLayout,
-    timeout_ns: int = DEFAULT_TIMEOUT_NS,
+    timeout_ns: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The exchange on the peer buffers (Mosaic GPU; inside ``shard_map`` on NVIDIA GPUs).
 
@@ -346,7 +367,8 @@ def exchange_rows_peer(
       counts: ``int32[ep]``: rows for each destination (clamped to ``max_rows``).
       table: ``int32[1 + 2 ep]``: :meth:`kernels.symmetric_memory.SymmetricBuffers.peer_table`.
       layout: this exchange's region of the buffers.
-      timeout_ns: how long a block waits for a peer before the kernel traps.
+      timeout_ns: how long a block waits for a peer before the kernel traps (default
+        :func:`spin_timeout_ns`: ``$SPMD_EP_SPIN_TIMEOUT_NS`` or 20 s).
 
     Returns:
       ``(recv uint32[ep, max_rows, row_words], recv_counts int32[ep])``: rows past a source's count
@@ -367,6 +389,8 @@ def exchange_rows_peer(
         raise ValueError(
             f"exchange_rows_peer: expected table int32[{1 + 2 * ep}], got {table.dtype}{list(table.shape)}."
         )
+    if timeout_ns is None:
+        timeout_ns = spin_timeout_ns()
     counts = jnp.clip(counts, 0, layout.max_rows)
     out_type = (jax.ShapeDtypeStruct(want, jnp.uint32), jax.ShapeDtypeStruct((ep, layout.chunks), jnp.int32))
     params = inspect.signature(plgpu.kernel).parameters
