@@ -88,9 +88,10 @@ def _checks(jax, mesh, label: str, args) -> bool:
             [np.asarray(s.data) for s in sorted(y.addressable_shards, key=lambda s: s.index[0].start)]
         )
 
-    for fp8 in (False, True):
+    for fp8 in [d == "fp8" for d in args.dtypes.split(",")]:
         name = f"{label} {'fp8' if fp8 else 'bf16'} dispatch"
         try:
+            _step(f"{name}: allocating the peer buffers and building the manager")
             m = manager(fp8)
             f = scaled(m)
             structs = [jax.ShapeDtypeStruct((ep * M, H), jnp.bfloat16, sharding=sharding),
@@ -100,11 +101,14 @@ def _checks(jax, mesh, label: str, args) -> bool:
             path_ok = ("mosaic_gpu" in text and "all_to_all" not in text) or args.cpu_dry_run
             print(f"{'PASS' if path_ok else 'FAIL'} {name}: the program has the Mosaic GPU kernel and no all_to_all")
             ok &= path_ok
+            _step(f"{name}: compiling (XLA + Mosaic GPU + ptxas)")
+            f.lower(*structs).compile()
+            _step(f"{name}: compiled")
         except Exception as e:
             print(f"FAIL {name}: building: {type(e).__name__}: {str(e)[:1500]}", flush=True)
             traceback.print_exc()
             return False
-        for trial in range(3):
+        for trial in range(args.calls):
             rng = np.random.default_rng([trial, int(fp8)])
             x = rng.integers(-6, 7, (ep * M, H)).astype(ml_dtypes.bfloat16)
             r = rng.integers(0, ep, ep * M)  # half the tokens: both experts on one rank
@@ -120,7 +124,9 @@ def _checks(jax, mesh, label: str, args) -> bool:
             want = want.astype(ml_dtypes.bfloat16)
             t0 = time.perf_counter()
             try:
-                y = local(f(put(x), put(w), put(ids)))
+                _step(f"{name} call {trial}: launching (tokens per rank {n_tokens}); a hang here is the kernel")
+                y = local(jax.block_until_ready(f(put(x), put(w), put(ids))))
+                _step(f"{name} call {trial}: returned")
             except Exception as e:
                 print(f"FAIL {name} call {trial}: {type(e).__name__}: {str(e)[:1500]}", flush=True)
                 return False
@@ -135,8 +141,17 @@ def _checks(jax, mesh, label: str, args) -> bool:
                 bad = int(np.count_nonzero(y.view(np.uint16) != yn.view(np.uint16)))
                 ok &= bad == 0
                 print(f"{'PASS' if bad == 0 else 'FAIL'} {name} call {trial}: {bad} elements differ from naive's")
-        ok &= _stress(jax, mesh, m, name, args, e, e_local, local)
+        if args.stress > 0:
+            ok &= _stress(jax, mesh, m, name, args, e, e_local, local)
     return ok
+
+
+_T0 = time.monotonic()
+
+
+def _step(what: str) -> None:
+    """A progress line (``STEP +seconds what``), flushed, so a hang shows where it stopped."""
+    print(f"STEP +{time.monotonic() - _T0:.1f}s {what}", flush=True)
 
 
 def _stress(jax, mesh, m, name, args, e, e_local, local) -> bool:
@@ -202,6 +217,47 @@ def main_single(args) -> int:
     return PASS if ok else FAIL
 
 
+def main_kernel(args) -> int:
+    """The bare exchange kernel on one GPU (ep = 1, ``--chunks`` blocks, no manager): recv must equal send."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from kernels import symmetric_memory
+    from kernels.expert_parallel import ExchangeLayout, exchange_rows_peer, symmetric_layout
+
+    devices = [d for d in jax.devices() if d.platform == "gpu"][:1]
+    if not devices:
+        print("SETUP FAILED: no GPU")
+        return SETUP_FAILED
+    mesh = Mesh(np.array(devices), ("ep",))
+    lay = ExchangeLayout(1, args.tokens, 4, args.chunks)
+    print(f"SETUP OK bare kernel, {lay}, jax {jax.__version__}", flush=True)
+    _step("allocating the peer buffer")
+    bufs = symmetric_memory.allocate(mesh, "ep", symmetric_layout(lay.end, 1))
+
+    def f(send, counts):
+        r, c = exchange_rows_peer(send[0], counts[0], bufs.peer_table("ep"), layout=lay)
+        return r[None], c[None]
+
+    g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("ep"),) * 2, out_specs=(P("ep"),) * 2, check_vma=False))
+    sh = NamedSharding(mesh, P("ep"))
+    ok = True
+    for call in range(args.calls):
+        send = np.random.default_rng(call).integers(0, 2**32, (1, 1, lay.max_rows, 4), dtype=np.uint32)
+        n = (call % lay.max_rows) + 1
+        _step(f"bare kernel call {call}: launching ({n} of {lay.max_rows} rows, {lay.blocks} blocks)")
+        recv, cnt = jax.block_until_ready(g(jax.device_put(send, sh), jax.device_put(np.array([[n]], np.int32), sh)))
+        _step(f"bare kernel call {call}: returned")
+        recv, cnt = np.asarray(recv), np.asarray(cnt)
+        good = int(cnt[0, 0]) == n and np.array_equal(recv[0, 0, :n], send[0, 0, :n])
+        ok &= good
+        print(f"{'PASS' if good else 'FAIL'} bare kernel call {call}: count {int(cnt[0, 0])} (want {n}), "
+              f"rows {'equal' if good else 'differ'}", flush=True)  # fmt: skip
+    return PASS if ok else FAIL
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -219,7 +275,8 @@ def main_parent(args) -> int:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_gpu_shard_autotuning=false".strip()
         cmd = [sys.executable, __file__, "--mode", "worker", "--worker", str(pid), "--port", str(port),
                "--nproc", str(len(gpus)), "--stress", str(args.stress), "--chunk", str(args.chunk),
-               "--stress-seconds", str(args.stress_seconds)]  # fmt: skip
+               "--stress-seconds", str(args.stress_seconds), "--calls", str(args.calls), "--dtypes", args.dtypes,
+            "--tokens", str(args.tokens), "--hidden", str(args.hidden)]  # fmt: skip
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines: list[str] = []
 
@@ -276,22 +333,42 @@ def main_worker(args) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--mode", choices=("single", "mp", "worker"), default="single")
+    p.add_argument("--mode", choices=("single", "mp", "worker", "kernel"), default="single")
     p.add_argument("--gpus", default="0,0", help="--mode mp: the GPU of each process")
     p.add_argument("--max-ep", type=int, default=8, help="--mode single: at most this many GPUs")
     p.add_argument("--stress", type=int, default=10_000, help="stress calls")
     p.add_argument("--chunk", type=int, default=1000, help="stress calls per jitted call")
     p.add_argument("--stress-seconds", type=float, default=60.0, help="stop the stress after this long (FAIL)")
     p.add_argument("--timeout", type=float, default=170.0, help="--mode mp: kill the workers after this long")
+    p.add_argument("--chunks", type=int, default=1, help="--mode kernel: thread blocks")
+    p.add_argument("--calls", type=int, default=3, help="checked dispatch+combine calls per dtype")
+    p.add_argument("--dtypes", default="bf16,fp8", help="dispatch dtypes: bf16, fp8 or both (comma-separated)")
+    p.add_argument("--tokens", type=int, default=64, help="max tokens per rank (M)")
+    p.add_argument("--hidden", type=int, default=512, help="hidden size (H, a multiple of 4)")
+    p.add_argument(
+        "--spin-seconds",
+        type=float,
+        default=None,
+        help="the kernel's spin bound ($SPMD_EP_SPIN_TIMEOUT_NS): a lost flag traps after this long",
+    )
     p.add_argument("--cpu-dry-run", action="store_true", help="--mode single on CPU devices, all_to_all wire")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--nproc", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if any(d not in ("bf16", "fp8") for d in args.dtypes.split(",")):
+        p.error(f"--dtypes: expected bf16, fp8 or bf16,fp8, got {args.dtypes!r}")
+    if args.tokens < 1 or args.hidden < 4 or args.hidden % 4:
+        p.error(f"--tokens must be >= 1 and --hidden a positive multiple of 4, got {args.tokens}, {args.hidden}")
+    global M, H
+    M, H = args.tokens, args.hidden
+    if args.spin_seconds is not None:  # before JAX traces the kernel; the workers inherit it
+        os.environ["SPMD_EP_SPIN_TIMEOUT_NS"] = str(max(1, int(args.spin_seconds * 1e9)))
     sys.path.insert(0, str(ROOT))
     if args.mode == "mp":
         return main_parent(args)
-    code = main_single(args) if args.mode == "single" else main_worker(args)
+    mains = {"single": main_single, "worker": main_worker, "kernel": main_kernel}
+    code = mains[args.mode](args)
     print(f"STATUS {code}", flush=True)
     if args.mode == "worker":
         try:

@@ -76,6 +76,8 @@ def spin_timeout_ns() -> int:
     if value < 1:
         raise ValueError(f"{TIMEOUT_ENV}: expected a positive number of nanoseconds (2000000000 = 2 s), got {raw!r}.")
     return value
+
+
 THREADS = 128  # one warpgroup per block; each thread moves 16 bytes at a time
 
 
