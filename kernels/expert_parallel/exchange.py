@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels import compat
+from kernels.custom_all_reduce import peer_ir
 from kernels.symmetric_memory import TILE_BYTES, Layout
 
 __all__ = [
@@ -221,10 +222,11 @@ setp.gt.u64 spmd_late, spmd_t1, $2;
 bra SPMD_EP_WAIT;
 SPMD_EP_DONE:
 }"""
-_SIGNAL_PTX = "fence.acq_rel.sys;\nst.relaxed.sys.global.b32 [$0], $1;"
-_LOAD16_PTX = "ld.global.v4.b32 {$0, $1, $2, $3}, [$4];"
-_LOAD16_VOLATILE_PTX = "ld.volatile.global.v4.b32 {$0, $1, $2, $3}, [$4];"
-_STORE16_PTX = "st.global.v4.b32 [$0], {$1, $2, $3, $4};"
+# The all-reduce kernels' release store and 16-byte moves (the same instructions).
+_SIGNAL_PTX = peer_ir.SIGNAL_PTX
+_LOAD16_PTX = peer_ir.LOAD16_PTX
+_LOAD16_VOLATILE_PTX = peer_ir.LOAD16_VOLATILE_PTX
+_STORE16_PTX = peer_ir.STORE16_PTX
 _COUNTER_LOAD_PTX = "ld.relaxed.gpu.global.b32 $0, [$1];"
 _COUNTER_STORE_PTX = "st.relaxed.gpu.global.b32 [$0], $1;"
 _ROWCOUNT_STORE_PTX = "st.relaxed.sys.global.b32 [$0], $1;"
