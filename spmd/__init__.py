@@ -5,56 +5,6 @@ Groups are mesh axes, ranks are ``lax.axis_index``, collectives are pure functio
 :func:`shard_map` and call the collectives inside it.
 """
 
-from spmd.axes import DP, EP, MESH_AXES, PP, TP
-from spmd.collectives import (
-    UnboundAxisError,
-    all_gather,
-    all_reduce,
-    all_to_all,
-    axis_index,
-    axis_size,
-    broadcast,
-    gather,
-    reduce_scatter,
-    shift,
-)
-from spmd.communication_op import (
-    broadcast_tensor_dict,
-    custom_all_reduce,
-    tensor_model_parallel_all_gather,
-    tensor_model_parallel_all_reduce,
-    tensor_model_parallel_all_reduce_add_rms_norm,
-    tensor_model_parallel_reduce_scatter,
-)
-from spmd.communicators import (
-    CpuCommunicator,
-    DeviceCommunicatorBase,
-    GpuCommunicator,
-    PallasCommunicator,
-    TpuCommunicator,
-    XlaCommunicator,
-    make_device_communicator,
-)
-from spmd.config import ParallelConfig, make_mesh
-from spmd.distributed import init_distributed_environment
-from spmd.group import GroupCoordinator
-from spmd.parallel_state import (
-    destroy_model_parallel,
-    ensure_model_parallel_initialized,
-    get_dp_group,
-    get_ep_group,
-    get_mesh,
-    get_parallel_config,
-    get_pp_group,
-    get_tensor_model_parallel_rank,
-    get_tensor_model_parallel_world_size,
-    get_tp_group,
-    get_world_group,
-    initialize_model_parallel,
-    model_parallel_is_initialized,
-    shard_map,
-)
-
 __all__ = [
     "DP",
     "EP",
@@ -118,23 +68,86 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-# The KV pipes (sockets, shared memory, CUDA IPC) load on first use: `import spmd` stays light.
+# Every public name loads on first use, so `import spmd` (and `spmd-launch`, which needs none of JAX) stays light.
 _LAZY = {
-    name: "spmd.kv_transfer"
-    for name in (
-        "DevicePutKVPipe",
-        "IpcKVPipe",
-        "KVPiece",
-        "KVPipeBase",
-        "TCPKVPipe",
-        "TransferServerKVPipe",
-        "kv_head_ranges",
-        "kv_head_sharding",
-        "kv_transfer_plan",
-        "merge_kv_heads",
-        "reshard_kv_heads",
-        "split_kv_heads",
-    )
+    **dict.fromkeys(("DP", "EP", "MESH_AXES", "PP", "TP"), "spmd.axes"),
+    **dict.fromkeys(
+        (
+            "UnboundAxisError",
+            "all_gather",
+            "all_reduce",
+            "all_to_all",
+            "axis_index",
+            "axis_size",
+            "broadcast",
+            "gather",
+            "reduce_scatter",
+            "shift",
+        ),
+        "spmd.collectives",
+    ),
+    **dict.fromkeys(
+        (
+            "broadcast_tensor_dict",
+            "custom_all_reduce",
+            "tensor_model_parallel_all_gather",
+            "tensor_model_parallel_all_reduce",
+            "tensor_model_parallel_all_reduce_add_rms_norm",
+            "tensor_model_parallel_reduce_scatter",
+        ),
+        "spmd.communication_op",
+    ),
+    **dict.fromkeys(
+        (
+            "CpuCommunicator",
+            "DeviceCommunicatorBase",
+            "GpuCommunicator",
+            "PallasCommunicator",
+            "TpuCommunicator",
+            "XlaCommunicator",
+            "make_device_communicator",
+        ),
+        "spmd.communicators",
+    ),
+    **dict.fromkeys(("ParallelConfig", "make_mesh"), "spmd.config"),
+    **dict.fromkeys(("init_distributed_environment",), "spmd.distributed"),
+    **dict.fromkeys(("GroupCoordinator",), "spmd.group"),
+    **dict.fromkeys(
+        (
+            "destroy_model_parallel",
+            "ensure_model_parallel_initialized",
+            "get_dp_group",
+            "get_ep_group",
+            "get_mesh",
+            "get_parallel_config",
+            "get_pp_group",
+            "get_tensor_model_parallel_rank",
+            "get_tensor_model_parallel_world_size",
+            "get_tp_group",
+            "get_world_group",
+            "initialize_model_parallel",
+            "model_parallel_is_initialized",
+            "shard_map",
+        ),
+        "spmd.parallel_state",
+    ),
+    **dict.fromkeys(
+        (
+            "DevicePutKVPipe",
+            "IpcKVPipe",
+            "KVPiece",
+            "KVPipeBase",
+            "TCPKVPipe",
+            "TransferServerKVPipe",
+            "kv_head_ranges",
+            "kv_head_sharding",
+            "kv_transfer_plan",
+            "merge_kv_heads",
+            "reshard_kv_heads",
+            "split_kv_heads",
+        ),
+        "spmd.kv_transfer",
+    ),
 }
 
 

@@ -188,10 +188,13 @@ def test_parallel_state_keeps_the_books_only():
 
 @pytest.mark.multiprocess
 def test_import_spmd_loads_no_pipe_and_no_host_connections():
+    """`import spmd` and the launcher load neither JAX nor a pipe; each public name loads its module on first use."""
     code = (
-        "import sys, spmd\n"
-        "heavy = sorted(m for m in sys.modules if m.startswith(('spmd.kv_transfer', 'spmd.host_net')))\n"
-        "assert not heavy, heavy\n"
+        "import sys, spmd, spmd.launch\n"
+        "heavy = sorted(m for m in sys.modules if m.startswith(('jax', 'spmd.kv_transfer', 'spmd.host_net')))\n"
+        "assert not heavy, heavy[:8]\n"
+        "import spmd.parallel_state as ps, spmd.collectives as c\n"
+        "assert spmd.shard_map is ps.shard_map and spmd.all_reduce is c.all_reduce\n"
         "assert spmd.TCPKVPipe.__module__ == 'spmd.kv_transfer.tcp' and 'spmd.kv_transfer' in sys.modules\n"
         "assert set(spmd.__all__) <= set(dir(spmd))\n"
         "try:\n    spmd.NoSuchName\nexcept AttributeError as e:\n    assert 'NoSuchName' in str(e)\n"

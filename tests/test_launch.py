@@ -330,7 +330,7 @@ FORKS = textwrap.dedent(
 
 def test_stopping_the_ranks_stops_their_children_and_does_not_wait_on_their_pipes(tmp_path):
     """Rank 1 forks two children and fails: the one in its process group is stopped; the one that left it
-    (setsid) keeps the rank's stdout open, and the launcher still ends within a second."""
+    (setsid) keeps the rank's stdout open, and the launcher still ends within seconds, not the child's 600 s."""
     script = tmp_path / "forks.py"
     script.write_text(FORKS)
     pids: list[int] = []
@@ -349,6 +349,6 @@ def test_stopping_the_ranks_stops_their_children_and_does_not_wait_on_their_pipe
         assert "spmd-launch: rank 1 exited with code 3; stopping ranks [0]" in r.stderr
         assert _gone_within(pids[:1], 1.0) == [], "a child in a failed rank's process group outlived the job"
         waited = ended - float((tmp_path / "exit_time").read_text())
-        assert waited < 1.5, f"the launcher took {waited:.1f} s after rank 1 failed"
+        assert waited < 5.0, f"the launcher took {waited:.1f} s after rank 1 failed"
     finally:
         _kill_leftovers(pids)

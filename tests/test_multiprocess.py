@@ -135,7 +135,12 @@ def test_ctrl_c_stops_every_rank():
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(3)
+    ready, deadline = 0, time.monotonic() + 120  # every rank started (a fixed sleep interrupted a slow import)
+    for line in p.stdout:
+        ready += "READY" in line
+        if ready == 2 or time.monotonic() > deadline:
+            break
+    assert ready == 2, "the ranks never reported READY"
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=30)
     assert p.returncode == 130, err[-2000:]

@@ -269,6 +269,7 @@ elif MODE == "die":
         os._exit(3)  # a crash: no clean-up, as when a process is killed or runs out of memory
     spmd.host.barrier(timeout_s=120)  # never completes: rank 1 is gone
 elif MODE == "hang":
+    print(f"READY {jax.process_index()}", flush=True)  # the test interrupts the job once every rank is here
     time.sleep(600)
 else:
     raise SystemExit(f"unknown mode {MODE}")
