@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from spmd.bench.cli_args import positive_int  # one definition for every command, benches included
+
 __all__ = ["PLATFORMS", "positive_int", "seconds", "token_ids"]
 
 PLATFORMS = ("auto", "cpu", "gpu")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a positive int."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
 
 
 def seconds(text: str) -> float:
