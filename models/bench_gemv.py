@@ -13,6 +13,11 @@ step where every layer has its own), and reports the best tiling beside XLA with
 dependent elementwise op (the next input depends on the output), as in a decode step.
 ``--write-table PATH`` merges the winners into a tuning file: the kernel where it beat XLA by
 more than 3% (the spread between runs), an entry saying XLA where it did not.
+
+``down_swiglu`` is the down projection with the MLP's activation built in (``prologue="swiglu"``):
+its input is the gate/up projection's float32 partials (as many as the table's gate/up tiling
+makes), and its baseline ("XLA" column) is what runs without it: XLA's activation fusion, then the
+down projection as the table picks it (the kernel or XLA's product).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ def layer_shapes(a: Any, tp: int) -> list[tuple[str, str, int, int]]:
         ("o", "kn", a.heads * d // tp, a.hidden),
         ("gate_up", "kn", a.hidden, 2 * a.intermediate // tp),
         ("down", "kn", a.intermediate // tp, a.hidden),
+        ("down_swiglu", "kn", a.intermediate // tp, a.hidden),
         ("lm_head", "nk", a.hidden, vocab),
     ]
 
@@ -87,14 +93,14 @@ def neighbours(c: Any, m: int, k: int, n: int, layout: str) -> list[Any]:
     return [x for x in out if x.block_n >= 16 and x.block_k >= 16 and ineligibility(m, k, n, x, layout) is None]
 
 
-def _try(c: Any, layout: str, x: Any, ws: list, ref: Any, args: Any, interpret: bool) -> dict:
+def _try(c: Any, layout: str, x: Any, ws: list, ref: Any, args: Any, interpret: bool, prologue: str = "none") -> dict:
     """Check one tiling against the reference and time it; a failure is recorded, not raised."""
     import numpy as np
 
     from kernels.gemv import gemv
 
     try:
-        f = lambda x, w: gemv(x, w, config=c, layout=layout, interpret=interpret)
+        f = lambda x, w: gemv(x, w, config=c, layout=layout, prologue=prologue, interpret=interpret)
         y = np.asarray(f(x, ws[0]), np.float64)
         err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
         if not err < 1e-2:
@@ -104,11 +110,36 @@ def _try(c: Any, layout: str, x: Any, ws: list, ref: Any, args: Any, interpret: 
         return {"config": dataclasses.asdict(c), "error": f"{type(e).__name__}: {str(e)[:200]}"}
 
 
-def _table_config(kind: str, layout: str, k: int, n: int, m: int) -> Any:
+def _table_config(kind: str, layout: str, k: int, n: int, m: int, prologue: str = "none") -> Any:
     """The shipped table's tiling for this product (``None`` if it lists none, or says XLA)."""
     from kernels.gemv import load_table, lookup
 
-    return lookup(load_table(), kind, "bfloat16", layout, m, k, n)
+    return lookup(load_table(), kind, "bfloat16", layout, m, k, n, prologue)
+
+
+def _swiglu_operands(a: Any, kind: str, tp: int, m: int, key: Any, interpret: bool) -> tuple[Any, Any]:
+    """``(x, apart)`` for ``down_swiglu``: the gate/up partials ``f32[S, M, 2K]`` and the product without
+    the prologue (XLA's activation, then the down projection as the table picks it)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels.gemv import GemvConfig, gemv, reference_matmul
+
+    gate_up = next(s for s in layer_shapes(a, tp) if s[0] == "gate_up")
+    up_config = _table_config(kind, "kn", gate_up[2], gate_up[3], m)
+    if interpret:
+        up_config = GemvConfig(32, 16, 2)
+    s = up_config.splits if up_config else 1
+    x = jax.random.normal(jax.random.fold_in(key, 98), (s, m, gate_up[3]), jnp.float32)
+    k, n = gate_up[3] // 2, a.hidden
+
+    def apart(x, w):
+        g, u = jnp.split(jnp.sum(x, axis=0).astype(w.dtype), 2, axis=-1)
+        act = jax.nn.silu(g) * u
+        c = GemvConfig(32, 16, 2) if interpret else _table_config(kind, "kn", k, n, m)
+        return reference_matmul(act, w) if c is None else gemv(act, w, config=c, interpret=interpret)
+
+    return x, apart
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     ints = lambda what: lambda s: harness.parse_list(s, harness.positive_int, what=what)
     p.add_argument("--tp", type=ints("TP sizes"), default=[1], help="the per-device shapes of these TP sizes")
     p.add_argument("--rows", type=ints("row counts"), default=[1], help="M: the decode batch sizes (1 to 64)")
-    p.add_argument("--only", default=None, help="comma-separated product names (qkv,o,gate_up,down,lm_head)")
+    p.add_argument(
+        "--only", default=None, help="product names, comma-separated: qkv,o,gate_up,down,down_swiglu,lm_head"
+    )
     p.add_argument("--copies", type=harness.positive_int, default=8, help="weights rotated in the timed loop")
     p.add_argument("--max-configs", type=harness.positive_int, default=48, help="tilings tried per product at most")
     p.add_argument("--hbm-tbps", type=float, default=4.8, help="HBM bandwidth, TB/s (H200: 4.8)")
@@ -166,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(",")) if args.only else None
     kind, dtype = devices[0].device_kind, jnp.bfloat16
     print(f"{PROG}: {kind}, bf16, {args.copies} weights rotated, {args.iters} loops; HBM {args.hbm_tbps} TB/s")
-    header = f"{'tp':>3} {'product':>8} {'M':>3} {'K':>6} {'N':>7} {'MB':>6} {'XLA us':>8} {'best us':>8} " \
+    header = f"{'tp':>3} {'product':>11} {'M':>3} {'K':>6} {'N':>7} {'MB':>6} {'XLA us':>8} {'best us':>8} " \
              f"{'x XLA':>6} {'TB/s':>5} {'% HBM':>6}  tiling (bn, bk, splits, warps, stages)"  # fmt: skip
     print(header + "\n" + "-" * len(header), flush=True)
     rows, key, failures, start = [], jax.random.key(0), 0, time.perf_counter()
@@ -179,12 +212,17 @@ def main(argv: list[str] | None = None) -> int:
                 shape = (k, n) if layout == "kn" else (n, k)
                 ws = [(jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32) * k**-0.5).astype(dtype)
                       for i in range(args.copies)]  # fmt: skip
-                x = jax.random.normal(jax.random.fold_in(key, 99), (m, k), jnp.float32).astype(dtype)
-                ref = np.asarray(reference_matmul(x, ws[0], layout), np.float64)
+                prologue = "swiglu" if name == "down_swiglu" else "none"
+                if prologue == "none":
+                    x = jax.random.normal(jax.random.fold_in(key, 99), (m, k), jnp.float32).astype(dtype)
+                    base = lambda x, w, lay=layout: reference_matmul(x, w, lay)
+                else:
+                    x, base = _swiglu_operands(args, kind, tp, m, key, interpret)
+                ref = np.asarray(jax.jit(base)(x, ws[0]), np.float64)
                 wbytes = ws[0].size * 2
-                xla = _timed(lambda x, w, lay=layout: reference_matmul(x, w, lay), x, ws, args.iters, args.repeats)
+                xla = _timed(base, x, ws, args.iters, args.repeats)
                 tried: list[dict] = []
-                start_from = _table_config(kind, layout, k, n, m) if args.refine else None
+                start_from = _table_config(kind, layout, k, n, m, prologue) if args.refine else None
                 todo = [start_from] if start_from else sweep(m, k, n, layout)[: args.max_configs]
                 todo = todo or [GemvConfig(32, 16, 1)]  # shapes too small for the sweep's filters (CPU smoke runs)
                 for round_ in range(args.refine + 1):  # the sweep (or the table's tiling), then one-step neighbours
@@ -196,21 +234,21 @@ def main(argv: list[str] | None = None) -> int:
                         todo = neighbours(best_config, m, k, n, layout)
                     for c in todo:
                         if all(t["config"] != dataclasses.asdict(c) for t in tried):
-                            tried.append(_try(c, layout, x, ws, ref, args, interpret))
+                            tried.append(_try(c, layout, x, ws, ref, args, interpret, prologue))
                 failures += sum("error" in t for t in tried)
                 done = [t for t in tried if "us" in t]
                 best = min(done, key=lambda t: t["us"]) if done else None
                 row = dict(tp=tp, product=name, layout=layout, m=m, k=k, n=n, weight_bytes=wbytes, xla_us=xla * 1e6,
-                           tried=tried)  # fmt: skip
+                           prologue=prologue, tried=tried)  # fmt: skip
                 if best is not None:
                     row.update(best_us=best["us"], best=best["config"])
                 rows.append(row)
                 b_us = row.get("best_us", float("nan"))
                 tbs = wbytes / (min(b_us, row["xla_us"]) * 1e-6) / 1e12
                 tiling = tuple(row["best"].values()) if best else "-"
-                print(f"{tp:>3} {name:>8} {m:>3} {k:>6} {n:>7} {wbytes / 1e6:>6.1f} {row['xla_us']:>8.1f} {b_us:>8.1f} "
-                      f"{row['xla_us'] / b_us:>6.2f} {tbs:>5.2f} {100 * tbs / args.hbm_tbps:>6.0f}  {tiling}",
-                      flush=True)  # fmt: skip
+                print(f"{tp:>3} {name:>11} {m:>3} {k:>6} {n:>7} {wbytes / 1e6:>6.1f} {row['xla_us']:>8.1f} "
+                      f"{b_us:>8.1f} {row['xla_us'] / b_us:>6.2f} {tbs:>5.2f} {100 * tbs / args.hbm_tbps:>6.0f}  "
+                      f"{tiling}", flush=True)  # fmt: skip
                 # written as it goes: a run stopped at its time limit keeps what it measured
                 pathlib.Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
                 if args.write_table and not interpret:
@@ -237,13 +275,16 @@ def _write_table(path: pathlib.Path, rows: list[dict], kind: str) -> None:
     fresh = {}
     for r in rows:
         wins = "best_us" in r and r["best_us"] < 0.97 * r["xla_us"]  # a win beyond run-to-run noise
-        fresh[(kind, "bfloat16", r["layout"], r["k"], r["n"], _rows(r["m"])[0])] = {
+        prologue = r.get("prologue", "none")
+        fresh[(kind, "bfloat16", r["layout"], r["k"], r["n"], _rows(r["m"])[0], prologue)] = {
             "device_kind": kind, "dtype": "bfloat16", "layout": r["layout"], "k": r["k"], "n": r["n"],
             "rows": _rows(r["m"]), "config": r["best"] if wins else None,
             "us": round(r.get("best_us", r["xla_us"]), 2), "xla_us": round(r["xla_us"], 2),
+            **({"prologue": prologue} if prologue != "none" else {}),
         }  # fmt: skip
     kept = [e for e in raw["entries"]
-            if (e["device_kind"], e["dtype"], e["layout"], e["k"], e["n"], e["rows"][0]) not in fresh]  # fmt: skip
+            if (e["device_kind"], e["dtype"], e["layout"], e["k"], e["n"], e["rows"][0],
+                e.get("prologue", "none")) not in fresh]  # fmt: skip
     raw["entries"] = kept + list(fresh.values())
     path.write_text(json.dumps(raw, indent=1) + "\n")
 

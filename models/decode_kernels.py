@@ -9,6 +9,9 @@
 * Residual add + RMSNorm: at TP 1 the layers keep the residual stream as ``h + sum(partials)`` and
   :func:`add_rms_norm` adds and normalises in one launch of :mod:`kernels.add_rms_norm` (GPUs,
   half precision, at most 64 rows), reading the output and down projections' split-K partials.
+* SwiGLU + down projection: where the table lists the down projection with the ``"swiglu"``
+  prologue (measured against the activation fusion + product apart), :func:`swiglu_matmul_partials`
+  builds ``silu(gate) * up`` inside the GEMV from the gate/up projection's partials: one launch less per layer.
 
 The layers call these; users call nothing new. :func:`kernel_mode` overrides the choice for the
 steps traced inside it: ``"auto"`` (the default: the kernels where measured faster, as above),
@@ -42,6 +45,7 @@ __all__ = [
     "kernel_mode",
     "matmul",
     "matmul_partials",
+    "swiglu_matmul_partials",
 ]
 
 KERNEL_MODES = ("auto", "xla", "pallas", "interpret")
@@ -84,15 +88,19 @@ def _default_config(k: int, n: int) -> gemv_kernels.GemvConfig:
     return gemv_kernels.GemvConfig(_largest_pow2_divisor(n, 128), block_k, splits)
 
 
-def choose_gemv(m: int, k: int, n: int, dtype: Any, layout: str = "kn") -> gemv_kernels.GemvConfig | None:
-    """The GEMV tiling for ``[m, k] x (k, n)`` under the current mode and device, or ``None`` (XLA)."""
+def choose_gemv(
+    m: int, k: int, n: int, dtype: Any, layout: str = "kn", prologue: str = "none"
+) -> gemv_kernels.GemvConfig | None:
+    """The GEMV tiling for ``[m, k] x (k, n)`` (with ``prologue``) under the current mode and device, or
+    ``None`` (XLA; for a prologue: the activation and the product apart)."""
     mode = _MODE.get()
     if mode == "xla" or not 1 <= m <= 64:
         return None
     device = _device()
     if mode == "auto" and device.platform != "gpu":
         return None
-    listed = gemv_kernels.lookup(gemv_kernels.load_table(), device.device_kind, jnp.dtype(dtype).name, layout, m, k, n)
+    kind, name = device.device_kind, jnp.dtype(dtype).name
+    listed = gemv_kernels.lookup(gemv_kernels.load_table(), kind, name, layout, m, k, n, prologue)
     if mode == "auto" or listed is not None:
         return listed
     config = _default_config(k, n)  # "pallas" / "interpret": any shape the kernel can tile
@@ -107,6 +115,29 @@ def matmul_partials(x: jax.Array, w: jax.Array) -> jax.Array:
     if config is None:
         return jnp.dot(x, w, preferred_element_type=jnp.float32)[None]
     return gemv_kernels.gemv(x, w, config=config, reduce=False, interpret=_MODE.get() == "interpret")
+
+
+def swiglu_matmul_partials(gate_up: jax.Array, w: jax.Array) -> jax.Array:
+    """``(silu(gate) * up) @ W`` as float32 partials ``[P, M, N]``: one GEMV launch with the activation
+    built in where the current mode and table choose it (``choose_gemv(..., prologue="swiglu")``), else
+    the activation and :func:`matmul_partials` apart.
+
+    Args:
+      gate_up: the gate/up projection's float32 split-K partials ``[S, M, 2K]``, gate columns first.
+      w: the down projection's weight ``[K, N]``; the activation is rounded to its dtype.
+
+    Raises:
+      ValueError: ``gate_up`` does not match ``w``.
+    """
+    k, n = w.shape
+    if gate_up.ndim != 3 or gate_up.shape[-1] != 2 * k:
+        raise ValueError(f"swiglu_matmul_partials: gate/up partials {gate_up.shape} do not match a [{k}, {n}] weight.")
+    config = choose_gemv(gate_up.shape[1], k, n, w.dtype, prologue="swiglu")
+    if config is None:
+        gate, up = jnp.split(jnp.sum(gate_up, axis=0).astype(w.dtype), 2, axis=-1)
+        return matmul_partials(jax.nn.silu(gate) * up, w)
+    interpret = _MODE.get() == "interpret"
+    return gemv_kernels.gemv(gate_up, w, config=config, reduce=False, prologue="swiglu", interpret=interpret)
 
 
 def matmul(x: jax.Array, w: jax.Array, *, layout: str = "kn", out_dtype: Any = None) -> jax.Array:

@@ -152,7 +152,14 @@ class LlamaMLP(nnx.Module):
         return self.down_proj(jax.nn.silu(gate) * up)
 
     def partials(self, x: jax.Array) -> jax.Array:
-        """``T[B, hidden] -> f32[P, B, hidden]``: the down projection's split-K partials, unreduced (TP 1)."""
+        """``T[B, hidden] -> f32[P, B, hidden]``: the down projection's split-K partials, unreduced (TP 1).
+
+        Where the decode kernels' table chooses it, the activation is built inside the down projection's
+        GEMV from the gate/up projection's own partials (:func:`decode_kernels.swiglu_matmul_partials`)."""
+        w = self.down_proj.weight[...]
+        fusable = self.gate_up_proj.bias is None and self.down_proj.bias is None and self.down_proj.tp_size == 1
+        if fusable and decode_kernels.choose_gemv(x.shape[0], *w.shape, w.dtype, prologue="swiglu") is not None:
+            return decode_kernels.swiglu_matmul_partials(self.gate_up_proj.partials(x), w)
         gate, up = self.gate_up_proj.split_output(self.gate_up_proj(x))
         return self.down_proj.partial(jax.nn.silu(gate) * up, split_k=True)
 

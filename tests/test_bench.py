@@ -371,8 +371,10 @@ def test_decode_bench_times_the_loop_and_the_generate_path(tmp_path):
 @pytest.mark.multiprocess
 def test_gemv_bench_checks_every_tiling_it_times(tmp_path):
     out = tmp_path / "gemv.json"
-    r = _run("models.bench_gemv", "--platform", "cpu", "--only", "qkv", "--json", str(out), cwd=tmp_path)
+    r = _run("models.bench_gemv", "--platform", "cpu", "--only", "qkv,down_swiglu", "--json", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    (row,) = json.loads(out.read_text())["results"]
-    assert row["product"] == "qkv" and row["tried"] and all(t["rel_err"] < 1e-2 for t in row["tried"])
-    assert row["best_us"] == min(t["us"] for t in row["tried"])
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["product"], row["prologue"]) for row in rows] == [("qkv", "none"), ("down_swiglu", "swiglu")]
+    for row in rows:
+        assert row["tried"] and all(t["rel_err"] < 1e-2 for t in row["tried"])
+        assert row["best_us"] == min(t["us"] for t in row["tried"])

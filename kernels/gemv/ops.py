@@ -14,6 +14,12 @@ own part of the weight:
 * each program writes a float32 partial ``[M, block_n]``; the ``splits`` partials are summed (and
   cast) by XLA, which fuses that sum into whatever consumes the result.
 
+A prologue may build ``x`` inside the kernel: ``prologue="swiglu"`` takes the gate/up projection's
+float32 split-K partials ``[S, M, 2K]`` (gate columns first) and computes ``silu(gate) * up`` for
+its own ``K`` slice as it streams ``W``, each step rounded to the weight's dtype as the unfused
+``jax.nn.silu(gate) * up`` rounds: the MLP's down projection then needs no separate launch for the
+activation.
+
 Two weight layouts: ``"kn"`` (``W[K, N]``, JAX's kernel layout, every linear layer) and ``"nk"``
 (``W[N, K]``, ``y = x @ W.T``: a tied embedding used as the LM head).
 
@@ -32,9 +38,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-__all__ = ["LAYOUTS", "GemvConfig", "gemv", "ineligibility", "reference_matmul"]
+__all__ = ["LAYOUTS", "PROLOGUES", "GemvConfig", "gemv", "ineligibility", "reference_matmul", "swiglu"]
 
 LAYOUTS = ("kn", "nk")
+PROLOGUES = ("none", "swiglu")
 _DOT_ROWS = 16  # the tensor cores' smallest M
 
 
@@ -87,12 +94,40 @@ def reference_matmul(x: jax.Array, w: jax.Array, layout: str = "kn") -> jax.Arra
     return jnp.dot(x, wk, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _vector_kernel(x_ref, w_ref, o_ref, *, block_k: int, steps: int, layout: str):
+def swiglu(gate: jax.Array, up: jax.Array, dtype: Any) -> jax.Array:
+    """``silu(gate) * up`` computed in float32 and rounded to ``dtype`` after each step, as XLA rounds
+    ``jax.nn.silu(gate) * up`` on ``dtype`` operands (sigmoid, the product with ``gate``, the product with ``up``)."""
+
+    def rounded(v):
+        return v.astype(dtype).astype(jnp.float32)
+
+    g, u = rounded(gate), rounded(up)
+    return rounded(rounded(g * rounded(1.0 / (1.0 + jnp.exp(-g)))) * u)
+
+
+def _x_loader(x_refs, prologue: str, block_k: int, dtype: Any):
+    """``load(i, rows)``: float32 ``x[rows, i-th block_k slice]`` (``rows``: a row index or ``slice(None)``)."""
+    if prologue == "none":
+        (x_ref,) = x_refs
+        return lambda i, rows: x_ref[rows, pl.ds(i * block_k, block_k)].astype(jnp.float32)
+    gate_ref, up_ref = x_refs  # [S, rows, K / splits] each: the gate/up partials of this program's K slice
+
+    def load(i, rows):
+        g = jnp.sum(gate_ref[:, rows, pl.ds(i * block_k, block_k)].astype(jnp.float32), axis=0)
+        u = jnp.sum(up_ref[:, rows, pl.ds(i * block_k, block_k)].astype(jnp.float32), axis=0)
+        return swiglu(g, u, dtype)
+
+    return load
+
+
+def _vector_kernel(*refs, block_k: int, steps: int, layout: str, prologue: str):
     """``M = 1``: ``o[0, bn] = sum_k x[0, k] * W[k, n]`` over this program's K slice."""
+    *x_refs, w_ref, o_ref = refs
+    load = _x_loader(x_refs, prologue, block_k, w_ref.dtype)
     if layout == "kn":  # w_ref: [K / splits, bn]
 
         def body(i, acc):
-            xs = x_ref[0, pl.ds(i * block_k, block_k)].astype(jnp.float32)
+            xs = load(i, 0)
             ws = w_ref[pl.ds(i * block_k, block_k), :].astype(jnp.float32)
             return acc + xs[:, None] * ws
 
@@ -100,7 +135,7 @@ def _vector_kernel(x_ref, w_ref, o_ref, *, block_k: int, steps: int, layout: str
     else:  # w_ref: [bn, K / splits]
 
         def body(i, acc):
-            xs = x_ref[0, pl.ds(i * block_k, block_k)].astype(jnp.float32)
+            xs = load(i, 0)
             ws = w_ref[:, pl.ds(i * block_k, block_k)].astype(jnp.float32)
             return acc + ws * xs[None, :]
 
@@ -109,12 +144,19 @@ def _vector_kernel(x_ref, w_ref, o_ref, *, block_k: int, steps: int, layout: str
     o_ref[0, :] = jnp.sum(acc, axis=axis)
 
 
-def _dot_kernel(x_ref, w_ref, o_ref, *, block_k: int, steps: int, layout: str):
+def _dot_kernel(*refs, block_k: int, steps: int, layout: str, prologue: str):
     """``M > 1``: ``o[M, bn] = x[M, K slice] @ W[K slice, bn]`` on the tensor cores (IEEE for float32)."""
-    tf32 = x_ref.dtype != jnp.float32
+    *x_refs, w_ref, o_ref = refs
+    tf32 = w_ref.dtype != jnp.float32
+    if prologue == "none":
+        x_ref = x_refs[0]
+        load = lambda i: x_ref[:, pl.ds(i * block_k, block_k)]  # (the operands' own dtype)
+    else:
+        build = _x_loader(x_refs, prologue, block_k, w_ref.dtype)
+        load = lambda i: build(i, slice(None)).astype(w_ref.dtype)
 
     def body(i, acc):
-        xs = x_ref[:, pl.ds(i * block_k, block_k)]
+        xs = load(i)
         if layout == "kn":
             ws = w_ref[pl.ds(i * block_k, block_k), :]
             return acc + pltriton.dot(xs, ws, allow_tf32=tf32)
@@ -125,7 +167,7 @@ def _dot_kernel(x_ref, w_ref, o_ref, *, block_k: int, steps: int, layout: str):
     o_ref[...] = acc
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layout", "out_dtype", "reduce", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "layout", "out_dtype", "reduce", "prologue", "interpret"))
 def gemv(
     x: jax.Array,
     w: jax.Array,
@@ -134,6 +176,7 @@ def gemv(
     layout: str = "kn",
     out_dtype: Any = None,
     reduce: bool = True,
+    prologue: str = "none",
     interpret: bool = False,
 ) -> jax.Array:
     """``x @ W`` for a few rows of ``x``, the weight streamed by ``N / block_n x splits`` programs.
@@ -146,6 +189,9 @@ def gemv(
       out_dtype: the result's dtype (default: ``x``'s).
       reduce: sum the split-K partials (``False``: return them, ``f32[splits, M, N]``, for a consumer
         that sums them itself).
+      prologue: ``"none"``, or ``"swiglu"``: ``x`` is the gate/up projection's float32 partials
+        ``[S, M, 2K]`` (gate columns first) and the product is ``silu(gate) * up @ W`` (rounded as
+        :func:`swiglu` says; ``out_dtype`` defaults to ``W``'s dtype).
       interpret: run the kernel in Pallas's interpreter (any backend; for tests).
 
     Returns:
@@ -154,9 +200,20 @@ def gemv(
     Raises:
       ValueError: shapes that do not match, or a tiling that does not fit them.
     """
-    if x.ndim != 2 or w.ndim != 2:
+    if prologue not in PROLOGUES:
+        raise ValueError(f"gemv: prologue {prologue!r} is not one of {PROLOGUES}.")
+    if prologue == "swiglu":
+        if x.ndim != 3 or x.shape[-1] % 2 or w.ndim != 2:
+            raise ValueError(
+                f"gemv: the swiglu prologue expects gate/up partials [S, M, 2K] and a 2-D weight, "
+                f"got shapes {x.shape} and {w.shape}."
+            )
+        m, k = x.shape[1], x.shape[2] // 2
+    elif x.ndim != 2 or w.ndim != 2:
         raise ValueError(f"gemv: expected x[M, K] and a 2-D weight, got shapes {x.shape} and {w.shape}.")
-    m, k = x.shape
+    else:
+        m, k = x.shape
+    out_dtype = out_dtype or (w.dtype if prologue == "swiglu" else x.dtype)
     n, wk = (w.shape[1], w.shape[0]) if layout == "kn" else w.shape
     if wk != k:
         raise ValueError(f"gemv: x is [{m}, {k}] but the weight ({layout}) is {w.shape}: K differs.")
@@ -168,23 +225,32 @@ def gemv(
     steps = ks // c.block_k
     rows = 1 if m == 1 else max(_DOT_ROWS, 1 << (m - 1).bit_length())  # Triton blocks are powers of two
     if rows != m:
-        x = jnp.pad(x, ((0, rows - m), (0, 0)))
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, rows - m), (0, 0)])
     body = _vector_kernel if m == 1 else _dot_kernel
+    if prologue == "none":
+        xs, x_specs = (x,), [pl.BlockSpec((rows, ks), lambda j, s: (0, s))]
+    else:  # K slice s of the gate is column block s of x; of the up, block s + splits
+        sx = x.shape[0]
+        xs = (x, x)
+        x_specs = [
+            pl.BlockSpec((sx, rows, ks), lambda j, s: (0, 0, s)),
+            pl.BlockSpec((sx, rows, ks), lambda j, s: (0, 0, s + c.splits)),
+        ]
     if layout == "kn":
         w_spec = pl.BlockSpec((ks, c.block_n), lambda j, s: (s, j))
     else:
         w_spec = pl.BlockSpec((c.block_n, ks), lambda j, s: (j, s))
     params = None if interpret else pltriton.CompilerParams(num_warps=c.num_warps, num_stages=c.num_stages)
     partials = pl.pallas_call(
-        functools.partial(body, block_k=c.block_k, steps=steps, layout=layout),
+        functools.partial(body, block_k=c.block_k, steps=steps, layout=layout, prologue=prologue),
         out_shape=jax.ShapeDtypeStruct((c.splits, rows, n), jnp.float32),
         grid=(n // c.block_n, c.splits),
-        in_specs=[pl.BlockSpec((rows, ks), lambda j, s: (0, s)), w_spec],
+        in_specs=[*x_specs, w_spec],
         out_specs=pl.BlockSpec((None, rows, c.block_n), lambda j, s: (s, 0, j)),
         interpret=interpret,
         compiler_params=params,
         name="gemv",
-    )(x, w)
+    )(*xs, w)
     if not reduce:
         return partials[:, :m]
-    return jnp.sum(partials, axis=0)[:m].astype(out_dtype or x.dtype)
+    return jnp.sum(partials, axis=0)[:m].astype(out_dtype)

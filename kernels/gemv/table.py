@@ -14,7 +14,7 @@ import json
 import pathlib
 from typing import Any
 
-from kernels.gemv.ops import LAYOUTS, GemvConfig, ineligibility
+from kernels.gemv.ops import LAYOUTS, PROLOGUES, GemvConfig, ineligibility
 
 __all__ = ["TABLE_PATH", "TableEntry", "load_table", "lookup"]
 
@@ -33,6 +33,8 @@ class TableEntry:
       rows: ``(lo, hi)``: the entry holds for ``lo <= M <= hi``.
       config: the tiling to run, or ``None`` where XLA was faster.
       us, xla_us: the measured times (microseconds) of the kernel and of XLA's product.
+      prologue: ``"none"``, or ``"swiglu"``: the kernel with the activation built in (``us``) against
+        XLA's activation fusion followed by the plain product (``xla_us``); ``config`` ``None``: apart won.
     """
 
     device_kind: str
@@ -44,6 +46,7 @@ class TableEntry:
     config: GemvConfig | None
     us: float
     xla_us: float
+    prologue: str = "none"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TableEntry:
@@ -58,7 +61,10 @@ class TableEntry:
             config=None if config is None else GemvConfig.from_dict(config),
             us=float(d["us"]),
             xla_us=float(d["xla_us"]),
+            prologue=str(d.get("prologue", "none")),
         )
+        if entry.prologue not in PROLOGUES:
+            raise ValueError(f"prologue {entry.prologue!r} is not one of {PROLOGUES}")
         if entry.layout not in LAYOUTS or not 1 <= entry.rows[0] <= entry.rows[1] <= 64:
             raise ValueError(f"layout {entry.layout!r} or rows {entry.rows} out of range")
         if entry.config is not None:
@@ -93,11 +99,18 @@ def load_table(path: str | pathlib.Path = TABLE_PATH) -> tuple[TableEntry, ...]:
 
 
 def lookup(
-    entries: tuple[TableEntry, ...], device_kind: str, dtype: str, layout: str, m: int, k: int, n: int
+    entries: tuple[TableEntry, ...],
+    device_kind: str,
+    dtype: str,
+    layout: str,
+    m: int,
+    k: int,
+    n: int,
+    prologue: str = "none",
 ) -> GemvConfig | None:
-    """The tiling the table picks for this product, or ``None`` (run XLA's)."""
+    """The tiling the table picks for this product (with this prologue), or ``None`` (run XLA's / apart)."""
     for e in entries:
-        if (e.device_kind, e.dtype, e.layout, e.k, e.n) == (device_kind, dtype, layout, k, n):
+        if (e.device_kind, e.dtype, e.layout, e.k, e.n, e.prologue) == (device_kind, dtype, layout, k, n, prologue):
             if e.rows[0] <= m <= e.rows[1]:
                 return e.config
     return None
