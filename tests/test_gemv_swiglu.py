@@ -168,7 +168,12 @@ def test_swiglu_prologue_lowers_for_cuda(m):
     x = jax.ShapeDtypeStruct((4, m, 16384), jnp.float32)
     w = jax.ShapeDtypeStruct((8192, 2048), jnp.bfloat16)
     f = jax.jit(lambda x, w: gemv(x, w, config=GemvConfig(64, 64, 8), prologue="swiglu", reduce=False))
-    text = f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    try:
+        text = f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    except Exception as e:  # newer JAX asks the GPU for its compute capability while lowering Triton
+        if "No supported GPU devices" not in str(e):
+            raise
+        pytest.skip("this JAX lowers Triton only with a GPU present")
     assert "triton" in text.lower()
 
 
