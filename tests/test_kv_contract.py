@@ -1,0 +1,90 @@
+"""The KV-pipe contract (``tests/kv_contract.py``) over every pipe ``spmd.kv_transfer`` exports.
+
+TCP, IPC (CPU shared memory) and the transfer-server pipe run each case in this process, the two
+halves in two threads on a fresh pair (``kv_pipes.pair``); :class:`DevicePutKVPipe` runs every case
+in ONE two-process job (``tests/workers/kv_contract_worker.py``), whose lines each case's test reads.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+
+import kv_contract
+import kv_pipes
+import pytest
+
+import spmd.kv_transfer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+WORKER = "tests/workers/kv_contract_worker.py"
+NAMES = list(kv_contract.CASES)
+
+
+def test_every_exported_pipe_is_under_contract():
+    pipes = {n for n in spmd.kv_transfer.__all__ if n.endswith("KVPipe")}
+    under = {cls.__name__ for cls in kv_pipes.IN_PROCESS.values()} | {"DevicePutKVPipe"}
+    assert pipes == under and set(kv_contract.CAPS) == {*kv_pipes.IN_PROCESS, "devput"}
+
+
+def run_case(name: str, sender, receiver, caps: kv_contract.Caps, seed: int) -> None:
+    """Case ``name``'s sender half in a thread on ``sender``, its receiver half here on ``receiver``."""
+    barrier = threading.Barrier(2, timeout=30)
+
+    def sync(_: str) -> None:
+        barrier.wait()
+
+    case, box = kv_contract.CASES[name], {}
+
+    def send() -> None:
+        try:
+            case(kv_contract.Side(sender, caps, seed, sync), "send")
+        except BaseException as e:  # handed to the test below
+            box["error"] = e
+            barrier.abort()
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    try:
+        case(kv_contract.Side(receiver, caps, seed, sync), "recv")
+    except BaseException as e:
+        barrier.abort()
+        t.join(10)
+        if "error" in box:  # the sender's failure is the cause (the receiver waited for what never came)
+            raise box["error"] from e
+        raise
+    t.join(30)
+    assert not t.is_alive(), "the sender's half did not finish"
+    if "error" in box:
+        raise box["error"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("kind", list(kv_pipes.IN_PROCESS))
+def test_contract(kind, name, rng):
+    server, client = kv_pipes.pair(kind, timeout_s=kv_contract.TIMEOUT_S.get(name, kv_contract.DEFAULT_TIMEOUT_S))
+    with server, client:
+        run_case(name, server, client, kv_contract.CAPS[kind], int(rng.integers(2**31)))
+
+
+@pytest.fixture(scope="module")
+def devput_job() -> str:
+    """ONE two-process job (4 CPU devices each) running every case over DevicePutKVPipe: its output."""
+    seed = int(os.environ["SPMD_TEST_SEED"]) ^ 0xC0DE
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [sys.executable, "-m", "spmd.launch", "--nproc-per-node", "2", "--cpu-devices-per-process", "4"]
+    cmd += ["--timeout", "150", WORKER, ",".join(NAMES), str(seed)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    return f"seed {seed}, exit code {r.returncode}\n" + r.stdout + r.stderr
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", NAMES)
+def test_contract_device_put(name, devput_job):
+    for rank, half in ((0, "send"), (1, "recv")):
+        line = f"[rank {rank}] PASS {name} {half}"
+        assert line in devput_job, f"no '{line}':\n" + devput_job[-6000:]
