@@ -37,11 +37,13 @@ class Caps:
       on_device: arrays arrive as ``jax.Array`` on the receiver's first device (else as numpy).
       two_way: either end may send.
       peer_closed: the error a receiver raises once the peer closed, and its message.
+      timed_out: the TimeoutError's message when nothing arrived within the pipe's timeout.
     """
 
     on_device: bool
     two_way: bool
     peer_closed: tuple[type[BaseException], str]
+    timed_out: str
 
     def dtypes(self) -> list[str]:
         """Every dtype the pipe carries here (device pipes: no 64-bit without ``jax_enable_x64``)."""
@@ -51,12 +53,24 @@ class Caps:
         return names
 
 
+_CLOSED = (ConnectionError, "the peer closed the pipe")
+_SILENT = r"TCPKVPipe.recv_tensor: no message within 0\.5 s \(the pipe is still open\)"  # (the control channel's)
 CAPS = {
-    "tcp": Caps(on_device=False, two_way=True, peer_closed=(ConnectionError, "the peer closed the pipe")),
-    "ipc": Caps(on_device=True, two_way=True, peer_closed=(ConnectionError, "the peer closed the pipe")),
-    "ts": Caps(on_device=True, two_way=True, peer_closed=(ConnectionError, "the peer closed the pipe")),
+    "tcp": Caps(on_device=False, two_way=True, peer_closed=_CLOSED, timed_out=_SILENT),
+    "ipc": Caps(
+        on_device=True,
+        two_way=True,
+        peer_closed=_CLOSED,
+        timed_out=r"IpcKVPipe.recv_tensor: no message from the peer within 0\.5 s",
+    ),
+    "ts": Caps(on_device=True, two_way=True, peer_closed=_CLOSED, timed_out=_SILENT),
     # One job, no connection of its own: a receiver whose sender closed waits out its timeout.
-    "devput": Caps(on_device=True, two_way=False, peer_closed=(TimeoutError, "no message from process 0 within")),
+    "devput": Caps(
+        on_device=True,
+        two_way=False,
+        peer_closed=(TimeoutError, "no message from process 0 within"),
+        timed_out=r"DevicePutKVPipe.recv_tensor: no message from process 0 within 0\.5 s",
+    ),
 }
 
 
@@ -141,11 +155,18 @@ def dtypes(side: Side, role: str) -> None:
     _send_all(side, msgs) if role == "send" else _recv_all(side, msgs, "dtypes")
 
 
+def dtypes_x64(side: Side, role: str) -> None:
+    """With ``jax_enable_x64`` on (in this thread), device pipes carry the 64-bit dtypes too."""
+    with jax.enable_x64(True):
+        dtypes(side, role)
+
+
 def _order_data(side: Side) -> tuple[list[Any], list[Any]]:
     """40 messages of mixed sizes (some on the data path) with None among them; 3 for the way back."""
     rng = side.rng()
     sizes = rng.integers(0, 3000, 40)
     sizes[rng.choice(40, 4, replace=False)] = 1 << 18  # 1 MiB
+    sizes[rng.integers(40)] = 1 << 22  # 16 MiB: more than a socket buffer holds (partial sends)
     msgs = [
         None if i % 7 == 3 else random_of(rng, [np.float32, np.int32][i % 2], (int(n),)) for i, n in enumerate(sizes)
     ]
@@ -313,16 +334,14 @@ def recv_timeout(side: Side, role: str) -> None:
         side.sync("timed out")
         side.pipe.send_tensor(x)
         return
-    with pytest.raises(TimeoutError, match="within"):
+    with pytest.raises(TimeoutError, match=side.caps.timed_out):
         side.pipe.recv_tensor()
     side.sync("timed out")
     check(side.pipe.recv_tensor(), x, side, "the message after the timeout")
 
 
-CASES: dict[str, Callable[[Side, str], None]] = {
-    f.__name__: f for f in (dtypes, order, none_is_a_flag, empty, scalars, noncontiguous, kv_cache, bad_input, closing)
-}
-CASES["recv_timeout"] = recv_timeout
+_ALL = (dtypes, dtypes_x64, order, none_is_a_flag, empty, scalars, noncontiguous, kv_cache, bad_input, closing)
+CASES: dict[str, Callable[[Side, str], None]] = {f.__name__: f for f in (*_ALL, recv_timeout)}
 TIMEOUT_S = {"recv_timeout": 0.5, "closing": 2.0}
 """The pipes' timeout per case (default :data:`DEFAULT_TIMEOUT_S`): short where the case waits one out."""
 DEFAULT_TIMEOUT_S = 20.0

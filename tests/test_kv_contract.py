@@ -28,6 +28,14 @@ def test_every_exported_pipe_is_under_contract():
     pipes = {n for n in spmd.kv_transfer.__all__ if n.endswith("KVPipe")}
     under = {cls.__name__ for cls in kv_pipes.IN_PROCESS.values()} | {"DevicePutKVPipe"}
     assert pipes == under and set(kv_contract.CAPS) == {*kv_pipes.IN_PROCESS, "devput"}
+    assert all(issubclass(getattr(spmd.kv_transfer, n), spmd.kv_transfer.KVPipeBase) for n in pipes)
+
+
+@pytest.mark.parametrize("kind", ["ipc", "ts"])
+def test_a_wrong_secret_is_refused(kind):
+    """The device pipes' control channel authenticates (TCP's own secret tests: test_kv_transfer_tcp.py)."""
+    with pytest.raises(PermissionError, match="requires the right secret"):
+        kv_pipes.pair(kind, server_secret=b"a", client_secret=b"b", timeout_s=1.0)
 
 
 def run_case(name: str, sender, receiver, caps: kv_contract.Caps, seed: int) -> None:
