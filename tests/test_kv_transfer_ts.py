@@ -1,116 +1,24 @@
-"""TransferServerKVPipe inside one process (two threads, two transfer servers): dtypes, faults."""
+"""TransferServerKVPipe inside one process (two threads, two transfer servers), beyond the pipe contract
+(tests/test_kv_contract.py): int64 byte counts, pull deadlines, replays, ids, releases, a sender that dies."""
 
 from __future__ import annotations
 
 import gc
 import os
-import socket
-import threading
 import time
 
 import jax
-import ml_dtypes
+import kv_pipes
 import numpy as np
 import pytest
+from kv_pipes import within
 
 from spmd.kv_transfer import TransferServerKVPipe
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pair(server_secret=b"s", client_secret=b"s", timeout_s=10.0):
-    port = free_port()
-    devs = jax.devices()
-    box: dict = {}
-
-    def serve():
-        try:
-            box["s"] = TransferServerKVPipe(
-                "127.0.0.1", port, timeout_s=timeout_s, secret=server_secret, devices=devs[:2]
-            )
-        except Exception as e:
-            box["e"] = e
-
-    t = threading.Thread(target=serve)
-    t.start()
-    try:
-        c = TransferServerKVPipe(
-            "127.0.0.1", port, role="client", timeout_s=timeout_s, secret=client_secret, devices=devs[2:6]
-        )
-    finally:
-        t.join()
-    return box["s"], c
-
-
-def test_round_trip_in_order_both_ways(rng):
-    s, c = pair()
-    base = rng.standard_normal((5, 6))
-    msgs = [
-        base.astype(np.float32),
-        base.astype(np.float16),
-        base.astype(ml_dtypes.bfloat16),
-        rng.integers(-100, 100, (3, 4)).astype(np.int8),
-        rng.integers(-(2**31), 2**31 - 1, (4,)).astype(np.int32),
-        rng.integers(0, 255, (9,)).astype(np.uint8),
-        rng.random(7) > 0.5,
-        np.array(rng.standard_normal(), np.float32),
-        np.zeros((0, 3), np.float32),
-        None,
-        base.astype(np.float32)[::2, ::3],
-        rng.standard_normal(1 << 20).astype(np.float32),
-    ]
-    with s, c:
-        for m in msgs:
-            s.send_tensor(m)
-            got = c.recv_tensor()
-            if m is None:
-                assert got is None
-                continue
-            assert isinstance(got, jax.Array) and got.devices() == {jax.devices()[2]}
-            assert got.dtype == m.dtype and got.shape == m.shape
-            np.testing.assert_array_equal(np.asarray(got), m)
-        c.send_tensor(msgs[0])
-        np.testing.assert_array_equal(np.asarray(s.recv_tensor()), msgs[0])
-
-
-def test_kv_cache_from_tp2_to_tp4_in_the_models_layout(rng):
-    s, c = pair()
-    # models.llama's KVCache layout: [batch, kv_heads, max_len, head_dim] (head_axis=1).
-    layers = [rng.standard_normal((3, 2, 8, 4)).astype(np.float32) for _ in range(2)]
-    with s, c:
-        s.send_kv_cache(layers, head_axis=1)
-        got = c.recv_kv_cache()
-        for x, y in zip(layers, got, strict=True):
-            np.testing.assert_array_equal(np.asarray(y), x)
-            for shard in y.addressable_shards:
-                r = jax.devices()[2:6].index(shard.device)
-                np.testing.assert_array_equal(np.asarray(shard.data), x[:, r // 2 : r // 2 + 1])
-
-
-def test_64_bit_without_x64_is_refused_not_truncated():
-    s, c = pair()
-    with s, c:
-        with pytest.raises(TypeError, match="truncated to 32 bits"):
-            s.send_tensor(np.arange(3, dtype=np.int64))
-
-
-def test_closed_pipe_and_gone_peer():
-    s, c = pair(timeout_s=2.0)
-    s.close()
-    s.close()
-    with pytest.raises(ValueError, match="closed"):
-        s.recv_tensor()
-    with pytest.raises(ConnectionError):
-        c.recv_tensor()
-
-
-def test_wrong_secret_is_refused():
-    with pytest.raises(PermissionError, match="requires the right secret"):
-        pair(server_secret=b"a", client_secret=b"b", timeout_s=1.0)
+def pair(**kw):
+    """A connected transfer-server (server, client) pair (``kv_pipes.pair``, the one factory)."""
+    return kv_pipes.pair("ts", **kw)
 
 
 def test_a_shape_whose_bytes_overflow_int64_is_refused_before_pulling():
@@ -126,25 +34,6 @@ def test_a_shape_whose_bytes_overflow_int64_is_refused_before_pulling():
 # Pulls bounded by a deadline, arrays released, replays refused, JAX's errors as the pipe's (item 9) ----
 
 
-def _within(seconds: float, fn):
-    """``fn()``'s result; its exception re-raised; a failure instead of a hang past ``seconds``."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # handed to the test
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    assert not t.is_alive(), f"blocked for more than {seconds} s"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
 def test_a_pull_after_the_senders_deadline_times_out_and_the_pipe_goes_on(rng):
     s, c = pair(timeout_s=0.3)
     with s, c:
@@ -152,11 +41,11 @@ def test_a_pull_after_the_senders_deadline_times_out_and_the_pipe_goes_on(rng):
         time.sleep(s._servers.hold_s + 0.2)  # the registration expired: JAX's pull would never complete
         t0 = time.monotonic()
         with pytest.raises(TimeoutError, match=r"did not arrive within 0.3 s.*the pipe stays usable"):
-            _within(5, c.recv_tensor)
+            within(5, c.recv_tensor)
         assert time.monotonic() - t0 < 1.3
         y = rng.standard_normal(1000).astype(np.float32)
         s.send_tensor(y)
-        np.testing.assert_array_equal(np.asarray(_within(5, c.recv_tensor)), y)
+        np.testing.assert_array_equal(np.asarray(within(5, c.recv_tensor)), y)
 
 
 def test_an_id_pulled_before_is_refused_at_once(rng):
@@ -171,7 +60,7 @@ def test_an_id_pulled_before_is_refused_at_once(rng):
         np.testing.assert_array_equal(np.asarray(c.recv_tensor()), x)
         t0 = time.monotonic()
         with pytest.raises(ValueError, match=r"were already pulled by this pipe; the message is a replay"):
-            _within(10, c.recv_tensor)
+            within(10, c.recv_tensor)
         assert time.monotonic() - t0 < 0.5
 
 
@@ -223,7 +112,7 @@ def test_a_sender_that_dies_mid_transfer_is_a_connection_or_timeout_error_never_
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    port = free_port()
+    port = kv_pipes.free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     child = subprocess.Popen([sys.executable, "-c", _DYING_SENDER, str(port), str(delay)], cwd=root, env=env)
     try:
@@ -232,7 +121,7 @@ def test_a_sender_that_dies_mid_transfer_is_a_connection_or_timeout_error_never_
             pipe._servers.timeout_s = 3.0
             t0 = time.monotonic()
             try:
-                got = _within(10, pipe.recv_tensor)
+                got = within(10, pipe.recv_tensor)
             except (ConnectionError, TimeoutError) as e:
                 assert not isinstance(e, jax.errors.JaxRuntimeError)
             else:
