@@ -6,7 +6,10 @@ Also the worker of its multi-process tests (``spmd-launch ... tests/test_kv_tran
 * ``swap``: many same-shaped pieces with distinct contents, sent again and again over several P/D
   pairs (both ``pack`` modes), each received shard compared with numpy: a transfer that lands
   in another device pair's place (what one batched ``device_put`` across pairs does) fails it;
-* ``errors``: mismatched calls (drained, the pipe stays in step), a timeout, bad metadata.
+* ``errors``: mismatched calls (drained, the pipe stays in step), bad metadata, a foreign record.
+
+The pipe contract (dtypes, order, None, empty, 0-d, non-contiguous, bad input, close, timeout) runs
+over this pipe in ``tests/test_kv_contract.py``.
 """
 
 from __future__ import annotations
@@ -174,6 +177,10 @@ def test_pipe_arguments():
         DevicePutKVPipe(devs[:2], devs[1:3])
     with pytest.raises(ValueError, match="must both be non-empty"):
         DevicePutKVPipe([], devs[1:3])
+    with pytest.raises(ValueError, match="devices of one process, and the two processes must differ"):
+        DevicePutKVPipe(devs[:2], devs[2:4])
+    with pytest.raises(RuntimeError, match="already started its backend"):
+        DevicePutKVPipe.enable_transfers()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -239,23 +246,18 @@ def _errors_worker(seed: int) -> None:
     side = [[d for d in jax.devices() if d.process_index == i] for i in (0, 1)]
     src, dst = side[0][:2], side[1][:2]
     layers, tensors = _layers(seed, 0, 2), _tensors(seed, 0)
-    pipe = DevicePutKVPipe(src, dst, timeout_s=1.0, name="errors")
+    pipe = DevicePutKVPipe(src, dst, timeout_s=60.0, name="errors")
     with pytest.raises(TypeError, match="pack must be True, False or None, got 1"):
         DevicePutKVPipe(src, dst, pack=1)
     if me == 0:
         with pytest.raises(RuntimeError, match="only the receiver may call it"):
             pipe.recv_tensor()
-        _barrier("timeout")  # the receiver has timed out once
         pipe.send_tensor(tensors[0])
         pipe.send_tensor(tensors[1])  # the receiver asks for a KV cache: drained
         pipe.send_kv_cache([jax.device_put(x, kv_head_sharding(src, 2)) for x in layers])  # ... for a tensor
         pipe.send_tensor(None)  # ... for a KV cache
         pipe.send_tensor(tensors[2])  # still in step
         pipe.send_kv_cache(layers)  # numpy layers, in step
-        with pytest.raises(ValueError, match="expected at least one layer"):
-            pipe.send_kv_cache([])
-        with pytest.raises(ValueError, match="disagree on the number of KV heads"):
-            pipe.send_kv_cache([np.zeros((2, 4)), np.zeros((4, 4))])
         with pytest.raises(ValueError, match="tp=2 does not divide num_kv_heads=3"):
             pipe.send_kv_cache([np.zeros((3, 4), np.float32)])
         with pytest.raises(TypeError, match="int64 array would be truncated"):
@@ -285,11 +287,7 @@ def _errors_worker(seed: int) -> None:
         return
     with pytest.raises(RuntimeError, match="only the sender may call it"):
         pipe.send_tensor(None)
-    with pytest.raises(TimeoutError, match=r"no message from process 0 within 1 s"):
-        pipe.recv_tensor()
-    _barrier("timeout")
-    pipe.timeout_s = 60.0
-    np.testing.assert_array_equal(np.asarray(pipe.recv_tensor()), tensors[0])  # the timeout consumed nothing
+    np.testing.assert_array_equal(np.asarray(pipe.recv_tensor()), tensors[0])
     with pytest.raises(
         ValueError, match=r"expected the KV cache sent by send_kv_cache, got a tensor float32\[64, 128\]"
     ):
