@@ -38,36 +38,29 @@ def test_a_wrong_secret_is_refused(kind):
         kv_pipes.pair(kind, server_secret=b"a", client_secret=b"b", timeout_s=1.0)
 
 
-def run_case(name: str, sender, receiver, caps: kv_contract.Caps, seed: int) -> None:
-    """Case ``name``'s sender half in a thread on ``sender``, its receiver half here on ``receiver``."""
+def run_case(name: str, sender, receiver, caps: kv_contract.Caps, seed: int, limit_s: float = 60.0) -> None:
+    """Case ``name``'s two halves in two threads, on ``sender`` and ``receiver``; a failure, never a hang."""
     barrier = threading.Barrier(2, timeout=30)
+    case, errors = kv_contract.CASES[name], {}
 
     def sync(_: str) -> None:
         barrier.wait()
 
-    case, box = kv_contract.CASES[name], {}
-
-    def send() -> None:
+    def half(pipe, role: str) -> None:
         try:
-            case(kv_contract.Side(sender, caps, seed, sync), "send")
+            case(kv_contract.Side(pipe, caps, seed, sync), role)
         except BaseException as e:  # handed to the test below
-            box["error"] = e
+            errors[role] = e
             barrier.abort()
 
-    t = threading.Thread(target=send, daemon=True)
-    t.start()
-    try:
-        case(kv_contract.Side(receiver, caps, seed, sync), "recv")
-    except BaseException as e:
-        barrier.abort()
-        t.join(10)
-        if "error" in box:  # the sender's failure is the cause (the receiver waited for what never came)
-            raise box["error"] from e
-        raise
-    t.join(30)
-    assert not t.is_alive(), "the sender's half did not finish"
-    if "error" in box:
-        raise box["error"]
+    threads = [threading.Thread(target=half, args=a, daemon=True) for a in ((sender, "send"), (receiver, "recv"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(limit_s)
+    assert not any(t.is_alive() for t in threads), f"{name}: a half blocked for {limit_s} s (a wait without a timeout)"
+    if errors:  # the sender's failure first: a receiver fails waiting for what never came
+        raise errors.get("send") or errors["recv"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -37,6 +37,16 @@ def pipes():
     c.close()
 
 
+def test_after_the_peer_closed_the_pipe_says_why(pipes):
+    """(The contract checks the ConnectionError itself; this pipe then names the fault.)"""
+    server, client = pipes
+    client.close()
+    with pytest.raises(ConnectionError, match="peer closed the pipe"):
+        server.recv_tensor()
+    with pytest.raises(ValueError, match=r"closed after an earlier fault \(the peer closed the connection\)"):
+        server.recv_tensor()
+
+
 def test_send_to_a_gone_peer_raises(pipes):
     server, client = pipes
     server.close()
