@@ -1,12 +1,22 @@
-"""Tiny Llama / Mixtral configs and random checkpoints shared by the model tests (imported, not collected)."""
+"""Tiny Llama / Mixtral configs and random checkpoints shared by the model tests (imported, not collected).
+
+The one place the tests' model configs are made: ``models.generate.tiny_config`` (the CLIs' demo
+model: Llama 3-style GQA with 8 heads over 2 KV heads and llama3 RoPE, or Mixtral) with the sizes
+cut down to what a float64 numpy reference runs in milliseconds (:data:`SMALL_LLAMA`,
+:data:`SMALL_MIXTRAL`), and the one other shape the decode-kernel tests need (:data:`WIDE_HEADS`).
+A test changes a field or two on top (``llama_config(tie_word_embeddings=True)``) for what it tests.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import helpers
 import numpy as np
 
 import models
 from models.config import ModelConfig
+from models.generate import tiny_config
 
 # llama3 RoPE whose three bands all hold a frequency at head_dim 8, theta 10000:
 # wavelengths 2*pi*[1, 10, 100, 1000] against 2048 / 4 = 512 (high) and 2048 / 1 (low)
@@ -19,36 +29,40 @@ LLAMA3 = (
 )
 
 
+# What the tests' models change of tiny_config's: sizes (heads stay 8 over 2 KV heads, Mixtral's top-2).
+SMALL_LLAMA = dict(
+    vocab_size=250,  # padded to 256 / 512: the padding is exercised
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    head_dim=8,
+    rope_theta=10000.0,
+    rope_scaling=LLAMA3,
+    max_position_embeddings=4096,
+)
+SMALL_MIXTRAL = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    head_dim=8,
+    num_local_experts=4,
+    rope_theta=10000.0,
+    rope_scaling=None,
+    max_position_embeddings=4096,
+)
+# The decode kernels' tests: head_dim 32 (the GPU kernels' smallest tile), 4 query heads over 2 KV heads.
+WIDE_HEADS = dict(hidden_size=128, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
+
+
 def llama_config(**kw) -> ModelConfig:
-    base = dict(
-        architecture="LlamaForCausalLM",
-        vocab_size=250,  # padded to 256 / 512: the padding is exercised
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=8,
-        rope_theta=10000.0,
-        rope_scaling=LLAMA3,
-    )
-    return ModelConfig(**{**base, **kw})
+    """``tiny_config("llama")`` at :data:`SMALL_LLAMA`'s sizes, with ``kw`` on top."""
+    return dataclasses.replace(tiny_config("llama"), **{**SMALL_LLAMA, **kw})
 
 
 def mixtral_config(**kw) -> ModelConfig:
-    base = dict(
-        architecture="MixtralForCausalLM",
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
-    return ModelConfig(**{**base, **kw})
+    """``tiny_config("mixtral")`` at :data:`SMALL_MIXTRAL`'s sizes, with ``kw`` on top."""
+    return dataclasses.replace(tiny_config("mixtral"), **{**SMALL_MIXTRAL, **kw})
 
 
 def init(tp: int = 1, ep: int = 1, dp: int = 1) -> None:
@@ -88,6 +102,9 @@ def random_prompts(rng: np.random.Generator, vocab: int, lengths) -> list[list[i
 
 __all__ = [
     "LLAMA3",
+    "SMALL_LLAMA",
+    "SMALL_MIXTRAL",
+    "WIDE_HEADS",
     "checkpoint_without_near_ties",
     "init",
     "llama_config",

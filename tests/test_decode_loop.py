@@ -11,7 +11,7 @@ import np_reference
 import numpy as np
 import pytest
 from conftest import SESSION_SEED
-from model_fixtures import checkpoint_without_near_ties, init, llama_config
+from model_fixtures import WIDE_HEADS, checkpoint_without_near_ties, init, llama_config
 
 import models
 import spmd
@@ -227,7 +227,7 @@ def test_decode_with_the_decode_kernels_matches_reference(tp, dp, monkeypatch):
         "decode_attention",
         lambda *a, **kw: attended.append(a[0].shape) or real_attention(*a, **kw),
     )
-    config = llama_config(hidden_size=128, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
+    config = llama_config(**WIDE_HEADS)
     rng = np.random.default_rng([SESSION_SEED, 29, tp])
     weights, prompts, greedy = checkpoint_without_near_ties(config, rng, (7, 3, 5), 6)
     spmd.destroy_model_parallel()
@@ -257,7 +257,7 @@ def test_steps_past_the_budget_stay_inside_the_cache(monkeypatch, rng):
     (the GPU kernel's store has no bounds check), and the tokens returned are the budget's."""
     import kernels.decode_attention
 
-    config = llama_config(hidden_size=128, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
+    config = llama_config(**WIDE_HEADS)
     seen = []
     real = kernels.decode_attention.decode_attention
 

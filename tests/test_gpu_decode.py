@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import SESSION_SEED
-from model_fixtures import checkpoint_without_near_ties, init, llama_config
+from model_fixtures import WIDE_HEADS, checkpoint_without_near_ties, init, llama_config
 from test_decode_attention import _inputs, _numpy_step
 
 import models
@@ -40,7 +40,7 @@ def test_decode_attention_on_the_gpu(rng, dtype, b, h, kv, d, s, parts):
 def test_model_with_decode_kernels_gives_reference_tokens():
     """A float32 Llama on one GPU with every decode kernel compiled for it ("pallas": the GEMV in every product,
     the fused attention in every step): tokens equal to numpy's greedy."""
-    config = llama_config(head_dim=32, num_attention_heads=4, hidden_size=128)
+    config = llama_config(**WIDE_HEADS)
     rng = np.random.default_rng([SESSION_SEED, 31])
     weights, prompts, greedy = checkpoint_without_near_ties(config, rng, (7, 3), 12)
     init(1)
