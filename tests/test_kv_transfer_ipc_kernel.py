@@ -1,6 +1,6 @@
 """IpcKVPipe's receive by address (``receive="kernel"``) and ``recv_kv_cache(out=...)``, on CPU.
 
-The Mosaic GPU kernel itself runs only on GPUs (tests/gpu_kv_ipc.py): here it is lowered for CUDA,
+The Mosaic GPU kernel itself runs only on GPUs (tests/workers/gpu_kv_ipc.py): here it is lowered for CUDA,
 and the pipe's kernel path runs with the kernel replaced by its host reference
 (``kernels.peer_copy.copy_from_address_reference``, through ``jax.pure_callback``) reading the
 same addresses, so everything around it (addresses, offsets, whole-tile padding, bitcasts, the cut

@@ -6,7 +6,7 @@ who opened whose buffer; the coordination service's key-value store is a dict wi
 and deadlines, as the real one. The expectations (each process's own buffer at its native
 address, every other process's at its mapping by that process, the key names) are written from
 those rules, not read back from the code under test. The real thing, two processes on a GPU, is
-tests/gpu_mp_all_reduce.py.
+tests/workers/gpu_mp_all_reduce.py.
 """
 
 from __future__ import annotations

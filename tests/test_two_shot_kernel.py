@@ -1,6 +1,6 @@
 """The GPU two-shot kernel on CPU: its Mosaic GPU module built for CUDA, its errors, and when the plan picks it.
 
-The kernel runs only on NVIDIA GPUs (tests/test_gpu.py, tests/gpu_mp_all_reduce.py). Here it is
+The kernel runs only on NVIDIA GPUs (tests/test_gpu.py, tests/workers/gpu_mp_all_reduce.py). Here it is
 lowered for CUDA as the one-shot is (tests/test_peer_all_reduce.py): a local custom call, and the
 Mosaic GPU module before serialisation verified, with its two flag rounds. The protocol itself is
 emulated in tests/test_two_shot_protocol.py.

@@ -2,9 +2,9 @@
 
 Usage (from the repository root, on a machine with an NVIDIA GPU)::
 
-    python tests/gpu_mp_all_reduce.py                  # both processes on GPU 0 (one H200 is enough)
-    python tests/gpu_mp_all_reduce.py --gpus 0,1       # process i on GPU i (two GPUs)
-    python tests/gpu_mp_all_reduce.py --two-shot --stress 10000 --stress-budget 60   # + the GPU two-shot
+    python tests/workers/gpu_mp_all_reduce.py                  # both processes on GPU 0 (one H200 is enough)
+    python tests/workers/gpu_mp_all_reduce.py --gpus 0,1       # process i on GPU i (two GPUs)
+    python tests/workers/gpu_mp_all_reduce.py --two-shot --stress 10000 --stress-budget 60   # + the GPU two-shot
 
 It starts the two worker processes itself (``--worker``; each sees one GPU through
 ``CUDA_VISIBLE_DEVICES``, with ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.3`` and
@@ -56,7 +56,7 @@ import threading
 import time
 import traceback
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]  # the repository (this file: tests/workers/)
 SIZES = {"4KiB": 4 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20}
 TWO_SHOT_SIZES = {
     "6KiB+16B": (6 << 10) + 16,

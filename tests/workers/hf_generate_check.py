@@ -3,8 +3,8 @@
 Not collected by pytest and not run in CI (torch and transformers are not project dependencies).
 Run it where ``torch transformers safetensors`` and the project are importable (the lent GPU image)::
 
-    python tests/hf_generate_check.py --write-random-1b /tmp/ckpt1b     # a Llama-3.2-1B-shaped random checkpoint
-    python tests/hf_generate_check.py /tmp/ckpt1b                         # 32 greedy tokens, float32, both libraries
+    python tests/workers/hf_generate_check.py --write-random-1b /tmp/ckpt1b  # a Llama-3.2-1B-shaped random checkpoint
+    python tests/workers/hf_generate_check.py /tmp/ckpt1b  # 32 greedy tokens, float32, both libraries
 
 The checkpoint holds random bf16 weights (N(0, 1/fan_in), made on the GPU if there is one) in the
 Hugging Face layout, the 1B model's ``config.json`` (llama3 RoPE, tied embeddings). The check loads
@@ -77,7 +77,7 @@ def check(path: str, n: int) -> int:
 
     import jax.numpy as jnp
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
     import models
     import spmd
 

@@ -1,6 +1,6 @@
 """IpcKVPipe on GPUs: two processes (on one GPU, or GPU 0 -> GPU 1), every path checked byte for byte.
 
-    python tests/gpu_kv_ipc.py            # starts the sender; prints PASS/FAIL per check, exit 0 when all pass
+    python tests/workers/gpu_kv_ipc.py            # starts the sender; prints PASS/FAIL per check, exit 0 when all pass
 
 For each receive path (``kernel``: one program reads the staging by address; ``copy``): arrays of
 several dtypes and sizes (inline, one tile, odd sizes, 64 MiB), KV caches of 32 arrays (bf16) and
@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 sys.path.insert(0, ROOT)
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.3")
 
@@ -110,11 +110,16 @@ def receiver(port: int, child: subprocess.Popen) -> int:
     return 1 if failures else 0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     from spmd.net import free_port
 
-    if len(sys.argv) > 2 and sys.argv[1] == "--send":
-        sender(int(sys.argv[2]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--send", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the sender process
+    args = parser.parse_args(argv)
+    if args.send is not None:
+        sender(args.send)
         return 0
     port = free_port()
     child = subprocess.Popen([sys.executable, __file__, "--send", str(port)], cwd=ROOT)

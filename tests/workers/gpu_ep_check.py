@@ -2,9 +2,9 @@
 
 Usage (from the repository root)::
 
-    python tests/gpu_ep_check.py --mode single          # one process, every local GPU an EP rank (1 GPU: ep = 1)
-    python tests/gpu_ep_check.py --mode mp              # two processes sharing GPU 0 (CUDA IPC peer buffers)
-    python tests/gpu_ep_check.py --mode mp --gpus 0,1   # process i on GPU i
+    python tests/workers/gpu_ep_check.py --mode single         # one process, every local GPU an EP rank (1 GPU: ep 1)
+    python tests/workers/gpu_ep_check.py --mode mp             # two processes sharing GPU 0 (CUDA IPC peer buffers)
+    python tests/workers/gpu_ep_check.py --mode mp --gpus 0,1  # process i on GPU i
 
 Each run, on a mesh ``("ep",)``: peer buffers from ``allocate_low_latency_buffers`` (one process:
 JAX arrays; several: ``cuMemAlloc`` + CUDA IPC), the manager forced onto its kernel
@@ -35,7 +35,7 @@ import threading
 import time
 import traceback
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]  # the repository (this file: tests/workers/)
 PASS, FAIL, SETUP_FAILED, TIMED_OUT = 0, 1, 3, 4
 M, H, K = 64, 512, 2  # max tokens per rank, hidden, top-k
 
