@@ -193,7 +193,8 @@ def _cli(env, *args: str) -> subprocess.CompletedProcess:
 
 
 # Every pipe once and every TP pair at least once: the CLI's orchestration is the same for all pairs, and every
-# pipe x pair's head splitting is checked at the pipe level, in processes of their own, by test_kv_transfer_e2e.
+# pipe x pair's head splitting is checked at the pipe level, in processes of their own, by test_kv_transfer_e2e
+# (DevicePutKVPipe's: by test_kv_transfer_devput's swap job).
 CASES = [("tcp", 2, 4), ("device_put", 4, 2), ("transfer", 2, 2), ("ipc", 2, 4), ("ipc", 4, 2)]
 
 
