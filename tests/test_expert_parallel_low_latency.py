@@ -360,7 +360,7 @@ def test_prepare_low_latency_leaves_cpu_blocks_on_their_fallback():
     spmd.initialize_model_parallel(tensor_model_parallel_size=2, expert_model_parallel_size=4)
     block = MoEBlock(16, 32, 4, 2, manager="low_latency", fallback="naive", rngs=nnx.Rngs(0))
     other = MoEBlock(16, 32, 4, 2, manager="naive", rngs=nnx.Rngs(1))
-    assert prepare_low_latency(block, max_tokens=8) == ["block: no buffers (devices ['cpu'], ep 4)"]
+    assert prepare_low_latency(block, max_tokens=8) == ["block: no buffers (the mesh's devices are ['cpu'], not NVIDIA GPUs)"]
     assert prepare_low_latency(other, max_tokens=8) == []
     assert block.manager.buffers is None and block.manager.max_tokens is None
 
