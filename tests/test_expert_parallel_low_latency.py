@@ -21,7 +21,6 @@ from jax.sharding import PartitionSpec as P
 
 from kernels import symmetric_memory
 from kernels.expert_parallel import ExchangeLayout, exchange_rows_peer, symmetric_layout
-from kernels.expert_parallel.emulation import BREAKS, emulate
 from spmd.expert_parallel import (
     ExpertTokens,
     LowLatencyAll2AllManager,
@@ -330,27 +329,6 @@ def test_exchange_operand_errors(send, counts, table, match):
 # The flag protocol, step by step -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ep", [2, 3, 4])
-@pytest.mark.parametrize("combine", [True, False], ids=["dispatch+combine", "dispatch-only"])
-def test_protocol_emulation_is_exact_under_random_interleavings(ep, combine):
-    for seed in range(12):
-        res = emulate(ep, calls=5, seed=seed, combine=combine)
-        assert res.ok, (seed, res)
-
-
-@pytest.mark.parametrize("brk", BREAKS)
-def test_protocol_emulation_catches_each_break(brk):
-    """Each safeguard removed on purpose gives a wrong result (or a hang) under some interleaving."""
-    combine = brk != "one_buffer"  # double buffering matters for exchanges back to back
-    caught = [not emulate(4, calls=6, seed=s, breaks=brk, combine=combine).ok for s in range(12)]
-    assert any(caught), brk
-
-
-def test_emulate_rejects_an_unknown_break():
-    with pytest.raises(ValueError, match="expected breaks in"):
-        emulate(2, breaks="no_flags")
-
-
 def test_prepare_low_latency_leaves_cpu_blocks_on_their_fallback():
     from flax import nnx
 
@@ -360,7 +338,9 @@ def test_prepare_low_latency_leaves_cpu_blocks_on_their_fallback():
     spmd.initialize_model_parallel(tensor_model_parallel_size=2, expert_model_parallel_size=4)
     block = MoEBlock(16, 32, 4, 2, manager="low_latency", fallback="naive", rngs=nnx.Rngs(0))
     other = MoEBlock(16, 32, 4, 2, manager="naive", rngs=nnx.Rngs(1))
-    assert prepare_low_latency(block, max_tokens=8) == ["block: no buffers (the mesh's devices are ['cpu'], not NVIDIA GPUs)"]
+    assert prepare_low_latency(block, max_tokens=8) == [
+        "block: no buffers (the mesh's devices are ['cpu'], not NVIDIA GPUs)"
+    ]
     assert prepare_low_latency(other, max_tokens=8) == []
     assert block.manager.buffers is None and block.manager.max_tokens is None
 
