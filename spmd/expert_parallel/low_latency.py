@@ -34,6 +34,7 @@ from jax import lax
 
 from kernels import symmetric_memory
 from kernels.expert_parallel import (
+    FORMS,
     ExchangeLayout,
     exchange_rows_peer,
     exchange_rows_reference,
@@ -139,9 +140,11 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
       fallback: a manager name used where the kernel is not eligible (``"naive"``, ...), or ``None``
         (the all_to_all form of this protocol; more tokens than ``max_tokens`` then raise).
       chunks: thread blocks per destination in the kernel (default from ``max_tokens``).
+      combine_form: how the kernel returns the partial sums: ``"push"`` (owners write them into the
+        sources' buffers) or ``"pull"`` (sources read them from the owners' buffers); the same results.
 
     Raises:
-      ValueError: bad ``max_tokens``, ``wire``, ``fallback`` or ``chunks``.
+      ValueError: bad ``max_tokens``, ``wire``, ``fallback``, ``chunks`` or ``combine_form``.
     """
 
     name = "low_latency"
@@ -158,6 +161,7 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
         wire: str = "auto",
         fallback: str | None = None,
         chunks: int | None = None,
+        combine_form: str = "push",
         ep_axis: str = EP,
         tp_axis: str | None = TP,
     ):
@@ -176,6 +180,9 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
             )
         if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
             raise ValueError(f"LowLatencyAll2AllManager: expected a positive int chunks or None, got {chunks!r}.")
+        if combine_form not in FORMS:
+            raise ValueError(f"LowLatencyAll2AllManager: expected combine_form in {FORMS}, got {combine_form!r}.")
+        self.combine_form = combine_form
         self.max_tokens, self.use_fp8, self.buffers, self.wire, self.chunks = max_tokens, use_fp8, buffers, wire, chunks
         self.fallback = (
             None
@@ -226,10 +233,10 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
             )
         return "all_to_all"
 
-    def _exchange(self, path: str, send, counts, layout: ExchangeLayout):
+    def _exchange(self, path: str, send, counts, layout: ExchangeLayout, form: str = "push"):
         if path == "peer":
             table = self.buffers.peer_table(self.ep_axis)
-            return exchange_rows_peer(send, counts, table, layout=layout)
+            return exchange_rows_peer(send, counts, table, layout=layout, form=form)
         return exchange_rows_reference(
             send, counts, axis_name=self.ep_axis, fill=_POISON
         )  # as undefined as the kernel's
@@ -354,7 +361,7 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
                 partial = partial + jnp.where(w != 0, w * pairs[:, :, j].astype(jnp.float32), 0.0)
             send = jnp.pad(_to_words(partial), ((0, 0), (0, 0), (0, lay.row_words - h)))
         with jax.named_scope("low_latency_combine/exchange"):
-            back, _ = self._exchange(path, send, state.recv_counts, lay)
+            back, _ = self._exchange(path, send, state.recv_counts, lay, self.combine_form)
         with jax.named_scope("low_latency_combine/sum"):
             back = lax.bitcast_convert_type(back[..., :h], jnp.float32)  # [owner, M, H]
             y = jnp.zeros((t, h), jnp.float32)
