@@ -32,8 +32,10 @@ def default_moe_manager(platform: str | None = None) -> str:
     ``naive`` (all-gather + reduce-scatter): measured fastest of the XLA-collective managers on
     GPUs (docs/expert_parallel.md: 4 and 2 x H200, every shape measured) and on CPU, where the
     others are emulated with the same collectives. On GPUs the blocks get ``low_latency`` with
-    ``naive`` as its fallback: the naive path until :func:`models.moe.prepare_low_latency` gives
-    them peer buffers, then the Pallas kernel for calls of up to ``max_tokens`` tokens per rank.
+    ``naive`` as its fallback: the naive path until they get peer buffers, then the Pallas kernel for
+    calls of up to ``max_tokens`` tokens per rank. ``shard_causal_lm`` gives them buffers where
+    :func:`spmd.expert_parallel.plan_low_latency` allows it, which needs the opt-in
+    ``SPMD_EP_LOW_LATENCY=1`` until the kernel passes its GPU check (docs/expert_parallel.md).
     """
     platform = jax.default_backend() if platform is None else platform
     return "low_latency" if platform == "gpu" else "naive"
@@ -44,7 +46,7 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
 
     def _make_mlp(self, config: ModelConfig, *, params_dtype: Any, tp_size: int, rngs: nnx.Rngs) -> nnx.Module:
         manager = default_moe_manager()
-        on_gpu = jax.default_backend() == "gpu"  # there: naive until prepare_low_latency gives it buffers
+        on_gpu = jax.default_backend() == "gpu"  # there: naive until auto_low_latency gives it buffers (opt-in)
         return MoEBlock(
             config.hidden_size,
             config.intermediate_size,

@@ -29,16 +29,19 @@ from jax.sharding import PartitionSpec as P
 from models.sharding import ShardedModule, partitioned, shard_module
 from spmd import DP, EP, MESH_AXES, TP
 from spmd.expert_parallel import (
+    DEFAULT_MAX_TOKENS,
     All2AllManagerBase,
     ExpertTokens,
     LowLatencyAll2AllManager,
     allocate_low_latency_buffers,
     get_all2all_manager,
+    plan_low_latency,
 )
 
 __all__ = [
     "MoEBlock",
     "apply_experts",
+    "auto_low_latency",
     "dense_moe_reference",
     "moe_forward",
     "moe_token_spec",
@@ -276,15 +279,19 @@ def shard_moe_block(block: MoEBlock, *, is_sequence_parallel: bool = False, mesh
     )
 
 
-def prepare_low_latency(module: nnx.Module, *, max_tokens: int, mesh: Mesh | None = None) -> list[str]:
+def prepare_low_latency(
+    module: nnx.Module, *, max_tokens: int = DEFAULT_MAX_TOKENS, mesh: Mesh | None = None
+) -> list[str]:
     """Give every low-latency manager in ``module`` peer buffers, so its MoE blocks use the GPU kernel.
 
-    For each :class:`MoEBlock` whose manager is a :class:`LowLatencyAll2AllManager` without
-    buffers: on a mesh of NVIDIA GPUs with more than one EP rank (one process, or one GPU per
-    process of one host), allocate buffers for ``max_tokens`` tokens per EP rank of the block's
-    hidden size and top-k (blocks of one shape share them) and set the manager's ``buffers`` and
-    ``max_tokens``. Elsewhere nothing changes: the manager runs its fallback (or the ``all_to_all``
-    form). A collective across processes: call it in every process, in the same order.
+    An explicit request (no opt-in needed; :func:`auto_low_latency` is the automatic, opt-in form). For
+    each :class:`MoEBlock` whose manager is a :class:`LowLatencyAll2AllManager` without buffers, where
+    :func:`spmd.expert_parallel.plan_low_latency` finds the mesh eligible (NVIDIA GPUs, 2 to 8 EP ranks,
+    buffers shareable: one process, or one GPU per process of one host), allocate buffers for
+    ``max_tokens`` tokens per EP rank of the block's hidden size and top-k (blocks of one shape share
+    them) and set the manager's ``buffers`` and ``max_tokens``. Elsewhere nothing changes: the manager
+    runs its fallback (or the ``all_to_all`` form). A collective across processes: call it in every
+    process, in the same order.
 
     Args:
       module: a block, or a model holding blocks.
@@ -303,9 +310,9 @@ def prepare_low_latency(module: nnx.Module, *, max_tokens: int, mesh: Mesh | Non
             continue
         where = "/".join(str(p) for p in path) or "block"
         manager = block.manager
-        platforms = sorted({d.platform for d in mesh.devices.flat})
-        if platforms != ["gpu"] or int(mesh.shape[manager.ep_axis]) < 2:
-            lines.append(f"{where}: no buffers (devices {platforms}, ep {int(mesh.shape[manager.ep_axis])})")
+        plan = plan_low_latency(mesh, ep_axis=manager.ep_axis, max_tokens=max_tokens, enabled=True)
+        if not plan:
+            lines.append(f"{where}: no buffers ({plan.reason})")
             continue
         hidden = int(block.w_gate[...].shape[1])
         try:
@@ -318,9 +325,51 @@ def prepare_low_latency(module: nnx.Module, *, max_tokens: int, mesh: Mesh | Non
                 dtype=block.w_gate[...].dtype,
                 ep_axis=manager.ep_axis,
             )
-        except ValueError as e:  # across hosts, CPU devices across processes, ...: the fallback stays
+        except ValueError as e:  # processes on several hosts (NotOneHost), ...: the fallback stays
             lines.append(f"{where}: no buffers ({e})")
             continue
         manager.max_tokens = max_tokens
         lines.append(f"{where}: buffers for {max_tokens} tokens x {hidden} x top-{block.top_k}")
     return lines
+
+
+def auto_low_latency(
+    module: nnx.Module,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    mesh: Mesh | None = None,
+    enabled: bool | None = None,
+) -> list[str]:
+    """The automatic choice: :func:`prepare_low_latency` where the plan allows it, else one line saying why not.
+
+    OFF by default until the kernel passes its GPU check: it acts only with ``enabled=True`` or
+    ``SPMD_EP_LOW_LATENCY=1`` (:func:`spmd.expert_parallel.plan_low_latency` says why in every other
+    case). Blocks without a low-latency manager (CPU meshes build ``naive`` ones) are left alone.
+
+    Args:
+      module: a block, or a model holding blocks.
+      max_tokens: tokens per EP rank one call may carry; a call of more takes the fallback manager.
+      mesh: defaults to the global mesh.
+      enabled: the opt-in; ``None`` reads ``$SPMD_EP_LOW_LATENCY``.
+
+    Returns:
+      What happened, one line per block (or one line for the whole module when the plan says no).
+
+    Raises:
+      ValueError: a bad ``enabled``, ``$SPMD_EP_LOW_LATENCY`` or ``max_tokens``.
+    """
+    import spmd
+
+    mesh = spmd.get_mesh() if mesh is None else mesh
+    managers = [
+        b.manager
+        for _, b in nnx.iter_graph(module)
+        if isinstance(b, MoEBlock) and isinstance(b.manager, LowLatencyAll2AllManager)
+    ]
+    axis = managers[0].ep_axis if managers else EP
+    plan = plan_low_latency(mesh, ep_axis=axis, max_tokens=max_tokens, enabled=enabled)
+    if not managers:
+        return []
+    if not plan:
+        return [f"low_latency: not used ({plan.reason}); the fallback manager runs"]
+    return prepare_low_latency(module, max_tokens=max_tokens, mesh=mesh)

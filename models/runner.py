@@ -33,6 +33,7 @@ import spmd
 from models import decode_kernels
 from models.config import ModelConfig
 from models.llama import KVCache
+from models.moe import auto_low_latency
 from models.sharding import shard_state
 from spmd import DP, EP, TP
 
@@ -93,6 +94,8 @@ class CausalLM:
       dtype: the parameters' dtype (the KV cache's too).
       kernels: which products the steps run (:func:`models.decode_kernels.kernel_mode`: ``"auto"``,
         the measured GEMV kernel where it is faster; ``"xla"``; ``"interpret"``); see :meth:`with_kernels`.
+      moe_paths: what the MoE blocks' low-latency choice gave (:func:`models.moe.auto_low_latency`: buffers,
+        or why the fallback manager runs); empty for a dense model.
       trace_counts: how many times each step (``"score"``, ``"prefill"``, ``"decode"``) was traced.
     """
 
@@ -103,6 +106,7 @@ class CausalLM:
     mesh: Mesh
     dtype: Any
     kernels: str = "auto"
+    moe_paths: tuple[str, ...] = ()
     trace_counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     _steps: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -277,6 +281,9 @@ def shard_causal_lm(module: nnx.Module, *, mesh: Mesh | None = None) -> CausalLM
             f"shard_causal_lm: the model was built for tp={built_for}, the mesh has tp={mesh.shape[TP]}; "
             f"build it after spmd.initialize_model_parallel(tensor_model_parallel_size={mesh.shape[TP]})."
         )
+    # the low-latency EP kernel where eligible and opted in (SPMD_EP_LOW_LATENCY=1); before the split:
+    # the managers (static, in the graphdef) take their buffers here
+    moe_paths = tuple(auto_low_latency(module, mesh=mesh)) if config.is_moe else ()
     graphdef, state = nnx.split(module)
     placed, specs = shard_state(state, mesh=mesh)
-    return CausalLM(config, graphdef, placed, specs, mesh, module.dtype)
+    return CausalLM(config, graphdef, placed, specs, mesh, module.dtype, moe_paths=moe_paths)

@@ -21,7 +21,6 @@ from jax.sharding import PartitionSpec as P
 
 from kernels import symmetric_memory
 from kernels.expert_parallel import ExchangeLayout, exchange_rows_peer, symmetric_layout
-from kernels.expert_parallel.emulation import BREAKS, emulate
 from spmd.expert_parallel import (
     ExpertTokens,
     LowLatencyAll2AllManager,
@@ -189,9 +188,9 @@ def test_bit_exact_against_naive_and_the_same_bits_every_run(rng):
 # The GPU kernel: lowering for CUDA on CPU -------------------------------------------------------------
 
 
-def _lower_exchange(ep, lay, bufs):
+def _lower_exchange(ep, lay, bufs, form="push"):
     def f(send, counts):
-        r, c = exchange_rows_peer(send[0], counts[0], bufs.peer_table("ep"), layout=lay)
+        r, c = exchange_rows_peer(send[0], counts[0], bufs.peer_table("ep"), layout=lay, form=form)
         return r[None], c[None]
 
     mesh = _mesh(ep)
@@ -201,23 +200,36 @@ def _lower_exchange(ep, lay, bufs):
     return g.trace(s, c).lower(lowering_platforms=("cuda",)).as_text()
 
 
+@pytest.mark.parametrize("form", ["push", "pull"])
 @pytest.mark.parametrize("ep,rows,words,chunks", [(2, 16, 12, 2), (4, 128, 3600, 16), (8, 1, 4, 1), (2, 33, 516, 5)])
-def test_exchange_kernel_lowers_for_cuda_as_a_local_kernel(ep, rows, words, chunks):
+def test_exchange_kernel_lowers_for_cuda_as_a_local_kernel(ep, rows, words, chunks, form):
     lay = ExchangeLayout(ep, rows, words, chunks)
     bufs = symmetric_memory.allocate(_mesh(ep), "ep", symmetric_layout(lay.end, ep))
-    text = _lower_exchange(ep, lay, bufs)
+    text = _lower_exchange(ep, lay, bufs, form)
     assert "mosaic_gpu" in text and "uses_xla_collective_metadata = false" in text
     assert not any(f"stablehlo.{op}" in text for op in ("all_reduce", "all_gather", "collective_permute", "all_to_all"))
 
 
-def test_manager_peer_path_lowers_for_cuda(monkeypatch, rng):
+def test_pull_form_is_its_own_kernel():
+    """The pull form lowers to another program than the push form (the addresses differ), same operands."""
+    lay = ExchangeLayout(4, 8, 12, 2)
+    bufs = symmetric_memory.allocate(_mesh(4), "ep", symmetric_layout(lay.end, 4))
+    assert _lower_exchange(4, lay, bufs, "pull") != _lower_exchange(4, lay, bufs, "push")
+
+
+@pytest.mark.parametrize("combine_form", ["push", "pull"])
+def test_manager_peer_path_lowers_for_cuda(monkeypatch, rng, combine_form):
     """The whole dispatch + combine with the kernel as the wire: two Mosaic GPU calls, no XLA collective."""
     ep, t, h, e = 2, 8, 64, 4
     mesh = _mesh(ep)
+    from kernels.expert_parallel import exchange
     from spmd.expert_parallel import allocate_low_latency_buffers
 
+    forms = []
+    real = exchange._exchange_body
+    monkeypatch.setattr(exchange, "_exchange_body", lambda lay, t, form: forms.append(form) or real(lay, t, form))
     bufs = allocate_low_latency_buffers(mesh, max_tokens=t, hidden=h, top_k=2, dtype=jnp.bfloat16)
-    manager = LowLatencyAll2AllManager(e, buffers=bufs, wire="peer", tp_axis=None)
+    manager = LowLatencyAll2AllManager(e, buffers=bufs, wire="peer", tp_axis=None, combine_form=combine_form)
     with pytest.raises(ValueError, match=r"wire='peer' but the kernel cannot run: the buffers' devices are \['cpu'\]"):
         _run(manager, ep, np.ones((ep * t, h), ml_dtypes.bfloat16), *_routing(rng, "random", ep * t, e, 2, ep)[::-1])
     monkeypatch.setattr(LowLatencyAll2AllManager, "kernel_ineligibility", lambda self, *a: None)
@@ -235,6 +247,7 @@ def test_manager_peer_path_lowers_for_cuda(monkeypatch, rng):
     ]
     text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 2 and "stablehlo.all_to_all" not in text
+    assert forms == ["push", combine_form]  # dispatch always pushes; the combine in the form asked for
 
 
 def test_kernel_ineligibility_reasons(rng):
@@ -290,6 +303,7 @@ def test_kernel_ineligibility_reasons(rng):
         ({"fallback": "fast"}, "expected fallback None or one of"),
         ({"chunks": 0}, "expected a positive int chunks or None, got 0"),
         ({"use_fp8": 1}, "expected use_fp8 True or False, got 1"),
+        ({"combine_form": "both"}, r"expected combine_form in \('push', 'pull'\), got 'both'"),
     ],
 )
 def test_manager_construction_errors(kwargs, match):
@@ -327,28 +341,10 @@ def test_exchange_operand_errors(send, counts, table, match):
         )
 
 
-# The flag protocol, step by step -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("ep", [2, 3, 4])
-@pytest.mark.parametrize("combine", [True, False], ids=["dispatch+combine", "dispatch-only"])
-def test_protocol_emulation_is_exact_under_random_interleavings(ep, combine):
-    for seed in range(12):
-        res = emulate(ep, calls=5, seed=seed, combine=combine)
-        assert res.ok, (seed, res)
-
-
-@pytest.mark.parametrize("brk", BREAKS)
-def test_protocol_emulation_catches_each_break(brk):
-    """Each safeguard removed on purpose gives a wrong result (or a hang) under some interleaving."""
-    combine = brk != "one_buffer"  # double buffering matters for exchanges back to back
-    caught = [not emulate(4, calls=6, seed=s, breaks=brk, combine=combine).ok for s in range(12)]
-    assert any(caught), brk
-
-
-def test_emulate_rejects_an_unknown_break():
-    with pytest.raises(ValueError, match="expected breaks in"):
-        emulate(2, breaks="no_flags")
+def test_exchange_form_error():
+    ok = (jnp.zeros((2, 4, 8), jnp.uint32), jnp.zeros((2,), jnp.int32), jnp.zeros((5,), jnp.int32))
+    with pytest.raises(ValueError, match=r"expected form in \('push', 'pull'\), got 'poll'"):
+        exchange_rows_peer(*ok, layout=ExchangeLayout(2, 4, 8), form="poll")
 
 
 def test_prepare_low_latency_leaves_cpu_blocks_on_their_fallback():
@@ -360,7 +356,9 @@ def test_prepare_low_latency_leaves_cpu_blocks_on_their_fallback():
     spmd.initialize_model_parallel(tensor_model_parallel_size=2, expert_model_parallel_size=4)
     block = MoEBlock(16, 32, 4, 2, manager="low_latency", fallback="naive", rngs=nnx.Rngs(0))
     other = MoEBlock(16, 32, 4, 2, manager="naive", rngs=nnx.Rngs(1))
-    assert prepare_low_latency(block, max_tokens=8) == ["block: no buffers (devices ['cpu'], ep 4)"]
+    assert prepare_low_latency(block, max_tokens=8) == [
+        "block: no buffers (the mesh's devices are ['cpu'], not NVIDIA GPUs)"
+    ]
     assert prepare_low_latency(other, max_tokens=8) == []
     assert block.manager.buffers is None and block.manager.max_tokens is None
 
@@ -414,7 +412,7 @@ def test_spin_timeout_from_env_reaches_the_kernel(monkeypatch):
     assert exchange.spin_timeout_ns() == 2_000_000_000
     seen = []
     real = exchange._exchange_body
-    monkeypatch.setattr(exchange, "_exchange_body", lambda lay, t: seen.append(t) or real(lay, t))
+    monkeypatch.setattr(exchange, "_exchange_body", lambda lay, t, form: seen.append(t) or real(lay, t, form))
     lay = ExchangeLayout(2, 4, 4, 1)
     bufs = symmetric_memory.allocate(_mesh(2), "ep", symmetric_layout(lay.end, 2))
     _lower_exchange(2, lay, bufs)

@@ -5,25 +5,27 @@ them (kernels on one GPU run in order, blocks of one kernel in any order, GPUs i
 Data are integers, so sums are exact. Each deliberate break (one staging buffer instead of two,
 a reused epoch, a signal before the data is staged, an equality test that misses a fast peer)
 gives a wrong sum or a hang under some interleaving. The two-shot's protocol, mixed with this one
-on weak memory: tests/test_two_shot_protocol.py.
+on weak memory: tests/test_two_shot_protocol.py; the scheduler both use: tests/protocol_emulation.py.
 """
 
 from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
+from protocol_emulation import random_calls, run_kernels, wrong_sums
 
 
 def _emulate(n, calls, *, seed, bug=None, max_blocks=4):
+    """Run ``calls`` (``(kind, blocks, data[rank][block][cell])``) on ``n`` ranks: ``("done" | "hang", results)``."""
     rnd = random.Random(seed)
     stage = {}  # (rank, parity, block) -> values
     flags = {(r, b, s): 0 for r in range(n) for b in range(max_blocks) for s in range(n)}
     counters = {(r, b): 0 for r in range(n) for b in range(max_blocks)}
     results = {}
 
-    def block_steps(r, k, b, x):
+    def block_steps(r, k, b):
+        x = calls[k][2][r][b]
         epoch = counters[(r, b)] + 1
         parity = 0 if bug == "single_buffer" else epoch % 2
         if bug == "reused_epoch":
@@ -48,45 +50,11 @@ def _emulate(n, calls, *, seed, bug=None, max_blocks=4):
         results[(r, k, b)] = out
         counters[(r, b)] = epoch
 
-    def rank_program(r):
-        for k, (blocks, data) in enumerate(calls):
-            running = [block_steps(r, k, b, data[r][b]) for b in range(blocks)]
-            while running:  # one kernel: its blocks interleave; the next starts when all are done
-                g = rnd.choice(running)
-                try:
-                    yield next(g)
-                except StopIteration:
-                    running.remove(g)
-
-    progs = {r: rank_program(r) for r in range(n)}
-    spins = 0
-    while progs:
-        r = rnd.choice(list(progs))
-        try:
-            if next(progs[r]) == "spin":
-                spins += 1
-                if spins > 100_000:
-                    return "hang", results
-        except StopIteration:
-            del progs[r]
-    return "done", results
+    return run_kernels(n, calls, block_steps, rnd, spin_limit=100_000), results  # memory: these dicts (SC)
 
 
 def _calls(n, count, rng):
-    calls = []
-    for _ in range(count):
-        blocks = rng.integers(1, 5)
-        calls.append((blocks, rng.integers(-50, 50, size=(n, blocks, 3)).tolist()))
-    return calls
-
-
-def _wrong(n, calls, results):
-    bad = 0
-    for k, (blocks, data) in enumerate(calls):
-        for b in range(blocks):
-            want = np.sum(np.array([data[r][b] for r in range(n)]), axis=0).tolist()
-            bad += sum(results.get((r, k, b)) != want for r in range(n))
-    return bad
+    return random_calls(n, count, rng, max_blocks=4, cells=3, kinds=("pull",))
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -95,7 +63,7 @@ def test_flag_protocol_emulated_is_exact_under_random_interleavings(n, rng):
         calls = _calls(n, 12, rng)
         state, results = _emulate(n, calls, seed=seed)
         assert state == "done"
-        assert _wrong(n, calls, results) == 0
+        assert wrong_sums(n, calls, results) == 0
 
 
 @pytest.mark.parametrize("bug", ["single_buffer", "reused_epoch", "signal_first", "equality"])
@@ -105,5 +73,5 @@ def test_flag_protocol_emulation_catches_broken_variants(bug, rng):
     for seed in range(60):
         calls = _calls(2, 12, rng)
         state, results = _emulate(2, calls, seed=seed, bug=bug)
-        caught += state == "hang" or _wrong(2, calls, results) > 0
+        caught += state == "hang" or wrong_sums(2, calls, results) > 0
     assert caught > 0, f"no interleaving exposed the {bug} variant"

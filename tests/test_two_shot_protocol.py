@@ -10,7 +10,8 @@ The kernel (kernels/custom_all_reduce/two_shot.py) runs only on NVIDIA GPUs. Her
   release before a flag) pushes them all out; a flag store is seen at once (the worst case for
   a missing fence). Data are integers, so sums are exact. Each deliberate break (a missing
   fence in either round, a reused epoch, one epoch per call, a wrong chunk owner, the staging
-  parity of the second epoch) gives a wrong sum or a hang under some interleaving;
+  parity of the second epoch) gives a wrong sum or a hang under some interleaving (the scheduler and
+  the weak memory: tests/protocol_emulation.py, shared with tests/test_pull_protocol.py);
 - the kernel's split of a message (``padded_plan``, ``chunk_bytes``, ``thread_rounds``) replayed
   in numpy at uneven sizes: every 16-byte unit is reduced exactly once, and the result is
   numpy's float32 rank-order sum, bit for bit.
@@ -23,45 +24,12 @@ import random
 import ml_dtypes
 import numpy as np
 import pytest
+from protocol_emulation import WeakMemory, random_calls, run_kernels, wrong_sums
 
 from kernels.custom_all_reduce import peer, two_shot
 from kernels.symmetric_memory import TILE_BYTES, Layout
 
 BUGS = ("no_fence_stage", "no_fence_gather", "reused_epoch", "one_epoch_per_call", "wrong_owner", "parity_of_e2")
-
-
-class WeakMemory:
-    """Committed memory plus, per agent (a rank's block), stores not yet visible to others."""
-
-    def __init__(self, rnd: random.Random) -> None:
-        self.rnd = rnd
-        self.mem: dict = {}
-        self.pending: dict = {}
-
-    def load(self, agent, key, default=None):
-        for k, v in reversed(self.pending.get(agent, [])):  # an agent sees its own stores
-            if k == key:
-                return v
-        return self.mem.get(key, default)
-
-    def store(self, agent, key, value) -> None:
-        self.pending.setdefault(agent, []).append((key, value))
-
-    def fence(self, agent) -> None:
-        for k, v in self.pending.pop(agent, []):
-            self.mem[k] = v
-
-    def drain_one(self) -> bool:
-        """One waiting store reaches memory (any agent's, any of them: stores to other addresses reorder)."""
-        agents = [a for a, q in self.pending.items() if q]
-        if not agents:
-            return False
-        q = self.pending[self.rnd.choice(agents)]
-        i = self.rnd.randrange(len(q))
-        key, value = q[i]
-        self.mem[key] = value
-        q[:] = [e for j, e in enumerate(q) if j > i or e[0] != key]  # older stores to the same address are gone
-        return True
 
 
 def _passes(flag: int, epoch: int) -> bool:
@@ -92,7 +60,8 @@ def emulate(n, calls, *, seed, bug=None, cells_per_rank=2):
             mem.mem[("flag", s, b, r)] = epoch  # relaxed store: seen at once
             yield
 
-    def pull(r, k, b, x):
+    def pull(r, k, b):
+        x = calls[k][2][r][b]
         agent = (r, b)
         epoch = counters.get(agent, 0) + 1
         p = epoch % 2
@@ -109,7 +78,8 @@ def emulate(n, calls, *, seed, bug=None, cells_per_rank=2):
         results[(r, k, b)] = out
         counters[agent] = epoch
 
-    def two_shot_block(r, k, b, x):
+    def two_shot_block(r, k, b):
+        x = calls[k][2][r][b]
         agent = (r, b)
         e1 = 1 if bug == "reused_epoch" else counters.get(agent, 0) + 1
         e2 = e1 + 1
@@ -137,60 +107,23 @@ def emulate(n, calls, *, seed, bug=None, cells_per_rank=2):
         results[(r, k, b)] = out
         counters[agent] = e1 if bug == "one_epoch_per_call" else e2
 
-    def rank_program(r):
-        for k, (kind, blocks, data) in enumerate(calls):
-            fn = pull if kind == "pull" else two_shot_block
-            running = [fn(r, k, b, data[r][b]) for b in range(blocks)]
-            while running:  # one kernel: its blocks interleave; the next starts when all are done
-                g = rnd.choice(running)
-                try:
-                    yield next(g)
-                except StopIteration:
-                    running.remove(g)
-            for b in range(blocks):  # a kernel's end publishes its stores (stream order)
-                mem.fence((r, b))
+    def block(r, k, b):
+        return pull(r, k, b) if calls[k][0] == "pull" else two_shot_block(r, k, b)
 
-    progs = {r: rank_program(r) for r in range(n)}
-    spins = 0
-    while progs:
-        if rnd.random() < 0.3 and mem.drain_one():
-            continue
-        r = rnd.choice(list(progs))
-        try:
-            if next(progs[r]) == "spin":
-                spins += 1
-                if spins > 50_000:
-                    return "hang", results
-        except StopIteration:
-            del progs[r]
-    return "done", results
+    return run_kernels(n, calls, block, rnd, spin_limit=50_000, memory=mem), results
 
 
-def random_calls(n, count, rng, *, kinds=("pull", "two_shot"), cells_per_rank=2):
-    calls = []
-    for _ in range(count):
-        blocks = int(rng.integers(1, 4))
-        data = rng.integers(-50, 50, size=(n, blocks, n * cells_per_rank)).tolist()
-        calls.append((str(rng.choice(kinds)), blocks, data))
-    return calls
-
-
-def wrong_results(n, calls, results):
-    bad = 0
-    for k, (_, blocks, data) in enumerate(calls):
-        for b in range(blocks):
-            want = np.sum(np.array([data[r][b] for r in range(n)]), axis=0).tolist()
-            bad += sum(results.get((r, k, b)) != want for r in range(n))
-    return bad
+def _calls(n, count, rng, *, cells_per_rank=2):
+    return random_calls(n, count, rng, max_blocks=3, cells=n * cells_per_rank, kinds=("pull", "two_shot"))
 
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_two_shot_protocol_is_exact_under_weak_memory_and_random_interleavings(n, rng):
     for seed in range(25):
-        calls = random_calls(n, 10, rng)
+        calls = _calls(n, 10, rng)
         state, results = emulate(n, calls, seed=seed)
         assert state == "done"
-        assert wrong_results(n, calls, results) == 0
+        assert wrong_sums(n, calls, results) == 0
 
 
 @pytest.mark.parametrize("bug", BUGS)
@@ -198,9 +131,9 @@ def test_two_shot_protocol_emulation_catches_each_broken_variant(bug, rng):
     """Each deliberate break gives a wrong sum or a hang under some interleaving (30 tried)."""
     caught = 0
     for seed in range(30):
-        calls = random_calls(2, 10, rng)
+        calls = _calls(2, 10, rng)
         state, results = emulate(2, calls, seed=seed, bug=bug)
-        caught += state == "hang" or wrong_results(2, calls, results) > 0
+        caught += state == "hang" or wrong_sums(2, calls, results) > 0
     assert caught > 0, f"no interleaving exposed the {bug} variant"
 
 

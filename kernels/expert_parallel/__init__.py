@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from kernels.expert_parallel.exchange import (
     DEFAULT_TIMEOUT_NS,
+    FORMS,
     ExchangeLayout,
     exchange_rows_peer,
     exchange_rows_reference,
@@ -18,6 +19,7 @@ from kernels.expert_parallel.exchange import (
 
 __all__ = [
     "DEFAULT_TIMEOUT_NS",
+    "FORMS",
     "ExchangeLayout",
     "exchange_rows_peer",
     "exchange_rows_reference",

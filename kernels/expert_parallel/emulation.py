@@ -21,6 +21,19 @@ The protocol is :mod:`kernels.expert_parallel.exchange`'s (one chunk per destina
   by this emulation), wrong for exchanges back to back (``combine=False``), which the kernel
   allows, so the parity stays;
 * ``"count_twice"``: a token is sent once per chosen expert instead of once per rank.
+
+The combine runs in one of two forms (``combine_form``):
+
+* ``"push"`` (the kernel's): the owner writes each source's partial sums into the source's buffer
+  (the exchange above, its own region and epochs);
+* ``"pull"``: the owner stages each source's partial sums in its OWN buffer (``pdata[p][source]``,
+  plain local stores), fences, and stores the epoch into the source's flag; the source spins on that
+  flag, then reads the rows from the owner's buffer (peer loads), as many as it sent there (it knows
+  its own counts). Nothing is written to a peer but the flag. The same breaks apply: ``no_fence``
+  (the flag may overtake the staged rows), ``reused_epoch`` (a stale flag passes), ``wrong_slot``
+  (the owner stages a source's rows in its own index's slot), ``count_twice``; ``one_buffer`` is
+  harmless here too while every combine follows its dispatch (an owner restages parity ``p`` only
+  after the next dispatch, which every source starts after finishing its reads).
 """
 
 from __future__ import annotations
@@ -32,9 +45,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BREAKS", "EmulationResult", "emulate"]
+__all__ = ["BREAKS", "COMBINE_FORMS", "EmulationResult", "emulate"]
 
 BREAKS = ("no_fence", "reused_epoch", "wrong_slot", "one_buffer", "count_twice")
+COMBINE_FORMS = ("push", "pull")
 
 
 @dataclasses.dataclass
@@ -101,6 +115,36 @@ def _block(world: _World, me: int, b: int, region: int, send: list, counts: list
     yield ("step",)
 
 
+def _pull_block(world: _World, me: int, b: int, region: int, back: list, sent: list, out: dict, ep: int, brk: str):
+    """One thread block of the pull combine: stage rows for source ``d`` here, flag ``d``; read mine from ``o``.
+
+    ``back[d]``: this owner's partial sums for source ``d``'s rows; ``sent[o]``: how many rows this
+    rank sent owner ``o`` at dispatch (the rows it reads back).
+    """
+    mem, who = world.mem[me], (me, region * 1000 + b)
+    counter = ("counter", region, b)
+    epoch = (0 if brk == "reused_epoch" else mem.get(counter, 0)) + 1
+    p = 0 if brk == "one_buffer" else epoch % 2
+    yield ("step",)
+    d, o = (me + b) % ep, (me - b) % ep  # stage for d (whose block b reads from me); read from o
+    slot = me if brk == "wrong_slot" else d
+    for i, row in enumerate(back[d]):
+        world.store(who, me, ("pdata", region, p, slot, i), row)  # local, but weak until delivered
+        yield ("step",)
+    if brk != "no_fence":
+        yield ("wait", lambda: world.flushed(who))
+    world.store(who, d, ("flag", region, b, me), epoch)
+    yield ("step",)
+    yield ("wait", lambda: 0 <= mem.get(("flag", region, b, o), 0) - epoch <= 1)
+    rows = []
+    for i in range(sent[o]):
+        rows.append(world.mem[o].get(("pdata", region, p, me, i)))  # a peer load from the owner's buffer
+        yield ("step",)
+    out[o] = rows
+    mem[counter] = epoch
+    yield ("step",)
+
+
 def _plan(x: np.ndarray, ids: np.ndarray, w: np.ndarray, ep: int, e_local: int, brk: str):
     """Per destination: the rows (token index, payload, local ids, weights) and their count."""
     send: list[list] = [[] for _ in range(ep)]
@@ -114,12 +158,17 @@ def _plan(x: np.ndarray, ids: np.ndarray, w: np.ndarray, ep: int, e_local: int, 
     return send, [len(s) for s in send]
 
 
-def _rank_program(world, me, calls, ep, e_local, results, brk, combine) -> Iterator[list]:
+def _rank_program(world, me, calls, ep, e_local, results, brk, combine, form="push", only_combine=False):
     """Yields the kernels of rank ``me`` one after another (each a list of block generators)."""
+    brk_dispatch = None if only_combine and brk != "count_twice" else brk  # count_twice is the plan's
+    yield from _kernels(world, me, calls, ep, e_local, results, brk, brk_dispatch, combine, form)
+
+
+def _kernels(world, me, calls, ep, e_local, results, brk, brk_dispatch, combine, form) -> Iterator[list]:
     for c, (x, ids, w) in enumerate(calls):
         send, counts = _plan(x[me], ids[me], w[me], ep, e_local, brk)
         recv: dict[int, list] = {}
-        yield [_block(world, me, b, 0, send, counts, recv, ep, brk) for b in range(ep)]
+        yield [_block(world, me, b, 0, send, counts, recv, ep, brk_dispatch) for b in range(ep)]
         if not combine:  # the exchange alone: what arrived must be what every source planned for me
             want = [_plan(x[s], ids[s], w[s], ep, e_local, None)[0][me] for s in range(ep)]
             results.append((c, me, all(recv[s] == want[s] for s in range(ep))))
@@ -136,7 +185,10 @@ def _rank_program(world, me, calls, ep, e_local, results, brk, combine) -> Itera
                     total += weight * (me * e_local + e + 1) * np.asarray(payload, np.int64)
                 back[s].append(tuple(total.tolist()))
         got: dict[int, list] = {}
-        yield [_block(world, me, b, 1, back, [len(r) for r in back], got, ep, brk) for b in range(ep)]
+        if form == "pull":
+            yield [_pull_block(world, me, b, 1, back, counts, got, ep, brk) for b in range(ep)]
+        else:
+            yield [_block(world, me, b, 1, back, [len(r) for r in back], got, ep, brk) for b in range(ep)]
         y = np.zeros_like(x[me], dtype=np.int64)
         for o in range(ep):  # owner rank order
             for i, (t, _, _) in enumerate(send[o]):
@@ -151,7 +203,8 @@ def _rank_program(world, me, calls, ep, e_local, results, brk, combine) -> Itera
 
 def emulate(
     ep: int, *, calls: int = 4, tokens: tuple[int, ...] = (3, 0, 5), e_local: int = 2, top_k: int = 2,
-    seed: int = 0, breaks: str | None = None, combine: bool = True, max_steps: int = 1_000_000,
+    seed: int = 0, breaks: str | None = None, combine: bool = True, combine_form: str = "push",
+    break_only_combine: bool = False, max_steps: int = 1_000_000,
 ) -> EmulationResult:  # fmt: skip
     """Run ``calls`` dispatch + combine rounds on ``ep`` emulated ranks under one random interleaving.
 
@@ -164,16 +217,22 @@ def emulate(
       breaks: one of :data:`BREAKS` to break on purpose, or ``None``.
       combine: run each dispatch's combine after it (the manager's use); ``False``: dispatch
         exchanges back to back, checked on the rows received.
+      combine_form: ``"push"`` (owners write partial sums into the sources' buffers) or ``"pull"``
+        (sources read them from the owners' buffers).
+      break_only_combine: ``breaks`` applies to the combine's blocks only (the dispatch keeps every
+        safeguard), so a catch is the combine form's own.
       max_steps: actions before the run counts as hung.
 
     Returns:
       The calls whose result differed from the dense reference, and whether the run hung.
 
     Raises:
-      ValueError: an unknown ``breaks``.
+      ValueError: an unknown ``breaks`` or ``combine_form``.
     """
     if breaks is not None and breaks not in BREAKS:
         raise ValueError(f"emulate: expected breaks in {BREAKS} or None, got {breaks!r}.")
+    if combine_form not in COMBINE_FORMS:
+        raise ValueError(f"emulate: expected combine_form in {COMBINE_FORMS}, got {combine_form!r}.")
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
     experts = ep * e_local
@@ -189,7 +248,10 @@ def emulate(
         rounds.append((x, ids, w))
     world = _World(ep, rng)
     results: list[tuple[int, int, bool]] = []
-    programs = [_rank_program(world, r, rounds, ep, e_local, results, breaks, combine) for r in range(ep)]
+    programs = [
+        _rank_program(world, r, rounds, ep, e_local, results, breaks, combine, combine_form, break_only_combine)
+        for r in range(ep)
+    ]
     running: list[list] = [next(p, []) for p in programs]
     waiting: dict[int, Any] = {}  # id(block) -> its current wait predicate
     steps = 0

@@ -27,6 +27,14 @@ finishing call ``k``; so ``s`` is at most one call ahead, hence the wait accepts
 ``epoch + 1``. A wait longer than ``timeout_ns`` traps. :mod:`kernels.expert_parallel.emulation`
 runs this protocol step by step on CPU.
 
+The pull form (``form="pull"``) moves the same rows the other way round: source ``s``'s block stages
+its rows for ``d`` in its OWN ``data[p][d]`` and ``rowcount[p][b][d]`` (local stores), fences and sets
+``d``'s flag as above; ``d``'s block waits on that flag and then reads ``rowcount[p][b][d]`` and the
+rows from ``s``'s buffer (peer loads). Only the flag crosses the link as a store. Reuse is safe for the
+same reason: ``s`` restages parity ``p`` at call ``k + 2`` only after call ``k + 1``'s flags from ``d``,
+which ``d`` sets after finishing call ``k``'s reads. :mod:`kernels.expert_parallel.emulation` runs
+both forms (the pull one for the combine).
+
 CPU and everywhere else: :func:`exchange_rows_reference`, the same exchange as one ``all_to_all``
 of the padded blocks (rows past a count hold a fill value the caller picks).
 """
@@ -49,6 +57,7 @@ from kernels.symmetric_memory import TILE_BYTES, Layout
 
 __all__ = [
     "DEFAULT_TIMEOUT_NS",
+    "FORMS",
     "ExchangeLayout",
     "exchange_rows_peer",
     "exchange_rows_reference",
@@ -58,6 +67,7 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT_NS = 20_000_000_000  # 20 s: far beyond any call, short of a silent hang
+FORMS = ("push", "pull")  # where the rows wait between the source's copy and the destination's
 TIMEOUT_ENV = "SPMD_EP_SPIN_TIMEOUT_NS"  # a GPU check sets a short bound (2 s) so a lost flag traps fast
 
 
@@ -234,8 +244,9 @@ _ROWCOUNT_LOAD_PTX = "ld.relaxed.sys.global.b32 $0, [$1];"
 _PLAIN_STORE_PTX = "st.global.b32 [$0], $1;"
 
 
-def _exchange_body(lay: ExchangeLayout, timeout_ns: int):
-    """The kernel body (see the module docstring) for one layout."""
+def _exchange_body(lay: ExchangeLayout, timeout_ns: int, form: str = "push"):
+    """The kernel body (see the module docstring) for one layout, in the push or the pull form."""
+    pull = form == "pull"
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     ep, rpc, quads = lay.ranks, lay.rows_per_chunk, lay.row_words // 4
@@ -320,29 +331,34 @@ def _exchange_body(lay: ExchangeLayout, timeout_ns: int):
 
             send_base, recv_base = ref_addr(send), ref_addr(recv)
             peer = pick(dest, bases)
-            # Send: my rows for ``dest`` in this chunk, into ``dest``'s data[parity][me].
+            # Send: my rows for ``dest`` in this chunk: push, into ``dest``'s data[parity][me]; pull, staged
+            # in my own data[parity][dest] for ``dest`` to read.
             n_send = rows_left(memref.load(counts, [arith.index_cast(index, dest)]))
-            copy_rows(n_send, lambda r: array_row(send_base, dest, r), lambda r: data_row(peer, rank, r), _LOAD16_PTX)
-            cell = arith.addi(arith.muli(blk64, c64(ep)), arith.extui(i64, rank))  # [blk][me]
+            at, who = (own, dest) if pull else (peer, rank)
+            copy_rows(n_send, lambda r: array_row(send_base, dest, r), lambda r: data_row(at, who, r), _LOAD16_PTX)
+            cell = arith.addi(arith.muli(blk64, c64(ep)), arith.extui(i64, who))  # [blk][me] (pull: [blk][dest])
             with mu.when(is_t0):
                 where = arith.addi(c64(lay.rowcount_offset), arith.muli(arith.addi(
                     arith.muli(parity, c64(lay.blocks * ep)), cell), c64(4)))  # fmt: skip
-                _asm(_ROWCOUNT_STORE_PTX, [arith.addi(peer, where), n_send])
+                _asm(_ROWCOUNT_STORE_PTX, [arith.addi(at, where), n_send])
             mu.warpgroup_barrier()
             with mu.when(is_t0):
-                flag = arith.addi(peer, arith.addi(c64(lay.flags_offset), arith.muli(cell, c64(4))))
+                me_cell = arith.addi(arith.muli(blk64, c64(ep)), arith.extui(i64, rank))
+                flag = arith.addi(peer, arith.addi(c64(lay.flags_offset), arith.muli(me_cell, c64(4))))
                 _asm(_SIGNAL_PTX, [flag, epoch])
-            # Receive: ``src``'s rows for me in this chunk.
+            # Receive: ``src``'s rows for me in this chunk (push: from my buffer; pull: from ``src``'s).
             mine = arith.addi(arith.muli(blk64, c64(ep)), arith.extui(i64, src))
             with mu.when(is_t0):
                 flag = arith.addi(own, arith.addi(c64(lay.flags_offset), arith.muli(mine, c64(4))))
                 _asm(_WAIT_PTX, [flag, epoch, c64(int(timeout_ns))])
             mu.warpgroup_barrier()
+            at, who = (pick(src, bases), rank) if pull else (own, src)
+            cell = arith.addi(arith.muli(blk64, c64(ep)), arith.extui(i64, who))
             where = arith.addi(c64(lay.rowcount_offset), arith.muli(arith.addi(
-                arith.muli(parity, c64(lay.blocks * ep)), mine), c64(4)))  # fmt: skip
-            n_recv = _asm(_ROWCOUNT_LOAD_PTX, [arith.addi(own, where)], results=1)
+                arith.muli(parity, c64(lay.blocks * ep)), cell), c64(4)))  # fmt: skip
+            n_recv = _asm(_ROWCOUNT_LOAD_PTX, [arith.addi(at, where)], results=1)
             copy_rows(
-                n_recv, lambda r: data_row(own, src, r), lambda r: array_row(recv_base, src, r), _LOAD16_VOLATILE_PTX
+                n_recv, lambda r: data_row(at, who, r), lambda r: array_row(recv_base, src, r), _LOAD16_VOLATILE_PTX
             )
             with mu.when(is_t0):
                 slot = arith.addi(arith.muli(arith.extui(i64, src), c64(lay.chunks)), arith.extui(i64, c))
@@ -363,6 +379,7 @@ def exchange_rows_peer(
     *,
     layout: ExchangeLayout,
     timeout_ns: int | None = None,
+    form: str = "push",
 ) -> tuple[jax.Array, jax.Array]:
     """The exchange on the peer buffers (Mosaic GPU; inside ``shard_map`` on NVIDIA GPUs).
 
@@ -373,16 +390,20 @@ def exchange_rows_peer(
       layout: this exchange's region of the buffers.
       timeout_ns: how long a block waits for a peer before the kernel traps (default
         :func:`spin_timeout_ns`: ``$SPMD_EP_SPIN_TIMEOUT_NS`` or 20 s).
+      form: ``"push"`` (each source writes its rows into the destination's buffer) or ``"pull"`` (each
+        source stages them in its own buffer, and the destination reads them from there after the flag).
 
     Returns:
       ``(recv uint32[ep, max_rows, row_words], recv_counts int32[ep])``: rows past a source's count
       are undefined.
 
     Raises:
-      ValueError: operands that do not match ``layout``.
+      ValueError: operands that do not match ``layout``; ``form`` not one of :data:`FORMS`.
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    if form not in FORMS:
+        raise ValueError(f"exchange_rows_peer: expected form in {FORMS}, got {form!r}.")
     ep = layout.ranks
     want = (ep, layout.max_rows, layout.row_words)
     if tuple(send.shape) != want or send.dtype != jnp.uint32:
@@ -400,7 +421,7 @@ def exchange_rows_peer(
     params = inspect.signature(plgpu.kernel).parameters
     kwargs = {("out_type" if "out_type" in params else "out_shape"): out_type}
     kernel = plgpu.kernel(
-        _exchange_body(layout, int(timeout_ns)), grid=(layout.blocks,), grid_names=("blocks",), **kwargs
+        _exchange_body(layout, int(timeout_ns), form), grid=(layout.blocks,), grid_names=("blocks",), **kwargs
     )
     recv, chunk_counts = kernel(send, counts, table)
     return recv, chunk_counts.sum(axis=1).astype(jnp.int32)

@@ -4,7 +4,8 @@
     python -m spmd.bench.expert_parallel --platform cpu           # 8 simulated CPU devices, small shapes
 
 Managers: naive, capacity, ragged (and ragged-dense), low_latency (on GPUs its Pallas kernel on peer
-buffers allocated for each row's shape; elsewhere its all_to_all form) and low_latency-fp8.
+buffers allocated for each row's shape; elsewhere its all_to_all form), low_latency-fp8 (fp8 dispatch)
+and low_latency-pull (the combine read from the owners' buffers instead of written into the sources').
 Per configuration (tokens per rank, hidden, top-k, experts) each manager routes bf16 tokens to
 identity experts and back (dispatch + combine, no expert math), checked once against a numpy
 reference (identity experts give back the input, times the kept routing weights), then timed as
@@ -26,7 +27,7 @@ from spmd.bench import harness
 __all__ = ["DEFAULTS", "build_parser", "main"]
 
 PROG = "python -m spmd.bench.expert_parallel"
-MANAGERS = ("naive", "capacity", "ragged", "ragged-dense", "low_latency", "low_latency-fp8")
+MANAGERS = ("naive", "capacity", "ragged", "ragged-dense", "low_latency", "low_latency-fp8", "low_latency-pull")
 # Shapes per platform: accelerators get serving shapes; a CPU laptop gets shapes that run in seconds.
 DEFAULTS = {
     "accelerator": {"tokens": "1,128,4096", "hidden": "4096,7168", "configs": "2x8,8x64", "iters": 20, "repeats": 3},
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="naive,capacity,ragged,low_latency",
         help="all-to-all managers; ragged-dense is the ragged manager over the padded all_to_all; low_latency "
         "runs its Pallas kernel on GPUs (buffers allocated for the row's shape) and its all_to_all form elsewhere; "
-        "low_latency-fp8 dispatches float8 e4m3",
+        "low_latency-fp8 dispatches float8 e4m3; low_latency-pull combines by reading the owners' buffers",
     )
     p.add_argument("--capacity-factor", type=float, default=1.25, help="the capacity manager's slack per expert")
     p.add_argument(
@@ -140,6 +141,7 @@ def _case(name: str, ep: int, t: int, h: int, k: int, e: int, args: argparse.Nam
         fp8 = name == "low_latency-fp8"
         if name.startswith("low_latency"):
             kwargs = {"max_tokens": t, "use_fp8": fp8, "wire": "all_to_all"}
+            kwargs["combine_form"] = "pull" if name == "low_latency-pull" else "push"
             if devices_are_gpus(mesh):  # the kernel, or a loud failure: a silent fallback would time the wrong thing
                 from spmd.expert_parallel import allocate_low_latency_buffers
 

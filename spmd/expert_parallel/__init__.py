@@ -24,16 +24,20 @@ from spmd.expert_parallel.managers import (
     RaggedRoutingState,
     ragged_all_to_all_dense,
 )
+from spmd.expert_parallel.plan import DEFAULT_MAX_TOKENS, ENABLE_ENV, LowLatencyPlan, plan_low_latency
 
 MANAGERS = {**XLA_MANAGERS, "low_latency": LowLatencyAll2AllManager}  # every manager, by name
 
 __all__ = [
     "All2AllManagerBase",
+    "DEFAULT_MAX_TOKENS",
+    "ENABLE_ENV",
     "CapacityAll2AllManager",
     "CapacityRoutingState",
     "ExpertInputs",
     "ExpertTokens",
     "LowLatencyAll2AllManager",
+    "LowLatencyPlan",
     "LowLatencyRoutingState",
     "NaiveAll2AllManager",
     "NaiveRoutingState",
@@ -44,6 +48,7 @@ __all__ = [
     "combine_by_all_gather",
     "combine_by_all_to_all",
     "get_all2all_manager",
+    "plan_low_latency",
     "ragged_all_to_all_dense",
     "scatter_by_all_gather",
     "scatter_by_all_to_all",

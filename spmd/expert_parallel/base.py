@@ -45,6 +45,7 @@ from jax import lax
 
 from spmd import collectives
 from spmd.axes import EP, TP
+from spmd.expert_parallel.fp8 import check_use_fp8, pack_fp8_rows, unpack_fp8_rows
 
 __all__ = ["All2AllManagerBase", "ExpertInputs", "ExpertTokens", "RoutingState"]
 
@@ -110,20 +111,24 @@ class All2AllManagerBase(abc.ABC):
       num_experts: experts in the layer, all EP ranks together; divisible by the EP size.
       ep_axis: the mesh axis experts are sharded over.
       tp_axis: the mesh axis each expert's matrices are sharded over (``None``: not sharded).
+      use_fp8: ``dispatch`` sends the tokens as float8 e4m3 with a float32 scale per token
+        (:mod:`spmd.expert_parallel.fp8`); the experts get them dequantized; ``combine`` is unchanged.
 
     Raises:
-      ValueError: ``num_experts`` is not a positive int.
+      ValueError: ``num_experts`` is not a positive int, ``use_fp8`` not a bool.
     """
 
     name: ClassVar[str] = "base"
     state_type: ClassVar[type[RoutingState]] = RoutingState
+    packs_fp8_itself: ClassVar[bool] = False  # True: the manager's own rows carry fp8 (no generic packing)
 
-    def __init__(self, num_experts: int, *, ep_axis: str = EP, tp_axis: str | None = TP):
+    def __init__(self, num_experts: int, *, ep_axis: str = EP, tp_axis: str | None = TP, use_fp8: bool = False):
         if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or num_experts < 1:
             raise ValueError(f"{type(self).__name__}: expected a positive int num_experts, got {num_experts!r}.")
         self.num_experts = int(num_experts)
         self.ep_axis = ep_axis
         self.tp_axis = tp_axis
+        self.use_fp8 = check_use_fp8(type(self).__name__, use_fp8)
 
     # Sizes (traced context) ----------------------------------------------------------------------
     def ep_size(self) -> int:
@@ -171,12 +176,18 @@ class All2AllManagerBase(abc.ABC):
 
         Raises:
           ValueError, TypeError: routing of the wrong shape or dtype, top-k above the expert
-            count, concrete ids out of range, experts not divisible by the EP size.
+            count, concrete ids out of range, experts not divisible by the EP size; with ``use_fp8``,
+            hidden states that are not floating point.
         """
         self._check_routing(hidden_states, topk_weights, topk_ids)
+        dtype, packed = hidden_states.dtype, self.use_fp8 and not self.packs_fp8_itself
+        if packed:  # quantize before the first exchange; the scale rides in each row
+            hidden_states = pack_fp8_rows(hidden_states)
         if is_sequence_parallel:
             hidden_states, topk_weights, topk_ids = self._gather_sequence(hidden_states, topk_weights, topk_ids)
         expert_tokens, state = self._dispatch(hidden_states, topk_weights, topk_ids)
+        if packed:  # dequantize after the last one, before the experts
+            expert_tokens = expert_tokens.with_tokens(unpack_fp8_rows(expert_tokens.tokens, dtype))
         return expert_tokens, dataclasses.replace(state, is_sequence_parallel=is_sequence_parallel)
 
     def combine(self, hidden_states: Any, routing_state: Any = None, is_sequence_parallel: bool = False) -> Any:
@@ -282,6 +293,11 @@ class All2AllManagerBase(abc.ABC):
             raise TypeError(f"{op}: expected integer topk_ids, got {topk_ids.dtype}.")
         if not jnp.issubdtype(topk_weights.dtype, jnp.floating):
             raise TypeError(f"{op}: expected floating-point topk_weights, got {topk_weights.dtype}.")
+        if self.use_fp8 and not jnp.issubdtype(hidden_states.dtype, jnp.floating):
+            raise TypeError(
+                f"{op}: use_fp8 quantizes floating-point tokens; got hidden_states of {hidden_states.dtype} "
+                "(pass float tokens, or build the manager with use_fp8=False)."
+            )
         k = topk_ids.shape[1]
         if k > self.num_experts:
             raise ValueError(f"{op}: top-k {k} is larger than the number of experts {self.num_experts}.")
@@ -318,7 +334,8 @@ class All2AllManagerBase(abc.ABC):
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(num_experts={self.num_experts}, ep_axis={self.ep_axis!r}, tp_axis={self.tp_axis!r})"
+            f"{type(self).__name__}(num_experts={self.num_experts}, ep_axis={self.ep_axis!r}, tp_axis={self.tp_axis!r}"
+            + (", use_fp8=True)" if self.use_fp8 else ")")
         )
 
 

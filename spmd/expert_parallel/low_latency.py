@@ -34,6 +34,7 @@ from jax import lax
 
 from kernels import symmetric_memory
 from kernels.expert_parallel import (
+    FORMS,
     ExchangeLayout,
     exchange_rows_peer,
     exchange_rows_reference,
@@ -43,11 +44,11 @@ from kernels.expert_parallel import (
 from spmd.axes import EP, TP
 from spmd.expert_parallel.base import All2AllManagerBase, ExpertTokens, RoutingState, slot_arrays
 from spmd.expert_parallel.buckets import combine_by_all_to_all, scatter_by_all_to_all
+from spmd.expert_parallel.fp8 import FP8_MAX, dequantize_fp8, quantize_fp8
 from spmd.expert_parallel.managers import MANAGERS as XLA_MANAGERS
 
 __all__ = ["FP8_MAX", "LowLatencyAll2AllManager", "LowLatencyRoutingState", "allocate_low_latency_buffers"]
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 WIRES = ("auto", "peer", "all_to_all")
 _POISON = 0xFFFFFFFF  # rows past a count on the all_to_all wire: NaN as floats, -1 as ids
 
@@ -126,20 +127,6 @@ def _from_words(w: jax.Array, dtype: Any) -> jax.Array:
     return x if per == 1 else x.reshape(*w.shape[:-1], w.shape[-1] * per)
 
 
-def quantize_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-token e4m3 with power-of-two scales: ``(q float8_e4m3fn[T, H], scale f32[T])``, ``x ~ q * scale``.
-
-    ``scale = 2**p``, the smallest power of two with ``max|x| / scale <= 448`` (e4m3's largest
-    finite value), found from the exponent of ``max|x|``: scaling is exact, rounding to e4m3
-    (to nearest even) is the only rounding, and the result is the same bits on every platform.
-    """
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)
-    m, e = jnp.frexp(amax)  # amax = m * 2**e, m in [0.5, 1)
-    p = jnp.clip(jnp.where(m <= 0.875, e - 9, e - 8), -126, 127)  # 448 = 0.875 * 2**9
-    q = jnp.ldexp(x.astype(jnp.float32), -p[:, None]).astype(jnp.float8_e4m3fn)
-    return q, jnp.ldexp(jnp.ones_like(amax), p)
-
-
 class LowLatencyAll2AllManager(All2AllManagerBase):
     """Dispatch each token once per destination rank into static receive blocks; combine in fixed order.
 
@@ -153,13 +140,16 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
       fallback: a manager name used where the kernel is not eligible (``"naive"``, ...), or ``None``
         (the all_to_all form of this protocol; more tokens than ``max_tokens`` then raise).
       chunks: thread blocks per destination in the kernel (default from ``max_tokens``).
+      combine_form: how the kernel returns the partial sums: ``"push"`` (owners write them into the
+        sources' buffers) or ``"pull"`` (sources read them from the owners' buffers); the same results.
 
     Raises:
-      ValueError: bad ``max_tokens``, ``wire``, ``fallback`` or ``chunks``.
+      ValueError: bad ``max_tokens``, ``wire``, ``fallback``, ``chunks`` or ``combine_form``.
     """
 
     name = "low_latency"
     state_type = LowLatencyRoutingState
+    packs_fp8_itself = True  # the scale rides in the row's metadata
 
     def __init__(
         self,
@@ -171,10 +161,11 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
         wire: str = "auto",
         fallback: str | None = None,
         chunks: int | None = None,
+        combine_form: str = "push",
         ep_axis: str = EP,
         tp_axis: str | None = TP,
     ):
-        super().__init__(num_experts, ep_axis=ep_axis, tp_axis=tp_axis)
+        super().__init__(num_experts, ep_axis=ep_axis, tp_axis=tp_axis, use_fp8=use_fp8)
         if max_tokens is not None and (
             isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
         ):
@@ -189,11 +180,14 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
             )
         if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
             raise ValueError(f"LowLatencyAll2AllManager: expected a positive int chunks or None, got {chunks!r}.")
-        if not isinstance(use_fp8, bool):
-            raise ValueError(f"LowLatencyAll2AllManager: expected use_fp8 True or False, got {use_fp8!r}.")
+        if combine_form not in FORMS:
+            raise ValueError(f"LowLatencyAll2AllManager: expected combine_form in {FORMS}, got {combine_form!r}.")
+        self.combine_form = combine_form
         self.max_tokens, self.use_fp8, self.buffers, self.wire, self.chunks = max_tokens, use_fp8, buffers, wire, chunks
         self.fallback = (
-            None if fallback is None else XLA_MANAGERS[fallback](num_experts, ep_axis=ep_axis, tp_axis=tp_axis)
+            None
+            if fallback is None
+            else XLA_MANAGERS[fallback](num_experts, ep_axis=ep_axis, tp_axis=tp_axis, use_fp8=use_fp8)
         )
 
     # Which path ---------------------------------------------------------------------------------------
@@ -239,10 +233,10 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
             )
         return "all_to_all"
 
-    def _exchange(self, path: str, send, counts, layout: ExchangeLayout):
+    def _exchange(self, path: str, send, counts, layout: ExchangeLayout, form: str = "push"):
         if path == "peer":
             table = self.buffers.peer_table(self.ep_axis)
-            return exchange_rows_peer(send, counts, table, layout=layout)
+            return exchange_rows_peer(send, counts, table, layout=layout, form=form)
         return exchange_rows_reference(
             send, counts, axis_name=self.ep_axis, fill=_POISON
         )  # as undefined as the kernel's
@@ -333,8 +327,7 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
             words = jnp.where(live, recv[..., :pw], jnp.uint32(0))
             if self.use_fp8:
                 got_scale = jnp.where(live[..., 0], lax.bitcast_convert_type(recv[..., pw + 2 * k], jnp.float32), 0.0)
-                xs = _from_words(words, jnp.float8_e4m3fn).astype(jnp.float32) * got_scale[..., None]
-                xs = xs.astype(hidden_states.dtype)
+                xs = dequantize_fp8(_from_words(words, jnp.float8_e4m3fn), got_scale, hidden_states.dtype)
             else:
                 xs = _from_words(words, hidden_states.dtype)
             xs = xs[..., :h].reshape(ep * m, h)
@@ -368,7 +361,7 @@ class LowLatencyAll2AllManager(All2AllManagerBase):
                 partial = partial + jnp.where(w != 0, w * pairs[:, :, j].astype(jnp.float32), 0.0)
             send = jnp.pad(_to_words(partial), ((0, 0), (0, 0), (0, lay.row_words - h)))
         with jax.named_scope("low_latency_combine/exchange"):
-            back, _ = self._exchange(path, send, state.recv_counts, lay)
+            back, _ = self._exchange(path, send, state.recv_counts, lay, self.combine_form)
         with jax.named_scope("low_latency_combine/sum"):
             back = lax.bitcast_convert_type(back[..., :h], jnp.float32)  # [owner, M, H]
             y = jnp.zeros((t, h), jnp.float32)

@@ -158,8 +158,9 @@ class CapacityAll2AllManager(All2AllManagerBase):
         capacity_factor: float = 1.25,
         ep_axis: str = EP,
         tp_axis: str | None = TP,
+        use_fp8: bool = False,
     ):
-        super().__init__(num_experts, ep_axis=ep_axis, tp_axis=tp_axis)
+        super().__init__(num_experts, ep_axis=ep_axis, tp_axis=tp_axis, use_fp8=use_fp8)
         if expert_capacity is not None:
             _check_capacity("CapacityAll2AllManager", expert_capacity)
             expert_capacity = int(expert_capacity)
@@ -325,8 +326,9 @@ class RaggedAll2AllManager(All2AllManagerBase):
         use_ragged_collective: bool | None = None,
         ep_axis: str = EP,
         tp_axis: str | None = TP,
+        use_fp8: bool = False,
     ):
-        super().__init__(num_experts, ep_axis=ep_axis, tp_axis=tp_axis)
+        super().__init__(num_experts, ep_axis=ep_axis, tp_axis=tp_axis, use_fp8=use_fp8)
         if use_ragged_collective is not None and not isinstance(use_ragged_collective, bool):
             raise ValueError(
                 f"RaggedAll2AllManager: expected use_ragged_collective to be True, False or None, "

@@ -61,7 +61,9 @@ def _checks(jax, mesh, label: str, args) -> bool:
         if args.cpu_dry_run:  # the script's own logic on CPU: the all_to_all form, no kernel
             return LowLatencyAll2AllManager(e, max_tokens=M, use_fp8=fp8, wire="all_to_all", tp_axis=None)
         bufs = allocate_low_latency_buffers(mesh, max_tokens=M, hidden=H, top_k=K, use_fp8=fp8, timeout_s=60)
-        return LowLatencyAll2AllManager(e, max_tokens=M, use_fp8=fp8, buffers=bufs, wire="peer", tp_axis=None)
+        return LowLatencyAll2AllManager(
+            e, max_tokens=M, use_fp8=fp8, buffers=bufs, wire="peer", tp_axis=None, combine_form=args.combine_form
+        )
 
     def scaled(m):
         def body(x, w, ids):
@@ -276,7 +278,8 @@ def main_parent(args) -> int:
         cmd = [sys.executable, __file__, "--mode", "worker", "--worker", str(pid), "--port", str(port),
                "--nproc", str(len(gpus)), "--stress", str(args.stress), "--chunk", str(args.chunk),
                "--stress-seconds", str(args.stress_seconds), "--calls", str(args.calls), "--dtypes", args.dtypes,
-            "--tokens", str(args.tokens), "--hidden", str(args.hidden)]  # fmt: skip
+            "--tokens", str(args.tokens), "--hidden", str(args.hidden),
+            "--combine-form", args.combine_form]  # fmt: skip
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines: list[str] = []
 
@@ -341,6 +344,7 @@ def main() -> int:
     p.add_argument("--stress-seconds", type=float, default=60.0, help="stop the stress after this long (FAIL)")
     p.add_argument("--timeout", type=float, default=170.0, help="--mode mp: kill the workers after this long")
     p.add_argument("--chunks", type=int, default=1, help="--mode kernel: thread blocks")
+    p.add_argument("--combine-form", choices=("push", "pull"), default="push", help="the kernel's combine form")
     p.add_argument("--calls", type=int, default=3, help="checked dispatch+combine calls per dtype")
     p.add_argument("--dtypes", default="bf16,fp8", help="dispatch dtypes: bf16, fp8 or both (comma-separated)")
     p.add_argument("--tokens", type=int, default=64, help="max tokens per rank (M)")
