@@ -32,7 +32,7 @@ ENABLE_ENV = "SPMD_EP_LOW_LATENCY"  # "1": the automatic choice may pick the ker
 DEFAULT_MAX_TOKENS = 128  # tokens per EP rank the blocks' buffers hold (DeepEP's low-latency regime)
 MAX_GROUP = 8  # GPUs of one NVLink host
 NOT_ENABLED = (
-    "the low-latency kernel is off by default until it passes its GPU check (tests/gpu_ep_check.py; "
+    "the low-latency kernel is off by default until it passes its GPU check (tests/workers/gpu_ep_check.py; "
     f"docs/expert_parallel.md); set {ENABLE_ENV}=1 or pass enabled=True to opt in"
 )
 
