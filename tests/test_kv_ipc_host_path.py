@@ -1,0 +1,175 @@
+"""IpcKVPipe's host work per message (issue 25): nothing is traced, compiled or copied to a device twice.
+
+A stream of messages of one layout must reuse what the first one made: the jitted programs (no
+trace, no lowering, no compile after the first message of a layout, counted with ``jax.monitoring``),
+and on the kernel path the address operand of the receive program (made once per set of staging
+addresses, then passed as the same device array: no host-to-device copy per message, checked with
+JAX's transfer guard). The kernel runs as its host reference here (``by_address``, see
+tests/test_kv_transfer_ipc_kernel.py); every message's bytes are checked against numpy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.monitoring
+import ml_dtypes
+import numpy as np
+import pytest
+
+from spmd.kv_transfer import _receive, kv_head_sharding, split_kv_heads
+from tests.test_kv_transfer_ipc import pair
+from tests.test_kv_transfer_ipc_kernel import by_address, kernel_pair  # noqa: F401  (a fixture)
+
+
+class Compiles:
+    """JAX's compile steps (tracing, lowering, backend compile) while active."""
+
+    def __enter__(self) -> Compiles:
+        self.events: list[str] = []
+
+        def listener(event: str, duration: float, **kwargs) -> None:
+            if event.startswith("/jax/core/compile/"):
+                self.events.append(event)
+
+        self._listener = listener
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def cache(rng, heads: int, tokens: int = 24) -> list[np.ndarray]:
+    layers = [rng.standard_normal((2, heads, tokens, 16)).astype(ml_dtypes.bfloat16) for _ in range(3)]
+    layers.append(rng.integers(-100, 100, (2, heads, tokens, 16)).astype(np.int8))  # a second carrier
+    return layers
+
+
+def check_layers(got: list, layers: list[np.ndarray], devices: list, heads: int) -> None:
+    for x, y in zip(layers, got, strict=True):
+        assert y.dtype == x.dtype and y.shape == x.shape
+        assert y.sharding.is_equivalent_to(kv_head_sharding(devices, heads, head_axis=1), y.ndim)
+        want = split_kv_heads(x, len(devices), head_axis=1)
+        for shard in y.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), want[devices.index(shard.device)])
+
+
+@pytest.mark.parametrize("out", [False, True], ids=["new", "out"])
+@pytest.mark.parametrize("kernel", [False, True], ids=["copy", "kernel"])
+@pytest.mark.parametrize(("src", "dst"), [(1, 1), (2, 2)])
+def test_a_second_cache_of_one_layout_traces_and_compiles_nothing(by_address, rng, kernel, out, src, dst):  # noqa: F811
+    heads = 2
+    s, c = (kernel_pair if kernel else pair)(server_devices=src, client_devices=dst)
+    with s, c:
+        got = None
+        for i in range(5):  # both slots twice, then slot 0 again
+            layers = cache(rng, heads)
+            sharded = [jax.device_put(x, kv_head_sharding(s.devices, heads, head_axis=1)) for x in layers]
+            with Compiles() as compiles:
+                s.send_kv_cache(sharded, head_axis=1)
+                got = c.recv_kv_cache(out=got if out and got is not None else None)
+                jax.block_until_ready(got)
+            if i >= 2:  # (message 0 compiles the programs; message 1 with out= compiles the donating one)
+                assert compiles.events == [], f"message {i} of the same layout: {compiles.events}"
+            check_layers(got, layers, c.devices, heads)
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["copy", "kernel"])
+def test_a_second_array_of_one_shape_traces_and_compiles_nothing(by_address, rng, kernel):  # noqa: F811
+    s, c = (kernel_pair if kernel else pair)(server_devices=1, client_devices=1)
+    with s, c:
+        for i in range(4):
+            x = rng.standard_normal((70, 301)).astype(ml_dtypes.bfloat16)  # > INLINE_BYTES: staged
+            with Compiles() as compiles:
+                s.send_tensor(x)
+                y = jax.block_until_ready(c.recv_tensor())
+            if i:
+                assert compiles.events == [], f"message {i} of the same shape: {compiles.events}"
+            np.testing.assert_array_equal(np.asarray(y), x)
+
+
+@pytest.mark.parametrize(("src", "dst"), [(1, 1), (2, 4)])
+def test_the_kernel_path_builds_one_address_operand_per_slot_not_per_message(by_address, rng, src, dst):  # noqa: F811
+    heads = 2
+    s, c = kernel_pair(server_devices=src, client_devices=dst)
+    with s, c:
+        for _ in range(6):
+            layers = cache(rng, heads)
+            sharded = [jax.device_put(x, kv_head_sharding(s.devices, heads, head_axis=1)) for x in layers]
+            s.send_kv_cache(sharded, head_axis=1)
+            check_layers(c.recv_kv_cache(), layers, c.devices, heads)
+        groups = min(dst, heads)  # distinct head groups: one receiving device each
+        assert c._address_words.built == 2 * groups  # one operand per (slot, receiving device), not per message
+
+
+def test_the_kernel_path_reuses_an_array_address_operand(by_address, rng):  # noqa: F811
+    s, c = kernel_pair(server_devices=1, client_devices=1)
+    with s, c:
+        for _ in range(5):
+            x = rng.standard_normal(1 << 14).astype(np.float32)
+            s.send_tensor(x)
+            np.testing.assert_array_equal(np.asarray(c.recv_tensor()), x)
+        assert c._address_words.built == 2
+
+
+@pytest.fixture
+def stand_in(by_address, monkeypatch):  # noqa: F811
+    """The kernel as an XLA op that reads nothing (no host callback, whose own transfers the guard would see)."""
+    import jax.numpy as jnp
+
+    from kernels import peer_copy
+
+    def copy(words, nbytes):
+        return jnp.zeros(peer_copy.padded_bytes(nbytes) // 4, jnp.uint32) + words[0].astype(jnp.uint32)
+
+    monkeypatch.setattr(_receive, "COPY", copy)
+
+
+@pytest.mark.parametrize("what", ["kv", "array"])
+def test_the_kernel_path_copies_nothing_host_to_device_once_the_slots_are_known(stand_in, rng, what):
+    """JAX's transfer guard: after one message per slot, receiving copies nothing from the host to a device."""
+    heads = 2
+    s, c = kernel_pair(server_devices=1, client_devices=2)
+    with s, c:
+        for i in range(5):
+            if what == "kv":
+                s.send_kv_cache(cache(rng, heads), head_axis=1)
+            else:
+                s.send_tensor(rng.standard_normal(1 << 14).astype(np.float32))
+            receive = c.recv_kv_cache if what == "kv" else c.recv_tensor
+            if i < 2:
+                jax.block_until_ready(receive())
+            else:
+                with jax.transfer_guard_host_to_device("disallow_explicit"):
+                    jax.block_until_ready(receive())
+
+
+def test_slots_that_grow_get_new_address_operands_and_the_right_bytes(by_address, rng):  # noqa: F811
+    """Small caches, then caches too big for the slots (new staging, new addresses), then small again."""
+    heads = 2
+    s, c = kernel_pair(server_devices=1, client_devices=1)
+    with s, c:
+        for tokens in (8, 8, 4096, 4096, 8, 8):  # 4096 tokens: 1.5 MiB per message > the 1 MiB first slots
+            layers = cache(rng, heads, tokens)
+            s.send_kv_cache(layers, head_axis=1)
+            check_layers(c.recv_kv_cache(), layers, c.devices, heads)
+        assert c._address_words.built == 6  # per slot and layout: the first two slots, then the new ones, twice
+
+
+def test_address_words_are_the_low_and_high_words():
+    at = [0x1234_5678_9ABC_DEF0, 64, (1 << 48) - 8]
+    words = _receive.address_words(at).view(np.uint32).astype(np.uint64)
+    assert words.shape == (3, 2)
+    np.testing.assert_array_equal(words[:, 0] | words[:, 1] << np.uint64(32), np.array(at, np.uint64))
+
+
+def test_address_words_keeps_at_most_its_limit():
+    words = _receive.AddressWords(limit=2)
+    dev = jax.devices()[0]
+    a = words(dev, [64])
+    assert words(dev, [64]) is a and words.built == 1
+    words(dev, [128])
+    words(dev, [192])  # a third set: the held ones are dropped
+    assert words.built == 3 and len(words._held) == 1
+    np.testing.assert_array_equal(np.asarray(words(dev, [64])).view(np.uint32), [[64, 0]])
+    assert words.built == 4
