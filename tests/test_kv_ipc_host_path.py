@@ -173,3 +173,24 @@ def test_address_words_keeps_at_most_its_limit():
     assert words.built == 3 and len(words._held) == 1
     np.testing.assert_array_equal(np.asarray(words(dev, [64])).view(np.uint32), [[64, 0]])
     assert words.built == 4
+
+
+def test_the_sender_plans_each_shape_once_and_tells_shapes_apart(rng, monkeypatch):
+    """Same shapes twice each: dtypes and head axes that differ are other plans, and the bytes arrive right."""
+    from spmd.kv_transfer import _arrays
+
+    planned = []
+    num_heads = _arrays.num_heads
+    monkeypatch.setattr(_arrays, "num_heads", lambda layers, axis: planned.append(axis) or num_heads(layers, axis))
+    s, c = pair(server_devices=2, client_devices=1)
+    kinds = [(ml_dtypes.bfloat16, 1), (np.float32, 1), (np.float32, 0)]  # same shape [2, 2, 24, 16] each time
+    with s, c:
+        for dtype, axis in kinds * 2:
+            layers = [rng.standard_normal((2, 2, 24, 16)).astype(dtype) for _ in range(2)]
+            s.send_kv_cache(layers, head_axis=axis)
+            for x, y in zip(layers, c.recv_kv_cache(), strict=True):
+                assert y.dtype == x.dtype
+                np.testing.assert_array_equal(np.asarray(y), x)
+        assert planned == [1, 1, 0]  # once per distinct (dtypes, shapes, head axis)
+        with pytest.raises(ValueError, match="head_axis must be a non-negative int, got True"):
+            s.send_kv_cache(layers, head_axis=True)  # (equal to 1 as a dictionary key)
