@@ -326,7 +326,9 @@ class IpcKVPipe(IpcReceiving, KVPipeBase):
         if nbytes <= INLINE_BYTES:
             host = np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)
             return self._send({**meta, "inline": True}, [], fn, inline=host.tobytes())
-        self._send(meta, [jax.device_put(x, self.devices[0])], fn)
+        if not (isinstance(x, jax.Array) and x.sharding.device_set == {self.devices[0]}):
+            x = jax.device_put(x, self.devices[0])  # (an array already there is staged as it is)
+        self._send(meta, [x], fn)
 
     def send_kv_cache(self, layers: Sequence[Any], *, head_axis: int = 0) -> None:
         """As :meth:`KVPipeBase.send_kv_cache`, as ONE staged message for the whole cache.
