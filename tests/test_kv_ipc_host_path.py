@@ -194,3 +194,63 @@ def test_the_sender_plans_each_shape_once_and_tells_shapes_apart(rng, monkeypatc
         assert planned == [1, 1, 0]  # once per distinct (dtypes, shapes, head axis)
         with pytest.raises(ValueError, match="head_axis must be a non-negative int, got True"):
             s.send_kv_cache(layers, head_axis=True)  # (equal to 1 as a dictionary key)
+
+
+def test_the_stand_in_kernel_is_undone():
+    from kernels import peer_copy
+    from spmd.kv_transfer import _shared_memory, host_probe
+
+    shm = _shared_memory.Shm
+    before = (_receive.COPY, shm.open, shm.close_mapping)
+    undo = host_probe.stand_in_kernel()
+    assert _receive.COPY is not peer_copy.copy_from_address and shm.open is not before[1]
+    undo()
+    assert (_receive.COPY, shm.open, shm.close_mapping) == before == (peer_copy.copy_from_address, *before[1:])
+    assert "check_room" not in vars(shm)
+
+
+@pytest.fixture
+def bench_env(monkeypatch):
+    """The benches set JAX_PLATFORMS and XLA_FLAGS for a process of their own: put them back after."""
+    import os
+
+    for name in ("JAX_PLATFORMS", "XLA_FLAGS"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+
+
+def test_the_host_bench_sees_no_compile_and_no_address_copy_per_message(bench_env, tmp_path):
+    import json
+
+    from spmd.bench import kv_host
+
+    out = tmp_path / "kv_host.json"
+    argv = ["--sizes", "1MiB", "--kv-layers", "2", "--messages", "3", "--json", str(out)]
+    assert kv_host.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["mode"], r["receive"]) for r in rows} == {(m, k) for m in ("kv", "array") for k in ("copy", "kernel")}
+    for r in rows:
+        assert r["compiles_per_message"] == 0, r
+        assert r["device_puts_per_message"] == (0 if r["receive"] == "kernel" else 1), r  # (copy: the pread buffer)
+        assert r["ok"] is (None if r["receive"] == "kernel" else True)
+        assert r["phases_us"] and r["median_us"] > 0
+
+
+def test_the_dispatch_bench_runs_on_cpu(bench_env, tmp_path):
+    import json
+
+    from spmd.bench import kv_dispatch
+
+    out = tmp_path / "kv_dispatch.json"
+    assert (
+        kv_dispatch.main(["--platform", "cpu", "--sizes", "1MiB", "--layers", "2", "--iters", "3", "--json", str(out)])
+        == 0
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["step"] for r in rows][:4] == [
+        "recv program, operand kept (dispatch)",
+        "recv program, operand kept + wait",
+        "recv program, operand per call (dispatch)",
+        "device_put(address) alone",
+    ]
+    assert rows[0]["fusions"] >= 1 and all(r["us"] > 0 for r in rows)
+    assert _receive.COPY.__module__ == "kernels.peer_copy"  # the stand-in was undone

@@ -92,42 +92,40 @@ def _rows(args: argparse.Namespace, device: Any, mib: float) -> list[dict[str, A
     import jax.numpy as jnp
     import numpy as np
 
-    from spmd.kv_transfer import _receive, _route
+    from spmd.kv_transfer import host_probe
 
     nbytes = int(mib * (1 << 20))
     tokens = max(1, nbytes // (args.layers * 8 * 128 * 2))
     layers = (("bfloat16", (8, tokens, 128)),) * args.layers
-    route = _route.kv_route(8, 1, 1, 0, layers)
-    sharding = jax.sharding.SingleDeviceSharding(device)
     total = sum(int(np.prod(s)) * 2 for _, s in layers)
     at, free, want = _source(device, total)
     rows = []
     try:
-        words = jax.device_put(_receive.address_words([at]), device)
-        fn = _receive._kernel_fn(route, 0, False, sharding)
+        words = host_probe.address_operand([at], device)
+        fn = host_probe.receive_program(layers, 8, device)
         got = jax.block_until_ready(fn(words))
         ok = None
         if want is not None:  # the first layer's bytes are the buffer's first words
             ok = bool(np.array_equal(np.asarray(got[0]).reshape(-1).view(np.uint32), want[: got[0].size // 2]))
         kernels = _kernels(fn.lower(words).compile().as_text())
         kv = f"KV cache {args.layers} x bf16[8, {tokens}, 128] ({total / (1 << 20):g} MiB)"
-        per_call = lambda: fn(jax.device_put(_receive.address_words([at]), device))
+        per_call = lambda: fn(host_probe.address_operand([at], device))
         for name, call in [
             ("recv program, operand kept (dispatch)", lambda: fn(words)),
             ("recv program, operand kept + wait", lambda: jax.block_until_ready(fn(words))),
             ("recv program, operand per call (dispatch)", per_call),
-            ("device_put(address) alone", lambda: jax.device_put(_receive.address_words([at]), device)),
+            ("device_put(address) alone", lambda: host_probe.address_operand([at], device)),
         ]:
             rows.append({"what": kv, "step": name, "us": _median_us(call, args.iters), "ok": ok, **kernels})
             ok, kernels = None, {}  # (said on the first row)
         xs = [jnp.zeros(s, jnp.bfloat16, device=device) for _, s in layers]
-        pack = _route._pack_fn(route, 0, 0, True)
+        pack = host_probe.pack_program(layers, 8)
         for name, call in [
             ("pack program (dispatch)", lambda: pack(*xs)),
             ("pack program + wait", lambda: jax.block_until_ready(pack(*xs))),
         ]:
             rows.append({"what": kv, "step": name, "us": _median_us(call, args.iters), "ok": None})
-        one = _receive._array_fn("bfloat16", (total // 2,))
+        one = host_probe.array_program("bfloat16", (total // 2,))
         arr = f"one array bf16[{total // 2}] ({total / (1 << 20):g} MiB)"
         for name, call in [
             ("recv program, operand kept (dispatch)", lambda: one(words)),
@@ -152,24 +150,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: --platform gpu, but JAX sees {device.platform} devices.")
         return 2
     if device.platform == "cpu":  # the Mosaic GPU kernel cannot run here: an XLA op of its shape that reads nothing
-        import jax.numpy as jnp
+        from spmd.kv_transfer import host_probe
 
-        from kernels import peer_copy
-        from spmd.kv_transfer import _receive
-
-        _receive.COPY = lambda w, n: jnp.zeros(peer_copy.padded_bytes(n) // 4, jnp.uint32) + w[0].astype(jnp.uint32)
+        undo = host_probe.stand_in_kernel(map_staging=False)
+    else:
+        undo = lambda: None
     flags = os.environ.get("XLA_FLAGS", "")
     print(f"{PROG} on {device.device_kind} (JAX {jax.__version__}), XLA_FLAGS={flags!r}; median of {args.iters} calls")
     rows = []
-    for text in args.sizes.split(","):
-        for row in _rows(args, device, float(text.removesuffix("MiB"))):
-            rows.append(row)
-            kern = "" if "fusions" not in row else (
-                f"  [program: {row['fusions']} fusions, {row['custom_calls']} custom calls, "
-                f"{row['command_buffers']} command-buffer mentions]"
-            )  # fmt: skip
-            check = {None: "", True: "  bytes PASS", False: "  bytes FAIL"}[row["ok"]]
-            print(f"{row['what']:<44} {row['step']:<44} {row['us']:9.1f} us{check}{kern}", flush=True)
+    try:
+        for text in args.sizes.split(","):
+            for row in _rows(args, device, float(text.removesuffix("MiB"))):
+                rows.append(row)
+                kern = "" if "fusions" not in row else (
+                    f"  [program: {row['fusions']} fusions, {row['custom_calls']} custom calls, "
+                    f"{row['command_buffers']} command-buffer mentions]"
+                )  # fmt: skip
+                check = {None: "", True: "  bytes PASS", False: "  bytes FAIL"}[row["ok"]]
+                print(f"{row['what']:<44} {row['step']:<44} {row['us']:9.1f} us{check}{kern}", flush=True)
+    finally:
+        undo()
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device.device_kind, "xla_flags": flags, "rows": rows}, f, indent=1)

@@ -18,8 +18,9 @@ kernel are the real ones, the bytes are not checked); the copy path's bytes are 
 what was sent on the last message. These are CPU host-path numbers, never GPU numbers: on a GPU
 run ``python -m spmd.bench.kv_ipc --profile`` (two processes).
 
-The file uses only names that commit ``31c9dcb`` already had, so the same file measures the tree
-before this change: ``PYTHONPATH=<that tree> python spmd/bench/kv_host.py``.
+The kernel's stand-in is :func:`spmd.kv_transfer.host_probe.stand_in_kernel`. (The numbers before
+issue 25's host-path change in docs/kv_transfer.md were taken with this file as of commit ``2fed925``,
+which had the stand-in inline, run against commit ``31c9dcb``'s tree.)
 """
 
 from __future__ import annotations
@@ -80,46 +81,16 @@ class _Counts:
 
         jax.device_put = put
         jax.monitoring.register_event_duration_secs_listener(listener)
+        self._undo = (real, listener)
 
+    def close(self) -> None:
+        """Put ``jax.device_put`` back and stop listening."""
+        import jax
+        import jax.monitoring
 
-def _stand_in_kernel() -> Any:
-    """The kernel path on CPU: staging files mapped here (by address), the Mosaic kernel an XLA op reading nothing.
-
-    Returns a function that undoes it (the copy path reads the files with ``pread``).
-    """
-    import ctypes
-    import mmap
-
-    import jax.numpy as jnp
-
-    from kernels import peer_copy
-    from spmd.kv_transfer import _receive, _shared_memory
-
-    held: list[Any] = []
-
-    def copy(words: Any, nbytes: int) -> Any:
-        return jnp.zeros(peer_copy.padded_bytes(nbytes) // 4, jnp.uint32) + words[0].astype(jnp.uint32)
-
-    def open_by_address(self: Any, device: Any, handle: str) -> int:
-        fd = os.open(os.path.join(self.dir, handle), os.O_RDWR)
-        try:
-            m = mmap.mmap(fd, 0)
-        finally:
-            os.close(fd)
-        anchor = ctypes.c_char.from_buffer(m)
-        held.append((m, anchor))
-        return ctypes.addressof(anchor)
-
-    shm = _shared_memory.Shm
-    saved = (_receive.COPY, shm.open, shm.close_mapping)
-    _receive.COPY, shm.open, shm.close_mapping = copy, open_by_address, lambda self, device, mapped: None
-    shm.check_room = lambda self, device, mapped, end: None
-
-    def undo() -> None:
-        _receive.COPY, shm.open, shm.close_mapping = saved
-        del shm.check_room
-
-    return undo
+        real, listener = self._undo
+        jax.device_put = real
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _pair(devices: list[Any]) -> tuple[Any, Any]:
@@ -221,23 +192,30 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     import jax
 
+    from spmd.kv_transfer import host_probe
+
     sizes = [_size(t) for t in args.sizes.split(",")]
     per_token = 2 * args.kv_layers * args.kv_heads * args.head_dim * 2
     if "kv" in args.modes and any(size % per_token for size in sizes):
         print(f"{PROG}: a KV cache comes in steps of {per_token} bytes (--kv-layers/--kv-heads/--head-dim).")
         return 2
     counts = _Counts()
-    print(f"{PROG} on {jax.devices()[0].device_kind} (JAX {jax.__version__}): us per message, both ends in one thread")
-    rows = []
-    for mode in args.modes.split(","):
-        for size in sizes:
-            for receive in args.receive.split(","):
-                undo = _stand_in_kernel() if receive == "kernel" else lambda: None
-                try:
-                    rows.append(_row(args, counts, mode, size, receive))
-                finally:
-                    undo()
-                _print(rows[-1])
+    try:
+        print(
+            f"{PROG} on {jax.devices()[0].device_kind} (JAX {jax.__version__}): us per message, both ends in one thread"
+        )
+        rows = []
+        for mode in args.modes.split(","):
+            for size in sizes:
+                for receive in args.receive.split(","):
+                    undo = host_probe.stand_in_kernel() if receive == "kernel" else lambda: None
+                    try:
+                        rows.append(_row(args, counts, mode, size, receive))
+                    finally:
+                        undo()
+                    _print(rows[-1])
+    finally:
+        counts.close()
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": [PROG, *(sys.argv[1:] if argv is None else argv)], "rows": rows}, f, indent=1)

@@ -30,6 +30,15 @@ def _count(v: Any) -> bool:
 class IpcReceiving:
     """Mixed into :class:`~spmd.kv_transfer.IpcKVPipe`, whose state it uses (``_maps``, ``_mem``, ``receive``...)."""
 
+    def _init_receiving(self) -> None:
+        """The receiver's state kept across messages (dropped by :meth:`_drop_receiving`)."""
+        self._plans: dict[str, _Plan] = {}  # a cache's metadata (JSON) -> its checked route and plan here
+        self._address_words = _receive.AddressWords()  # the kernel's address operands, per (device, addresses)
+        self._room: dict[tuple[int, str], int] = {}  # (device index, handle) -> bytes its mapping is known to hold
+
+    def _drop_receiving(self) -> None:
+        self._plans, self._address_words, self._room = {}, _receive.AddressWords(), {}
+
     def _locate(self, desc: Any, device: Any, nbytes: int, fn: str, deadline: float) -> tuple[Any, int]:
         """``(mapping, offset)`` of a piece of ``nbytes`` named by ``desc``, after checking where it lies."""
         slot_id, off, n = (desc.get(k) if isinstance(desc, dict) else None for k in ("id", "off", "n"))
@@ -55,10 +64,9 @@ class IpcReceiving:
                     f"{fn}: the peer closed before this message was taken (its staging {m['h']!r} is gone)."
                 ) from None
         if self.receive == "kernel":
-            checked = self.__dict__.setdefault("_checked", {})  # (device index, handle) -> bytes known to be there
-            if checked.get((i, m["h"]), -1) < off + reach:
+            if self._room.get((i, m["h"]), -1) < off + reach:  # (the driver asked once per mapping and extent)
                 self._mem.check_room(device, mapped, off + reach)
-                checked[(i, m["h"])] = off + reach
+                self._room[(i, m["h"])] = off + reach
         return mapped, off
 
     def _pieces(self, layout: dict, count: int, fn: str) -> list[Any]:
@@ -93,10 +101,7 @@ class IpcReceiving:
 
     def _words(self, device: Any, addresses: list[int]) -> Any:
         """The address operand of a receive program on ``device``: made once per set of addresses, then reused."""
-        words = self.__dict__.get("_address_words")
-        if words is None:
-            words = self._address_words = _receive.AddressWords()
-        return words(device, addresses)
+        return self._address_words(device, addresses)
 
     def _kernel_failed(self, e: Exception) -> bool:
         """Whether to fall back to ``receive="copy"`` after the kernel path raised ``e`` (once, with a warning)."""
@@ -192,7 +197,7 @@ class IpcReceiving:
 
     def _route_of(self, kv: Any, fn: str) -> _Plan:
         """The checked route of a cache's metadata and its plan here, remembered by its JSON (once per shape)."""
-        plans = self.__dict__.setdefault("_routes", {})
+        plans = self._plans
         key = json.dumps(kv, separators=(",", ":"))
         plan = plans.get(key)
         if plan is None:

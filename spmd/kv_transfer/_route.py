@@ -195,6 +195,22 @@ def kv_route(
     return KVRoute(num_heads, src_tp, dst_tp, head_axis, layers)
 
 
+def sender_plan(layers: list[Any], head_axis: int, devices: list[Any], dst_tp: int) -> tuple[KVRoute, Any, dict]:
+    """``(route, the layers' KV-head sharding over devices, the cache's metadata)`` of a cache of this shape.
+
+    Raises:
+      ValueError: layers without the same number of heads on ``head_axis``, or TP sizes that do not fit them.
+    """
+    heads = _arrays.num_heads(layers, head_axis)
+    _heads.kv_head_ranges(heads, len(devices))
+    _heads.kv_head_ranges(heads, dst_tp)
+    specs = tuple((_arrays.dtype_name(x.dtype), tuple(x.shape)) for x in layers)
+    route = kv_route(heads, len(devices), dst_tp, head_axis, specs)
+    kv = {"heads": heads, "head_axis": head_axis, "src_tp": len(devices), "dst_tp": dst_tp}
+    kv["layers"] = [[d, list(shape)] for d, shape in specs]
+    return route, _heads.kv_head_sharding(devices, heads, head_axis=head_axis), kv
+
+
 def _to_bits(x: Any, carrier: str) -> Any:
     import jax
 

@@ -44,7 +44,6 @@ from spmd.kv_transfer import _arrays, _device, _receive, _route, _shared_memory,
 from spmd.kv_transfer._ipc_recv import IpcReceiving
 from spmd.kv_transfer._profile import Phases
 from spmd.kv_transfer.base import KVPipeBase
-from spmd.kv_transfer.heads import kv_head_ranges, kv_head_sharding
 from spmd.kv_transfer.tcp import TCPKVPipe
 
 __all__ = ["BACKENDS", "INLINE_BYTES", "IpcKVPipe"]
@@ -135,6 +134,7 @@ class IpcKVPipe(IpcReceiving, KVPipeBase):
         self._dirty: list[Any] = []  # devices with staging copies in flight (synchronised by the release)
         self._sent = self._acked = self._received = 0  # messages sent, of those taken by the peer, received
         self._sending: dict[tuple, tuple[_route.KVRoute, Any, str]] = {}  # a cache's shape -> its route, sharding
+        self._init_receiving()
         self._same_process = False
         self._headers = self._peer = None
         self._control = TCPKVPipe(host, port, role=role, timeout_s=timeout_s, secret=secret, deadline=deadline)
@@ -189,6 +189,7 @@ class IpcKVPipe(IpcReceiving, KVPipeBase):
             except Exception:
                 pass
         self._mapped.clear()
+        self._drop_receiving()
         if self._acked >= self._sent or self._mem.name == "shm":
             for device, slot in [(self.devices[i], s) for (i, _), s in self._slots.items()] + self._retired:
                 try:
@@ -353,7 +354,8 @@ class IpcKVPipe(IpcReceiving, KVPipeBase):
         key = (head_axis, tuple((x.dtype, x.shape) for x in layers))
         plan = self._sending.get(key)
         if plan is None:  # a new shape: checked and planned once
-            plan = self._send_plan(layers, head_axis)
+            route, sharding, kv = _route.sender_plan(layers, head_axis, self.devices, self.peer_tp)
+            plan = (route, sharding, _open_json({"kind": "kv", "kv": kv}))
             if len(self._sending) >= 64:
                 self._sending.clear()
             self._sending[key] = plan
@@ -363,19 +365,6 @@ class IpcKVPipe(IpcReceiving, KVPipeBase):
         pieces = [a for s_, g in route.pairs for a in _route.sender_arrays(route, shards, s_, g, True)]
         self.phases.mark("send: pack (dispatch)")
         self._send(head, pieces, fn)
-
-    def _send_plan(self, layers: list[Any], head_axis: int) -> tuple[_route.KVRoute, Any, str]:
-        """``(route, the layers' KV-head sharding here, the layout's JSON head)`` of a cache of this shape."""
-        heads = _arrays.num_heads(layers, head_axis)
-        src_tp = len(self.devices)
-        kv_head_ranges(heads, src_tp)
-        kv_head_ranges(heads, self.peer_tp)
-        specs = tuple((_arrays.dtype_name(x.dtype), tuple(x.shape)) for x in layers)
-        route = _route.kv_route(heads, src_tp, self.peer_tp, head_axis, specs)
-        sharding = kv_head_sharding(self.devices, heads, head_axis=head_axis)
-        kv = {"heads": heads, "head_axis": head_axis, "src_tp": src_tp, "dst_tp": self.peer_tp}
-        kv["layers"] = [[d, list(shape)] for d, shape in specs]
-        return route, sharding, _open_json({"kind": "kv", "kv": kv})
 
     # Receiving -------------------------------------------------------------------------------
 
