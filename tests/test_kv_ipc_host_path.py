@@ -39,9 +39,11 @@ class Compiles:
         jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
-def cache(rng, heads: int, tokens: int = 24) -> list[np.ndarray]:
+def cache(rng, heads: int, tokens: int = 24, empty: bool = False) -> list[np.ndarray]:
     layers = [rng.standard_normal((2, heads, tokens, 16)).astype(ml_dtypes.bfloat16) for _ in range(3)]
     layers.append(rng.integers(-100, 100, (2, heads, tokens, 16)).astype(np.int8))  # a second carrier
+    if empty:  # a layer without elements, between the others: made by the receiver
+        layers.insert(1, np.zeros((2, heads, 0, 16), np.float32))
     return layers
 
 
@@ -63,7 +65,7 @@ def test_a_second_cache_of_one_layout_traces_and_compiles_nothing(by_address, rn
     with s, c:
         got = None
         for i in range(5):  # both slots twice, then slot 0 again
-            layers = cache(rng, heads)
+            layers = cache(rng, heads, empty=True)
             sharded = [jax.device_put(x, kv_head_sharding(s.devices, heads, head_axis=1)) for x in layers]
             with Compiles() as compiles:
                 s.send_kv_cache(sharded, head_axis=1)
