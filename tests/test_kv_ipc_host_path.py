@@ -67,13 +67,21 @@ def test_a_second_cache_of_one_layout_traces_and_compiles_nothing(by_address, rn
         for i in range(5):  # both slots twice, then slot 0 again
             layers = cache(rng, heads, empty=True)
             sharded = [jax.device_put(x, kv_head_sharding(s.devices, heads, head_axis=1)) for x in layers]
+            donated = out and got is not None
+            where = donated and [
+                [sh.data.unsafe_buffer_pointer() for sh in x.addressable_shards] for x in got if x.size
+            ]
             with Compiles() as compiles:
                 s.send_kv_cache(sharded, head_axis=1)
-                got = c.recv_kv_cache(out=got if out and got is not None else None)
+                got = c.recv_kv_cache(out=got if donated else None)
                 jax.block_until_ready(got)
             if i >= 2:  # (message 0 compiles the programs; message 1 with out= compiles the donating one)
                 assert compiles.events == [], f"message {i} of the same layout: {compiles.events}"
             check_layers(got, layers, c.devices, heads)
+            if donated:  # every non-empty layer written in place (the empty one is made anew)
+                assert [
+                    [sh.data.unsafe_buffer_pointer() for sh in x.addressable_shards] for x in got if x.size
+                ] == where
 
 
 @pytest.mark.parametrize("kernel", [False, True], ids=["copy", "kernel"])
