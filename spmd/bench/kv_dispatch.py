@@ -54,6 +54,7 @@ def _median_us(fn: Any, iters: int) -> float:
         t0 = time.perf_counter_ns()
         out = fn()
         times.append(time.perf_counter_ns() - t0)
+        jax.block_until_ready(out)  # (untimed: the next call finds the device idle, not queued behind this one)
         del out
     return statistics.median(times) / 1e3
 
