@@ -19,7 +19,7 @@ what was sent on the last message. These are CPU host-path numbers, never GPU nu
 run ``python -m spmd.bench.kv_ipc --profile`` (two processes).
 
 The kernel's stand-in is :func:`spmd.kv_transfer.host_probe.stand_in_kernel`. (The numbers before
-issue 25's host-path change in docs/kv_transfer.md were taken with this file as of commit ``56c9d79``,
+issue 25's host-path change in docs/kv_transfer.md were taken with this file as first committed,
 which had the stand-in inline, run against commit ``31c9dcb``'s tree.)
 """
 
