@@ -22,6 +22,7 @@ __all__ = [
     "as_device_array",
     "as_host_array",
     "check_dtype",
+    "check_head_axis",
     "check_shape",
     "dtype_from_name",
     "dtype_name",
@@ -53,7 +54,7 @@ def as_host_array(tensor: Any, *, fn: str) -> np.ndarray:
         raise TypeError(f"{fn}: expected a numpy or JAX array (or None), got {type(tensor).__qualname__}.")
     if not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))
-    if str(a.dtype) not in ALLOWED_DTYPES:
+    if dtype_name(a.dtype) not in ALLOWED_DTYPES:
         raise TypeError(f"{fn}: cannot send an array of dtype {a.dtype}; allowed: {sorted(ALLOWED_DTYPES)}.")
     if not a.flags.c_contiguous:
         a = a.copy(order="C")  # (np.ascontiguousarray would turn a 0-d array into 1-d)
@@ -68,7 +69,7 @@ def check_dtype(a: Any, fn: str) -> None:
     """
     import jax
 
-    name = str(np.dtype(a.dtype))
+    name = dtype_name(a.dtype)
     if name in _64BIT and not jax.config.jax_enable_x64:
         raise TypeError(
             f"{fn}: a {name} array would be truncated to 32 bits on the device (jax_enable_x64 is off); "
@@ -126,14 +127,19 @@ def array_spec(meta: dict[str, Any], fn: str) -> tuple[np.dtype, tuple[int, ...]
         raise ValueError(f"{fn}: malformed array metadata {meta!r:.200} ({e})") from None
 
 
+def check_head_axis(head_axis: Any) -> None:
+    """Raise ``ValueError`` unless ``head_axis`` is a non-negative int (``bool`` is not one)."""
+    if isinstance(head_axis, bool) or not isinstance(head_axis, int) or head_axis < 0:
+        raise ValueError(f"send_kv_cache: head_axis must be a non-negative int, got {head_axis!r}.")
+
+
 def num_heads(layers: list[Any], head_axis: int) -> int:
     """The number of KV heads every layer holds on ``head_axis``.
 
     Raises:
       ValueError: a bad ``head_axis``, a layer without heads on it, or layers that disagree.
     """
-    if isinstance(head_axis, bool) or not isinstance(head_axis, int) or head_axis < 0:
-        raise ValueError(f"send_kv_cache: head_axis must be a non-negative int, got {head_axis!r}.")
+    check_head_axis(head_axis)
     shapes = [tuple(np.shape(x)) for x in layers]
     for i, s in enumerate(shapes):
         if len(s) <= head_axis or s[head_axis] < 1:

@@ -130,12 +130,18 @@ class KVRoute:
         return _device.piece_shape(self.layers[i][1], self.head_axis, p.src_start, p.src_stop)
 
     @functools.cached_property
-    def _dtypes(self) -> list[np.dtype]:
+    def dtypes(self) -> list[np.dtype]:
+        """Every layer's ``np.dtype``."""
         return [_arrays.dtype_from_name(d) for d, _ in self.layers]
+
+    @functools.cached_property
+    def empty(self) -> list[int]:
+        """The layers without elements (never sent: the receiver makes them)."""
+        return [i for i, (_, shape) in enumerate(self.layers) if not int(np.prod(shape))]
 
     def carrier(self, i: int) -> str:
         """The unsigned integer dtype layer ``i`` travels as when packed (its bits; ``bool`` as ``uint8``)."""
-        return f"uint{8 * self._dtypes[i].itemsize}"
+        return f"uint{8 * self.dtypes[i].itemsize}"
 
     def carriers(self, s: int, g: int) -> list[str]:
         """The dtypes of the pair's packed buffers, in order of first appearance."""
@@ -146,7 +152,7 @@ class KVRoute:
         out = {}
         for s, g in self.pairs:
             units = self.units(s, g)
-            out[(s, g, False)] = [(self._dtypes[i], self.piece_shape(i, k, g)) for i, k in units]
+            out[(s, g, False)] = [(self.dtypes[i], self.piece_shape(i, k, g)) for i, k in units]
             sizes = dict.fromkeys(self.carriers(s, g), 0)
             for i, k in units:
                 sizes[self.carrier(i)] += int(np.prod(self.piece_shape(i, k, g)))
@@ -187,6 +193,22 @@ def kv_route(
 ) -> KVRoute:
     """The :class:`KVRoute` of these arguments (the same object for the same shapes, its plan worked out once)."""
     return KVRoute(num_heads, src_tp, dst_tp, head_axis, layers)
+
+
+def sender_plan(layers: list[Any], head_axis: int, devices: list[Any], dst_tp: int) -> tuple[KVRoute, Any, dict]:
+    """``(route, the layers' KV-head sharding over devices, the cache's metadata)`` of a cache of this shape.
+
+    Raises:
+      ValueError: layers without the same number of heads on ``head_axis``, or TP sizes that do not fit them.
+    """
+    heads = _arrays.num_heads(layers, head_axis)
+    _heads.kv_head_ranges(heads, len(devices))
+    _heads.kv_head_ranges(heads, dst_tp)
+    specs = tuple((_arrays.dtype_name(x.dtype), tuple(x.shape)) for x in layers)
+    route = kv_route(heads, len(devices), dst_tp, head_axis, specs)
+    kv = {"heads": heads, "head_axis": head_axis, "src_tp": len(devices), "dst_tp": dst_tp}
+    kv["layers"] = [[d, list(shape)] for d, shape in specs]
+    return route, _heads.kv_head_sharding(devices, heads, head_axis=head_axis), kv
 
 
 def _to_bits(x: Any, carrier: str) -> Any:

@@ -30,6 +30,7 @@ work (each side stages its own sends).
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import time
@@ -43,7 +44,6 @@ from spmd.kv_transfer import _arrays, _device, _receive, _route, _shared_memory,
 from spmd.kv_transfer._ipc_recv import IpcReceiving
 from spmd.kv_transfer._profile import Phases
 from spmd.kv_transfer.base import KVPipeBase
-from spmd.kv_transfer.heads import kv_head_ranges, kv_head_sharding
 from spmd.kv_transfer.tcp import TCPKVPipe
 
 __all__ = ["BACKENDS", "INLINE_BYTES", "IpcKVPipe"]
@@ -63,6 +63,11 @@ def _aligned(n: int) -> int:
 
 def _count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _open_json(meta: dict[str, Any]) -> str:
+    """``meta``'s compact JSON without its closing brace (the layout's ``seq`` and ``pieces`` follow)."""
+    return json.dumps(meta, separators=(",", ":"))[:-1]
 
 
 class IpcKVPipe(IpcReceiving, KVPipeBase):
@@ -128,6 +133,8 @@ class IpcKVPipe(IpcReceiving, KVPipeBase):
         self._mapped: dict[tuple[int, str], Any] = {}  # (device index, handle) -> the peer's mapping
         self._dirty: list[Any] = []  # devices with staging copies in flight (synchronised by the release)
         self._sent = self._acked = self._received = 0  # messages sent, of those taken by the peer, received
+        self._sending: dict[tuple, tuple[_route.KVRoute, Any, str]] = {}  # a cache's shape -> its route, sharding
+        self._init_receiving()
         self._same_process = False
         self._headers = self._peer = None
         self._control = TCPKVPipe(host, port, role=role, timeout_s=timeout_s, secret=secret, deadline=deadline)
@@ -182,6 +189,7 @@ class IpcKVPipe(IpcReceiving, KVPipeBase):
             except Exception:
                 pass
         self._mapped.clear()
+        self._drop_receiving()
         if self._acked >= self._sent or self._mem.name == "shm":
             for device, slot in [(self.devices[i], s) for (i, _), s in self._slots.items()] + self._retired:
                 try:
@@ -256,8 +264,12 @@ class IpcKVPipe(IpcReceiving, KVPipeBase):
             self._control.send_tensor(_device.meta_bytes(meta))
         return slot
 
-    def _send(self, meta: dict[str, Any], pieces: list[Any], fn: str, inline: bytes = b"") -> None:
-        """Stage single-device ``pieces`` (after the message ``SLOTS`` back was taken), then publish the epoch."""
+    def _send(self, meta: dict[str, Any] | str, pieces: list[Any], fn: str, inline: bytes = b"") -> None:
+        """Stage single-device ``pieces`` (after the message ``SLOTS`` back was taken), then publish the epoch.
+
+        ``meta``: the message's layout (``seq`` and ``pieces`` are added), or its JSON already
+        encoded without the closing brace (:func:`_open_json`: a KV cache's, made once per shape).
+        """
         import jax
 
         seq, parity, ph = self._sent, self._sent % _slots.SLOTS, self.phases
@@ -279,7 +291,8 @@ class IpcKVPipe(IpcReceiving, KVPipeBase):
             offsets[i] = offsets.get(i, 0) + _aligned(room)
         slots = {i: self._slot(i, parity, total) for i, total in offsets.items()}
         descs = [{"id": slots[i].id, "off": off, "n": n} for i, off, n in placed]
-        layout = _device.meta_bytes({**meta, "seq": seq, "pieces": descs}).tobytes()
+        head = meta if isinstance(meta, str) else _open_json(meta)
+        layout = f'{head},"seq":{seq},"pieces":{json.dumps(descs, separators=(",", ":"))}}}'.encode()
         ph.mark("send: layout and maps")
         self._dirty = [self.devices[i] for i in slots]
 
@@ -314,7 +327,9 @@ class IpcKVPipe(IpcReceiving, KVPipeBase):
         if nbytes <= INLINE_BYTES:
             host = np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)
             return self._send({**meta, "inline": True}, [], fn, inline=host.tobytes())
-        self._send(meta, [jax.device_put(x, self.devices[0])], fn)
+        if not (isinstance(x, jax.Array) and x.sharding.device_set == {self.devices[0]}):
+            x = jax.device_put(x, self.devices[0])  # (an array already there is staged as it is)
+        self._send(meta, [x], fn)
 
     def send_kv_cache(self, layers: Sequence[Any], *, head_axis: int = 0) -> None:
         """As :meth:`KVPipeBase.send_kv_cache`, as ONE staged message for the whole cache.
@@ -332,23 +347,24 @@ class IpcKVPipe(IpcReceiving, KVPipeBase):
         layers = list(layers)
         if not layers:
             raise ValueError("send_kv_cache: expected at least one layer, got none.")
-        heads = _arrays.num_heads(layers, head_axis)
+        _arrays.check_head_axis(head_axis)  # (before the cache: True == 1 as a key)
         layers = [x if isinstance(x, jax.Array) else _arrays.as_host_array(x, fn=fn) for x in layers]
         for x in {x.dtype: x for x in layers}.values():
             _arrays.check_dtype(x, fn)
-        src_tp = len(self.devices)
-        kv_head_ranges(heads, src_tp)
-        kv_head_ranges(heads, self.peer_tp)
-        specs = tuple((_arrays.dtype_name(x.dtype), tuple(x.shape)) for x in layers)
-        route = _route.kv_route(heads, src_tp, self.peer_tp, head_axis, specs)
-        sharding = kv_head_sharding(self.devices, heads, head_axis=head_axis)
+        key = (head_axis, tuple((x.dtype, x.shape) for x in layers))
+        plan = self._sending.get(key)
+        if plan is None:  # a new shape: checked and planned once
+            route, sharding, kv = _route.sender_plan(layers, head_axis, self.devices, self.peer_tp)
+            plan = (route, sharding, _open_json({"kind": "kv", "kv": kv}))
+            if len(self._sending) >= 64:
+                self._sending.clear()
+            self._sending[key] = plan
+        route, sharding, head = plan
         live = set(route.live)
         shards = [_route.local_shards(x, sharding, self.devices) if i in live else None for i, x in enumerate(layers)]
         pieces = [a for s_, g in route.pairs for a in _route.sender_arrays(route, shards, s_, g, True)]
         self.phases.mark("send: pack (dispatch)")
-        kv = {"heads": heads, "head_axis": head_axis, "src_tp": src_tp, "dst_tp": self.peer_tp}
-        kv["layers"] = [[d, list(shape)] for d, shape in specs]
-        self._send({"kind": "kv", "kv": kv}, pieces, fn)
+        self._send(head, pieces, fn)
 
     # Receiving -------------------------------------------------------------------------------
 
@@ -387,7 +403,7 @@ class IpcKVPipe(IpcReceiving, KVPipeBase):
 
     def _ack(self, upto: int) -> None:
         self._received = upto
-        self._control.send_tensor(_device.meta_bytes({"kind": "ack", "upto": upto}))
+        self._control.send_tensor(np.frombuffer(b'{"kind":"ack","upto":%d}' % upto, np.uint8))  # (meta_bytes')
 
     def recv_tensor(self) -> Any | None:
         """The next array (a ``jax.Array`` on this side's first device), or ``None``.

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from spmd.kv_transfer._arrays import as_host_array, check_shape, dtype_from_name
+from spmd.kv_transfer._arrays import as_host_array, check_shape, dtype_from_name, dtype_name
 from spmd.kv_transfer.base import KVPipeBase
 from spmd.stream import Acceptor, FrameError, FrameFormat, Handshake, Refused, json_header
 
@@ -62,7 +62,7 @@ def encode_frame(a: np.ndarray | None, seq: int) -> bytes:
     """The preamble and JSON header of message ``seq`` (its payload, the array's bytes, follows)."""
     if a is None:
         return FRAMES.frame(NONE, seq, {})
-    return FRAMES.frame(ARRAY, seq, {"dtype": str(a.dtype), "shape": list(a.shape)}, a.nbytes)
+    return FRAMES.frame(ARRAY, seq, {"dtype": dtype_name(a.dtype), "shape": list(a.shape)}, a.nbytes)
 
 
 def check_preamble(raw: bytes | bytearray, seq: int, max_message_bytes: int) -> tuple[int, int, int]:
