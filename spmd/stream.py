@@ -104,8 +104,11 @@ def recv_exact(sock: socket.socket, n: int, deadline: float, what: str) -> bytes
     buf = bytearray(n)
     view, got = memoryview(buf), 0
     while got < n:
-        sock.settimeout(_left(deadline, what))
+        left = deadline - time.monotonic()
         try:
+            if left <= 0:  # the same error whether the deadline passes inside recv or between two
+                raise TimeoutError
+            sock.settimeout(left)
             k = sock.recv_into(view[got:])
         except TimeoutError:
             raise TimeoutError(f"the deadline passed during {what} ({n - got} of {n} bytes missing)") from None

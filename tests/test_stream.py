@@ -132,6 +132,14 @@ def test_recv_exact_keeps_one_deadline_however_the_bytes_trickle():
         a.close()
 
 
+def test_a_deadline_passed_between_reads_says_how_many_bytes_are_missing():
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(b"x" * 3)
+        with pytest.raises(TimeoutError, match=r"the deadline passed during the read \(100 of 100 bytes missing\)"):
+            stream.recv_exact(a, 100, time.monotonic() - 1, "the read")
+
+
 def test_the_acceptor_drops_the_oldest_of_too_many_strangers_and_takes_the_right_peer():
     listener = socket.create_server(("127.0.0.1", 0), backlog=64)
     port = listener.getsockname()[1]
