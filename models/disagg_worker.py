@@ -128,7 +128,18 @@ def _prefill_worker(args: argparse.Namespace, devices: list[Any]) -> int:
     result = {"role": "prefill", "tp": len(devices), "prefill_s": prefill_s, "send_s": send_s, "cache_bytes": nbytes}
     result["send_compiles"] = compiles.timed
     print(RESULT + json.dumps(result), flush=True)
+    _end_of_job(args, layers)
     return 0
+
+
+def _end_of_job(args: argparse.Namespace, *keep: Any) -> None:
+    """device_put: the sender's half of a transfer is not waited for, so its arrays (``keep``) must outlive the
+    receiver's half; both workers meet here before either returns (once seen: a sender gone, a receiver stuck)."""
+    if args.pipe == "device_put":
+        import spmd.host
+
+        spmd.host.barrier(timeout_s=args.timeout)
+        del keep
 
 
 def _receive(args: argparse.Namespace, model: Any, devices: list[Any], n: int) -> tuple[Any, float, int, tuple]:
@@ -208,6 +219,7 @@ def _decode_worker(args: argparse.Namespace, devices: list[Any]) -> int:
     result["decode_steps"] = max(len(t) for t in tokens) - 1
     result["tokens"] = tokens
     print(RESULT + json.dumps(result), flush=True)
+    _end_of_job(args)
     return 0
 
 
