@@ -5,67 +5,6 @@ Groups are mesh axes, ranks are ``lax.axis_index``, collectives are pure functio
 :func:`shard_map` and call the collectives inside it.
 """
 
-__all__ = [
-    "DP",
-    "EP",
-    "MESH_AXES",
-    "PP",
-    "TP",
-    "CpuCommunicator",
-    "DeviceCommunicatorBase",
-    "DevicePutKVPipe",
-    "GpuCommunicator",
-    "GroupCoordinator",
-    "KVPiece",
-    "KVPipeBase",
-    "PallasCommunicator",
-    "ParallelConfig",
-    "TCPKVPipe",
-    "TpuCommunicator",
-    "IpcKVPipe",
-    "TransferServerKVPipe",
-    "UnboundAxisError",
-    "XlaCommunicator",
-    "all_gather",
-    "all_reduce",
-    "all_to_all",
-    "axis_index",
-    "axis_size",
-    "broadcast",
-    "broadcast_tensor_dict",
-    "custom_all_reduce",
-    "destroy_model_parallel",
-    "ensure_model_parallel_initialized",
-    "gather",
-    "get_dp_group",
-    "get_ep_group",
-    "get_mesh",
-    "get_parallel_config",
-    "get_pp_group",
-    "get_tensor_model_parallel_rank",
-    "get_tensor_model_parallel_world_size",
-    "get_tp_group",
-    "get_world_group",
-    "init_distributed_environment",
-    "initialize_model_parallel",
-    "kv_head_ranges",
-    "kv_head_sharding",
-    "kv_transfer_plan",
-    "make_device_communicator",
-    "make_mesh",
-    "merge_kv_heads",
-    "model_parallel_is_initialized",
-    "reduce_scatter",
-    "reshard_kv_heads",
-    "shard_map",
-    "shift",
-    "split_kv_heads",
-    "tensor_model_parallel_all_gather",
-    "tensor_model_parallel_all_reduce",
-    "tensor_model_parallel_all_reduce_add_rms_norm",
-    "tensor_model_parallel_reduce_scatter",
-]
-
 __version__ = "0.1.0"
 
 # Every public name loads on first use, so `import spmd` (and `spmd-launch`, which needs none of JAX) stays light.
@@ -149,6 +88,7 @@ _LAZY = {
         "spmd.kv_transfer",
     ),
 }
+__all__ = sorted(_LAZY)  # every public name, each loaded by the module named above
 
 
 def __getattr__(name: str):
