@@ -263,3 +263,26 @@ def test_an_unmarked_test_cannot_start_a_process():
 
     with pytest.raises(AssertionError, match="not marked"):
         multiprocessing.get_context("spawn").Process(target=print).start()
+
+
+def package_imports_of_tests(root: pathlib.Path) -> list[str]:
+    """Test modules that import ``tests.x``: that works under ``python -m pytest`` (the working directory
+    on ``sys.path``) and fails to collect under a plain ``pytest``; the test directory is on the path either way."""
+    out = []
+    for path in sorted((root / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            out += [f"{path.relative_to(root)}:{node.lineno}" for n in names if n == "tests" or n.startswith("tests.")]
+    return out
+
+
+def test_tests_import_their_helpers_by_module_name():
+    assert package_imports_of_tests(ROOT) == []
+
+
+def test_the_tests_package_import_finder_finds_them(tmp_path):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_a.py").write_text("from kv_pipes import x\nfrom tests.test_b import y\nimport tests\n")
+    assert package_imports_of_tests(tmp_path) == ["tests/test_a.py:2", "tests/test_a.py:3"]

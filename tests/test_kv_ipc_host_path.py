@@ -15,10 +15,10 @@ import jax.monitoring
 import ml_dtypes
 import numpy as np
 import pytest
+from test_kv_transfer_ipc import pair
+from test_kv_transfer_ipc_kernel import by_address, kernel_pair  # noqa: F401  (a fixture)
 
 from spmd.kv_transfer import _receive, kv_head_sharding, split_kv_heads
-from tests.test_kv_transfer_ipc import pair
-from tests.test_kv_transfer_ipc_kernel import by_address, kernel_pair  # noqa: F401  (a fixture)
 
 
 class Compiles:

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from test_kv_transfer_ipc import pair
 
 from kernels import peer_copy
 from spmd.kv_transfer import IpcKVPipe, _receive, _route, kv_head_sharding, split_kv_heads
-from tests.test_kv_transfer_ipc import pair
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,10 @@ import time
 import jax
 import numpy as np
 import pytest
+from test_kv_transfer_ipc import free_port, good_hello
 
 from spmd.kv_transfer import IpcKVPipe, TCPKVPipe, _device, _slots
 from spmd.kv_transfer import _shared_memory as shm_mod
-from tests.test_kv_transfer_ipc import free_port, good_hello
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
