@@ -129,8 +129,16 @@ def test_apply_experts_on_both_layouts_matches_numpy(rng):
 # the block through the wrapper ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mesh", MESHES, ids=MESH_IDS)
-@pytest.mark.parametrize("name", MANAGER_NAMES)
+def _grid(meshes, ids):
+    """Every manager on every mesh; the fast lane runs each manager once and each mesh at least once, the rest slow."""
+    return [
+        pytest.param(name, mesh, id=f"{name}-{mid}", marks=() if j == i % len(meshes) else pytest.mark.slow)
+        for i, name in enumerate(MANAGER_NAMES)
+        for j, (mesh, mid) in enumerate(zip(meshes, ids, strict=True))
+    ]
+
+
+@pytest.mark.parametrize(("name", "mesh"), _grid(MESHES, MESH_IDS))
 def test_sharded_block_matches_numpy(mesh, name, rng):
     _init(*mesh)
     block = _block(rng, name)
@@ -142,8 +150,7 @@ def test_sharded_block_matches_numpy(mesh, name, rng):
     assert dropped.shape == (8,) and not np.asarray(dropped).any()
 
 
-@pytest.mark.parametrize("mesh", [(2, 2, 2), (1, 2, 4)], ids=["dp2ep2tp2", "dp1ep2tp4"])
-@pytest.mark.parametrize("name", MANAGER_NAMES)
+@pytest.mark.parametrize(("name", "mesh"), _grid([(2, 2, 2), (1, 2, 4)], ["dp2ep2tp2", "dp1ep2tp4"]))
 def test_sharded_block_sequence_parallel_matches_numpy(mesh, name, rng):
     _init(*mesh)
     block = _block(rng, name, k=3)

@@ -115,8 +115,17 @@ def test_init_after_jax_started_is_a_clear_error():
     assert "join a multi-process job" in r.stdout
 
 
+def _signal_masks(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return " ".join(line.strip() for line in f if line.startswith(("State", "SigBlk", "SigIgn", "SigCgt")))
+    except OSError as e:
+        return repr(e)
+
+
 def test_ctrl_c_stops_every_rank():
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT then prints every thread's stack
     p = subprocess.Popen(
         [
             sys.executable,
@@ -141,7 +150,13 @@ def test_ctrl_c_stops_every_rank():
         if ready == 2 or time.monotonic() > deadline:
             break
     assert ready == 2, "the ranks never reported READY"
+    signals = _signal_masks(p.pid)  # SIGINT is bit 1: ignored (SigIgn) or blocked (SigBlk) would explain a hang
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=30)
+    try:
+        _, err = p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # once seen in a full run: name where the launcher was (faulthandler)
+        p.send_signal(signal.SIGABRT)
+        _, err = p.communicate(timeout=30)
+        pytest.fail(f"the launcher did not stop within 30 s of SIGINT; its signal masks then: {signals}\n{err[-6000:]}")
     assert p.returncode == 130, err[-2000:]
     assert "spmd-launch: interrupted; stopping every rank" in err
